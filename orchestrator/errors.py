@@ -1,0 +1,57 @@
+"""Errors a user can hit. Each carries what went wrong and what to do about it.
+
+The CLI prints ``message`` and ``hint`` without a traceback (unless --debug), and
+exits with ``exit_code``.
+"""
+
+from __future__ import annotations
+
+
+class OrchestrateError(Exception):
+    """Base class of every error meant for a person to read."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message} (hint: {self.hint})"
+
+
+class ConfigError(OrchestrateError):
+    """The configuration file is missing, unreadable or invalid. Nothing was changed."""
+
+    exit_code = 2
+
+
+class PreflightError(OrchestrateError):
+    """A precondition of the release does not hold. Nothing was changed."""
+
+    exit_code = 2
+
+
+class LockedError(OrchestrateError):
+    """Another orchestrator holds this release."""
+
+    exit_code = 3
+
+
+class ReleaseFailed(OrchestrateError):
+    """A state failed; the release was (or must be) rolled back."""
+
+    exit_code = 1
+
+
+class RolledBack(OrchestrateError):
+    """The release ended rolled back (automatically or on request)."""
+
+    exit_code = 1
+
+
+class ExternalError(OrchestrateError):
+    """An external system (PostgreSQL, Prometheus, Kubernetes, a router) failed."""
+
+    exit_code = 1
