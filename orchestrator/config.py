@@ -107,8 +107,10 @@ class DatabaseConfig(_Model):
     # by role, only the replication catch-up).
     app_role: str | None = None
 
-    def conninfo(self, *, dbname: str | None = None, for_peer: bool = False) -> str:
-        """A libpq conninfo string. It contains the password: never log it."""
+    def conninfo(
+        self, *, dbname: str | None = None, for_peer: bool = False, with_password: bool = True
+    ) -> str:
+        """A libpq conninfo string. With the password in it: never log it."""
         parts = {
             "host": (self.peer_host or self.host) if for_peer else self.host,
             "port": str((self.peer_port or self.port) if for_peer else self.port),
@@ -117,13 +119,21 @@ class DatabaseConfig(_Model):
             "sslmode": self.sslmode,
             "connect_timeout": str(max(1, int(self.connect_timeout))),
         }
-        if self.password is not None:
+        if with_password and self.password is not None:
             parts["password"] = self.password.resolve()
         return " ".join(f"{k}={_quote_conninfo(v)}" for k, v in parts.items())
 
     def describe(self) -> str:
         """Safe for logs: no password."""
         return f"{self.user}@{self.host}:{self.port}/{self.dbname}"
+
+    def subprocess_env(self) -> dict[str, str]:
+        """Environment for pg_dump/psql: the password travels here, never on argv
+        (where any local user could read it in ps)."""
+        env = {"PGAPPNAME": "orchestrate", "PGCONNECT_TIMEOUT": str(int(self.connect_timeout))}
+        if self.password is not None:
+            env["PGPASSWORD"] = self.password.resolve()
+        return env
 
 
 def _quote_conninfo(value: str) -> str:
@@ -194,8 +204,9 @@ class ValidateConfig(_Model):
 class MetricCheck(_Model):
     """A PromQL query evaluated every interval, against a threshold or a range.
 
-    The query is a template: {colour}, {other_colour}, {service}, {namespace},
-    {version}, {release}, {window} are filled in.
+    The query is a template in ``string.Template`` syntax (``$colour``), which keeps
+    PromQL's braces intact: $colour, $service, $namespace, $version, $release and
+    $window are filled in, plus the labels of ``prometheus.labels``.
     """
 
     name: Name

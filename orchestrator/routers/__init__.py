@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from orchestrator.config import RouterConfig
-from orchestrator.routers.base import RouterError, TrafficRouter, Weights, WeightDriftError
+from orchestrator.routers.base import RouterError, TrafficRouter, WeightDriftError, Weights
 
 __all__ = ["RouterError", "TrafficRouter", "WeightDriftError", "Weights", "build_router"]
 

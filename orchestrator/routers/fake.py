@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orchestrator.routers.base import RouterError, Weights, WeightDriftError
+from orchestrator.routers.base import RouterError, WeightDriftError, Weights
 
 
 class FakeRouter:

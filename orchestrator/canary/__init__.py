@@ -1,0 +1,1 @@
+"""Canary analysis: metric checks evaluated against Prometheus during each stage."""

@@ -1,0 +1,121 @@
+"""Evaluating a stage: every interval, each check's query against its threshold.
+
+A check fails the stage after ``failure_limit`` failed evaluations; a check with
+no data (or Prometheus unreachable) is inconclusive, and ``inconclusive_limit``
+inconclusive evaluations end the stage as inconclusive: never as a pass.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from string import Template
+
+from orchestrator.canary.metrics import MetricsSource, MetricsUnavailable
+from orchestrator.config import MetricCheck
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    check: str
+    value: float | None
+    baseline: float | None
+    verdict: str  # pass / fail / inconclusive
+    detail: str
+
+
+@dataclass
+class StageOutcome:
+    verdict: str  # pass / fail / inconclusive / aborted
+    reason: str = ""
+    evaluations: list[Evaluation] = field(default_factory=list)
+
+
+def format_window(seconds: float) -> str:
+    return f"{max(1, math.ceil(seconds))}s"
+
+
+def render(query: str, labels: dict[str, str], colour: str) -> str:
+    values = {**labels, "colour": colour, "other_colour": "blue" if colour == "green" else "green"}
+    return Template(query).safe_substitute(values)
+
+
+def evaluate(check: MetricCheck, source: MetricsSource, labels: dict[str, str]) -> Evaluation:
+    try:
+        value = source.query(render(check.query, labels, "green"))
+        baseline = None
+        if check.max_increase_over_blue is not None:
+            baseline = source.query(render(check.query, labels, "blue"))
+    except MetricsUnavailable as exc:
+        return Evaluation(check.name, None, None, "inconclusive", exc.message)
+    if value is None:
+        return Evaluation(check.name, None, baseline, "inconclusive", "no data for green")
+    problems = []
+    if check.max is not None and value > check.max:
+        problems.append(f"{value:.4g} > max {check.max:.4g}")
+    if check.min is not None and value < check.min:
+        problems.append(f"{value:.4g} < min {check.min:.4g}")
+    if check.max_increase_over_blue is not None:
+        if baseline is None:
+            return Evaluation(check.name, value, None, "inconclusive", "no data for blue")
+        if value > baseline + check.max_increase_over_blue:
+            problems.append(f"{value:.4g} > blue {baseline:.4g} + "
+                            f"{check.max_increase_over_blue:.4g}")
+    if problems:
+        return Evaluation(check.name, value, baseline, "fail", "; ".join(problems))
+    return Evaluation(check.name, value, baseline, "pass", "within limits")
+
+
+def run_stage(
+    checks: list[MetricCheck],
+    source: MetricsSource,
+    labels: dict[str, str],
+    *,
+    duration: float,
+    interval: float,
+    record: Callable[[Evaluation], None],
+    should_abort: Callable[[], str | None],
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> StageOutcome:
+    """Evaluate every ``interval`` until ``duration`` has passed or a limit is reached.
+
+    The first evaluation comes one interval into the stage: before that, the rate
+    windows mostly describe the previous stage's traffic.
+    """
+    outcome = StageOutcome("pass")
+    failures: dict[str, int] = {}
+    inconclusive: dict[str, int] = {}
+    started = clock()
+    while True:
+        reason = should_abort()
+        if reason:
+            outcome.verdict, outcome.reason = "aborted", reason
+            return outcome
+        elapsed = clock() - started
+        if elapsed >= duration:
+            return outcome
+        sleep(min(interval, duration - elapsed))
+        reason = should_abort()
+        if reason:
+            outcome.verdict, outcome.reason = "aborted", reason
+            return outcome
+        for check in checks:
+            ev = evaluate(check, source, labels)
+            outcome.evaluations.append(ev)
+            record(ev)
+            if ev.verdict == "fail":
+                failures[check.name] = failures.get(check.name, 0) + 1
+                if failures[check.name] >= check.failure_limit:
+                    outcome.verdict = "fail"
+                    outcome.reason = f"check {check.name} failed: {ev.detail}"
+                    return outcome
+            elif ev.verdict == "inconclusive":
+                inconclusive[check.name] = inconclusive.get(check.name, 0) + 1
+                if inconclusive[check.name] >= check.inconclusive_limit:
+                    outcome.verdict = "inconclusive"
+                    outcome.reason = (f"check {check.name} was inconclusive "
+                                      f"{inconclusive[check.name]} times: {ev.detail}")
+                    return outcome

@@ -1,0 +1,257 @@
+"""The `orchestrate` command line.
+
+Errors a user can hit print what went wrong and what to do, without a traceback
+(unless --debug). Exit codes: 0 promoted / ok, 1 rolled back or failed, 2 bad
+config or preflight, 3 another orchestrator holds the release.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import click
+
+from orchestrator import logging as logs
+from orchestrator import plan as planner
+from orchestrator.canary.metrics import PrometheusMetrics
+from orchestrator.config import ReleaseConfig, load_config
+from orchestrator.errors import LockedError, OrchestrateError
+from orchestrator.machine import Release, State
+from orchestrator.routers import build_router
+from orchestrator.store import StateStore
+from orchestrator.ui import make_display
+
+CONFIG = click.option("--config", "-c", "config_path", type=click.Path(path_type=Path),
+                      default=Path("release.yaml"), show_default=True,
+                      help="Release configuration (YAML).")
+
+
+def _load(ctx: click.Context, path: Path) -> ReleaseConfig:
+    cfg = load_config(path)
+    ctx.obj["cfg"] = cfg
+    return cfg
+
+
+def _store(cfg: ReleaseConfig) -> StateStore:
+    return StateStore(cfg.state_db, cfg.state.schema_name)
+
+
+def _release(ctx: click.Context, cfg: ReleaseConfig, **kw: Any) -> Release:
+    return Release(cfg, store=_store(cfg), router=build_router(cfg.router),
+                   metrics=PrometheusMetrics(cfg.prometheus),
+                   display=make_display(ctx.obj["fmt"]), **kw)
+
+
+def _echo_outcome(outcome: Any) -> None:
+    if outcome.status == "promoted":
+        extra = " (rollback window open)" if outcome.state == State.WINDOW else ""
+        click.echo(f"release {outcome.name}: promoted{extra}")
+    elif outcome.status == "rolled_back":
+        click.echo(f"release {outcome.name}: ROLLED BACK: {outcome.error}")
+    else:
+        click.echo(f"release {outcome.name}: {outcome.status} in state {outcome.state}"
+                   + (f": {outcome.error}" if outcome.error else ""))
+
+
+@click.group()
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.option("--log-format", type=click.Choice(["json", "console"]), default=None,
+              help="Log format (default: console on a terminal, JSON otherwise).")
+@click.version_option(package_name="orchestrate")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, log_format: str | None) -> None:
+    """Blue-green and canary releases of PostgreSQL-backed services."""
+    fmt = log_format or logs.choose_format()
+    logs.configure(debug=debug, fmt=fmt)  # type: ignore[arg-type]
+    ctx.ensure_object(dict)
+    ctx.obj.update(debug=debug, fmt=fmt)
+
+
+@cli.command()
+@CONFIG
+@click.option("--wait-window", is_flag=True,
+              help="After promotion, wait for the rollback window to close and clean up.")
+@click.pass_context
+def release(ctx: click.Context, config_path: Path, wait_window: bool) -> None:
+    """Run the release, or resume it where it stopped."""
+    cfg = _load(ctx, config_path)
+    outcome = _release(ctx, cfg, wait_window=wait_window).run()
+    _echo_outcome(outcome)
+    ctx.exit(outcome.exit_code)
+
+
+@cli.command()
+@CONFIG
+@click.option("--reason", default="requested by an operator", show_default=True)
+@click.option("--timeout", default=600.0, show_default=True,
+              help="Seconds to wait for a running orchestrator to finish the rollback.")
+@click.pass_context
+def rollback(ctx: click.Context, config_path: Path, reason: str, timeout: float) -> None:
+    """Roll the release back to blue, keeping every acknowledged write."""
+    cfg = _load(ctx, config_path)
+    ctx.exit(_rollback(ctx, cfg, reason, timeout))
+
+
+@cli.command()
+@CONFIG
+@click.option("--reason", default="aborted by an operator", show_default=True)
+@click.pass_context
+def abort(ctx: click.Context, config_path: Path, reason: str) -> None:
+    """Abort a running canary (same as rollback)."""
+    cfg = _load(ctx, config_path)
+    ctx.exit(_rollback(ctx, cfg, reason, 600.0))
+
+
+def _rollback(ctx: click.Context, cfg: ReleaseConfig, reason: str, timeout: float) -> int:
+    try:
+        outcome = _release(ctx, cfg).run(rollback=reason)
+    except LockedError:
+        # Another process runs the release: ask it to roll back, and wait for it.
+        store = _store(cfg)
+        store.request_rollback(cfg.release.name, reason)
+        click.echo(f"rollback requested from the running orchestrator ({reason}); waiting")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            row = store.get(cfg.release.name)
+            if row and row.status != "running":
+                click.echo(f"release {row.name}: {row.status} ({row.state})")
+                return 0 if row.status == "rolled_back" else 1
+            time.sleep(1.0)
+        click.echo("the running orchestrator has not finished the rollback yet; see "
+                   "`orchestrate status`")
+        return 1
+    _echo_outcome(outcome)
+    return 0 if outcome.status == "rolled_back" else 1
+
+
+@cli.command()
+@CONFIG
+@click.pass_context
+def promote(ctx: click.Context, config_path: Path) -> None:
+    """Approve the next canary stage that waits for a person."""
+    cfg = _load(ctx, config_path)
+    store = _store(cfg)
+    row = store.get(cfg.release.name)
+    if row is None or row.status != "running":
+        raise OrchestrateError(f"release {cfg.release.name} is not running")
+    stage = int(row.facts.get("stage", 0))
+    store.approve_stage(cfg.release.name, stage)
+    click.echo(f"stage {stage + 1} of release {cfg.release.name} approved")
+
+
+@cli.command()
+@CONFIG
+@click.option("--output", type=click.Choice(["text", "json"]), default="text")
+@click.pass_context
+def status(ctx: click.Context, config_path: Path, output: str) -> None:
+    """Show where the release is, what it measured, and its recent log."""
+    cfg = _load(ctx, config_path)
+    store = _store(cfg)
+    row = store.get(cfg.release.name)
+    if row is None:
+        click.echo(f"release {cfg.release.name} has not started")
+        ctx.exit(0)
+    assert row is not None
+    measurements = store.measurements(row.name)
+    entries = store.log_entries(row.name, limit=20)
+    if output == "json":
+        click.echo(json.dumps({"release": row.__dict__, "measurements": measurements,
+                               "log": entries}, default=str, indent=2))
+        return
+    click.echo(f"release {row.name}: state {row.state}, status {row.status}")
+    if row.error:
+        click.echo(f"  error: {row.error}")
+    facts = row.facts
+    if "weights" in facts:
+        click.echo(f"  traffic: blue {facts['weights']['blue']}% / green "
+                   f"{facts['weights']['green']}%")
+    if "backup" in facts:
+        b = facts["backup"]
+        click.echo(f"  backup: {b['path']} ({b['bytes']} bytes, sha256 {b['sha256'][:16]})")
+    if measurements:
+        click.echo("  canary measurements:")
+        for m in measurements:
+            click.echo(f"    stage {m['stage'] + 1} ({m['weight']}%) {m['check_name']}: "
+                       f"{m['evaluations']} evaluations, {m['failed']} failed, "
+                       f"{m['inconclusive']} inconclusive, max {m['max_value']}")
+    click.echo("  recent log:")
+    for e in entries:
+        click.echo(f"    {e['at']:%H:%M:%S} {e['level']:<8} {e['state'] or '':<10} "
+                   f"{e['message']}")
+
+
+@cli.command()
+@CONFIG
+@click.option("--output", type=click.Choice(["text", "json"]), default="text")
+@click.pass_context
+def plan(ctx: click.Context, config_path: Path, output: str) -> None:
+    """Print every step and the SQL it would run. Changes nothing."""
+    cfg = _load(ctx, config_path)
+    steps, notes = planner.build(cfg)
+    if output == "json":
+        click.echo(json.dumps(planner.as_json(steps, notes), indent=2))
+    else:
+        click.echo(planner.render_text(cfg, steps, notes))
+
+
+@cli.command()
+@CONFIG
+@click.option("--output", type=click.Choice(["text", "json"]), default="text")
+@click.pass_context
+def validate(ctx: click.Context, config_path: Path, output: str) -> None:
+    """Compare green with blue now (counts, checksums, schema)."""
+    from orchestrator.pg import validate as validation
+
+    cfg = _load(ctx, config_path)
+    report = validation.validate(cfg.blue, cfg.green, cfg.validate_,
+                                 control_schema=cfg.state.schema_name,
+                                 exclude_tables=tuple(cfg.sync.exclude_tables))
+    if output == "json":
+        click.echo(json.dumps(report.as_dict(), indent=2, default=str))
+    else:
+        click.echo(f"{'table':<40} {'blue rows':>12} {'green rows':>12}  checksum")
+        for t in report.tables:
+            mark = "match" if t.blue_sum == t.green_sum else "DIFFERS"
+            click.echo(f"{t.table:<40} {t.blue_rows:>12} {t.green_rows:>12}  {mark}")
+        for p in report.problems:
+            click.echo(f"problem: {p}")
+        for n in report.notes:
+            click.echo(f"note: {n}")
+    ctx.exit(0 if report.ok else 1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        code = cli.main(args=args, prog_name="orchestrate", standalone_mode=False)
+    except OrchestrateError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {exc.message}", err=True)
+        if exc.hint:
+            click.echo(f"hint: {exc.hint}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted; run the same command again to resume", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        if debug:
+            raise
+        click.echo(f"error: unexpected {type(exc).__name__}: {logs.scrub(str(exc))}", err=True)
+        click.echo("hint: run again with --debug for the traceback, and report it", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

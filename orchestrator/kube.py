@@ -1,0 +1,542 @@
+"""Kubernetes access for the traffic routers: clients, retries, timeouts, guarded patches.
+
+Three layers, each usable alone:
+
+* ``api_client(target)`` builds a client for one ``KubeTarget`` from its own
+  ``Configuration`` object (kubeconfig + context, else in-cluster, else the default
+  kubeconfig). The library's process-wide default configuration is never read or
+  written, so two routers pointed at two clusters cannot leak into each other.
+* ``KubeObjects`` reads and JSON-patches namespaced objects as plain dicts. Every
+  call carries ``_request_timeout`` from ``target.timeout`` and runs under a bounded
+  tenacity policy that retries only what is transient (5xx, 429, transport errors).
+  Conflicts (409, failed JSON Patch ``test``) are *not* retried here: only the caller
+  knows how to re-read and rebuild its patch.
+* ``WeightedObjectRouter`` is the read / check drift / patch / re-read loop shared by
+  the HTTPRoute, ingress-nginx and Service routers. A subclass says where the weights
+  live in its object; the base class guarantees that only those paths change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import structlog
+import tenacity
+import urllib3
+from kubernetes.client import (
+    ApiClient,
+    Configuration,
+    CoreV1Api,
+    CustomObjectsApi,
+    NetworkingV1Api,
+)
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config import incluster_config, kube_config
+from kubernetes.config.config_exception import ConfigException
+
+from orchestrator.config import KubeTarget
+from orchestrator.errors import ExternalError
+from orchestrator.routers.base import RouterError, WeightDriftError, Weights
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+JsonObject = dict[str, Any]
+PatchOp = dict[str, Any]
+
+JSON_PATCH = "application/json-patch+json"
+
+
+class KubeError(ExternalError):
+    """The Kubernetes API could not be configured, reached, or it refused a call."""
+
+
+class KubeApiError(KubeError):
+    """The API server answered with an error status (after any retries)."""
+
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        message: str,
+        details: Mapping[str, Any] | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.status = status
+        self.reason = reason
+        self.details: Mapping[str, Any] = details or {}
+
+    @property
+    def is_conflict(self) -> bool:
+        """The object changed under us: re-read it and try again.
+
+        Two answers mean that. 409 Conflict is what the registry returns when the
+        resourceVersion carried by the patched object is stale (store.go,
+        OptimisticLockErrorMsg). A JSON Patch whose ``test`` op fails never reaches
+        the registry: the patch handler answers 422 with reason Invalid, the generic
+        message "the server rejected our request due to an error in our request" and
+        empty details (patch.go: NewGenericServerResponse(422, ...)). A 422 from
+        *validation* names the object and lists causes, and must not be retried.
+        """
+        if self.status == 409:
+            return True
+        return (
+            self.status == 422 and not self.details.get("causes") and not self.details.get("name")
+        )
+
+
+@dataclass(frozen=True)
+class Resource:
+    """A namespaced API resource, enough to build its URL and talk about it."""
+
+    group: str
+    version: str
+    plural: str
+    kind: str
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    @property
+    def qualified(self) -> str:
+        """The form the API server uses in messages and RBAC: 'httproutes.gateway...'."""
+        return f"{self.plural}.{self.group}" if self.group else self.plural
+
+
+HTTPROUTES = Resource("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute")
+INGRESSES = Resource("networking.k8s.io", "v1", "ingresses", "Ingress")
+SERVICES = Resource("", "v1", "services", "Service")
+
+
+# --------------------------------------------------------------------------- clients
+
+
+def api_client(target: KubeTarget) -> ApiClient:
+    """A client for ``target`` with its own Configuration.
+
+    Order: an explicit kubeconfig and/or context; otherwise the pod's service account
+    when running in a cluster; otherwise the default kubeconfig ($KUBECONFIG or
+    ~/.kube/config).
+    """
+    cfg = Configuration()
+    try:
+        if target.kubeconfig is not None or target.context is not None:
+            _load_kubeconfig(cfg, target.kubeconfig, target.context)
+        elif _in_cluster():
+            incluster_config.load_incluster_config(  # type: ignore[no-untyped-call]
+                client_configuration=cfg
+            )
+        else:
+            _load_kubeconfig(cfg, None, None)
+    except (ConfigException, OSError, ValueError, TypeError) as exc:
+        where = str(target.kubeconfig) if target.kubeconfig else "the default kubeconfig"
+        context = f" (context {target.context!r})" if target.context else ""
+        raise KubeError(
+            f"cannot load Kubernetes credentials from {where}{context}: {exc}",
+            hint="set router.kubeconfig / router.context, or run inside the cluster "
+            "with a service account",
+        ) from exc
+    # urllib3's own retries would multiply our timeouts and hide failures from the
+    # tenacity policy below, which is the one place that decides what is retried.
+    cfg.retries = 0
+    return ApiClient(configuration=cfg)
+
+
+def _load_kubeconfig(cfg: Configuration, path: Path | None, context: str | None) -> None:
+    kube_config.load_kube_config(  # type: ignore[no-untyped-call]
+        config_file=str(path.expanduser()) if path is not None else None,
+        context=context,
+        client_configuration=cfg,
+        # Never write refreshed tokens back into the user's kubeconfig.
+        persist_config=False,
+    )
+
+
+def _in_cluster() -> bool:
+    return (
+        bool(os.environ.get(incluster_config.SERVICE_HOST_ENV_NAME))
+        and Path(incluster_config.SERVICE_TOKEN_FILENAME).is_file()
+    )
+
+
+# --------------------------------------------------------------------------- retries
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded exponential backoff with jitter for transient Kubernetes failures."""
+
+    attempts: int = 5
+    initial_wait: float = 0.25
+    max_wait: float = 4.0
+    jitter: float = 0.25
+    # A 429's Retry-After is honoured up to this many seconds.
+    max_retry_after: float = 10.0
+
+
+def is_transient(exc: BaseException) -> bool:
+    """5xx, 429 and transport failures are worth another try; nothing else is.
+
+    409 is deliberately absent: a conflict needs a fresh read and a rebuilt patch,
+    which only the caller can do.
+    """
+    if isinstance(exc, ApiException):
+        status = int(exc.status or 0)
+        return status == 429 or 500 <= status <= 599
+    if isinstance(exc, urllib3.exceptions.MaxRetryError):
+        # A certificate problem will not fix itself by waiting.
+        return not isinstance(exc.reason, urllib3.exceptions.SSLError)
+    if isinstance(exc, urllib3.exceptions.SSLError | urllib3.exceptions.LocationValueError):
+        return False
+    return isinstance(exc, urllib3.exceptions.HTTPError | ConnectionError | TimeoutError)
+
+
+def _retry_after(exc: BaseException | None) -> float:
+    if not isinstance(exc, ApiException) or exc.status != 429 or not exc.headers:
+        return 0.0
+    try:
+        return max(0.0, float(exc.headers.get("Retry-After", 0)))
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def retrying(policy: RetryPolicy, what: str) -> tenacity.Retrying:
+    """A tenacity controller for one logical call; ``what`` names it in logs."""
+    backoff = tenacity.wait_exponential_jitter(
+        initial=policy.initial_wait, max=policy.max_wait, jitter=policy.jitter
+    )
+
+    def wait(state: tenacity.RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        return max(backoff(state), min(_retry_after(exc), policy.max_retry_after))
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "kubernetes call failed, retrying",
+            call=what,
+            attempt=state.attempt_number,
+            of=policy.attempts,
+            error=_short_error(exc),
+            wait_s=round(state.upcoming_sleep, 3),
+        )
+
+    return tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(policy.attempts),
+        wait=wait,
+        retry=tenacity.retry_if_exception(is_transient),
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+
+
+def _short_error(exc: BaseException | None) -> str:
+    if isinstance(exc, ApiException):
+        return f"HTTP {exc.status} {exc.reason}"
+    return repr(exc)
+
+
+# --------------------------------------------------------------------------- objects
+
+
+class KubeObjects:
+    """GET and JSON-PATCH of namespaced objects as plain dicts, with retries and timeouts.
+
+    Objects are kept as the server's JSON (camelCase, unknown fields included) rather
+    than the client's models: a model round-trip would drop fields the client does not
+    know, and the routers need exact JSON Pointer paths anyway.
+    """
+
+    def __init__(
+        self,
+        target: KubeTarget,
+        api: ApiClient | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.target = target
+        self._api = api
+        self.retry = retry or RetryPolicy()
+
+    @property
+    def api(self) -> ApiClient:
+        # Built lazily so that constructing a router never touches credentials.
+        if self._api is None:
+            self._api = api_client(self.target)
+        return self._api
+
+    @property
+    def server(self) -> str:
+        host = getattr(getattr(self._api, "configuration", None), "host", None)
+        return str(host) if host else "the Kubernetes API"
+
+    def get(self, res: Resource, name: str) -> JsonObject:
+        ns, timeout = self.target.namespace, self.target.timeout
+
+        def call() -> Any:
+            if res == SERVICES:
+                return CoreV1Api(self.api).read_namespaced_service(
+                    name, ns, _preload_content=False, _request_timeout=timeout
+                )
+            if res == INGRESSES:
+                return NetworkingV1Api(self.api).read_namespaced_ingress(
+                    name, ns, _preload_content=False, _request_timeout=timeout
+                )
+            return CustomObjectsApi(self.api).get_namespaced_custom_object(
+                res.group,
+                res.version,
+                ns,
+                res.plural,
+                name,
+                _preload_content=False,
+                _request_timeout=timeout,
+            )
+
+        return self._run(f"get {res.qualified} {ns}/{name}", call)
+
+    def json_patch(
+        self, res: Resource, name: str, ops: Sequence[PatchOp], *, dry_run: bool = False
+    ) -> JsonObject:
+        """Apply an RFC 6902 patch. Safe to resend: callers include ``test`` ops, so a
+        patch that already landed fails its tests instead of applying twice."""
+        ns, timeout = self.target.namespace, self.target.timeout
+        body = list(ops)
+        extra: dict[str, Any] = {
+            "_preload_content": False,
+            "_request_timeout": timeout,
+            "_content_type": JSON_PATCH,
+        }
+        if dry_run:
+            extra["dry_run"] = "All"
+
+        def call() -> Any:
+            if res == SERVICES:
+                return CoreV1Api(self.api).patch_namespaced_service(name, ns, body, **extra)
+            if res == INGRESSES:
+                return NetworkingV1Api(self.api).patch_namespaced_ingress(name, ns, body, **extra)
+            return CustomObjectsApi(self.api).patch_namespaced_custom_object(
+                res.group, res.version, ns, res.plural, name, body, **extra
+            )
+
+        verb = "dry-run patch" if dry_run else "patch"
+        return self._run(f"{verb} {res.qualified} {ns}/{name}", call)
+
+    def _run(self, what: str, call: Callable[[], Any]) -> JsonObject:
+        try:
+            response = retrying(self.retry, what)(call)
+        except ApiException as exc:
+            raise _api_error(exc, what) from exc
+        except KubeError:
+            raise
+        except Exception as exc:
+            if is_transient(exc):
+                raise KubeError(
+                    f"cannot reach {self.server} ({what}) after {self.retry.attempts} "
+                    f"attempts: {exc}",
+                    hint="check the network path to the API server and router.timeout",
+                ) from exc
+            raise KubeError(f"{what} failed: {exc}") from exc
+        try:
+            data = json.loads(response.data)
+        except (TypeError, ValueError) as exc:
+            raise KubeError(f"{what}: the API server sent a body that is not JSON") from exc
+        if not isinstance(data, dict):
+            raise KubeError(f"{what}: the API server sent {type(data).__name__}, not an object")
+        return data
+
+
+def _api_error(exc: ApiException, what: str) -> KubeApiError:
+    status = int(exc.status or 0)
+    reason, message, details = str(exc.reason or ""), "", {}
+    try:
+        body = json.loads(exc.body) if exc.body else None
+    except (TypeError, ValueError):
+        body = None
+    if isinstance(body, dict) and body.get("kind") == "Status":
+        reason = str(body.get("reason") or reason)
+        message = str(body.get("message") or "")
+        raw_details = body.get("details")
+        details = raw_details if isinstance(raw_details, dict) else {}
+    text = f"{what}: HTTP {status} {reason}" + (f": {message}" if message else "")
+    return KubeApiError(status, reason, text, details)
+
+
+# --------------------------------------------------------------------------- JSON Pointer
+
+
+def pointer(*parts: str | int) -> str:
+    """An RFC 6901 JSON Pointer; '~' and '/' inside a key must be escaped."""
+    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+def set_op(path: str, current: Any, new: Any, *, present: bool) -> list[PatchOp]:
+    """Ops that change one scalar only if it still holds the value we read.
+
+    A missing member cannot be tested, so it is set with ``add``; the resourceVersion
+    test that leads every patch already guarantees nothing changed since the read.
+    """
+    if not present:
+        return [{"op": "add", "path": path, "value": new}]
+    return [
+        {"op": "test", "path": path, "value": current},
+        {"op": "replace", "path": path, "value": new},
+    ]
+
+
+# --------------------------------------------------------------------------- routers
+
+
+class WeightedObjectRouter(ABC):
+    """Read, check drift, patch the weights only, re-read: the loop all Kubernetes
+    routers share. Subclasses map their object to Weights and back to patch ops."""
+
+    resource: ClassVar[Resource]
+    # How often a conflicting write is re-read and retried before giving up.
+    conflict_attempts: ClassVar[int] = 5
+
+    def __init__(
+        self,
+        target: KubeTarget,
+        name: str,
+        api: ApiClient | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.target = target
+        self.name = name
+        self.objects = KubeObjects(target, api, retry=retry)
+
+    # What subclasses provide ---------------------------------------------------
+
+    @abstractmethod
+    def decode(self, obj: JsonObject) -> Weights:
+        """The weights the object holds. Raises RouterError when it has none."""
+
+    @abstractmethod
+    def weight_ops(self, obj: JsonObject, target: Weights) -> list[PatchOp]:
+        """Ops that move ``obj`` to ``target``; they touch the weight paths only."""
+
+    def validate_target(self, target: Weights) -> None:
+        """Refuse targets this router cannot represent, before any API call."""
+        if target.blue < 0 or target.green < 0 or target.blue + target.green != 100:
+            raise RouterError(f"invalid target weights {target}: blue + green must be 100")
+
+    @abstractmethod
+    def describe(self) -> str: ...
+
+    # The shared behaviour ------------------------------------------------------
+
+    @property
+    def where(self) -> str:
+        return f"{self.resource.kind} {self.target.namespace}/{self.name}"
+
+    def check(self) -> None:
+        obj = self._read()
+        self.decode(obj)
+        # A dry-run patch that only tests the resourceVersion proves we may patch,
+        # without changing anything (RBAC checks the verb even for dry runs).
+        rv = obj.get("metadata", {}).get("resourceVersion")
+        ops: list[PatchOp] = (
+            [{"op": "test", "path": "/metadata/resourceVersion", "value": rv}] if rv else []
+        )
+        try:
+            self.objects.json_patch(self.resource, self.name, ops, dry_run=True)
+        except KubeApiError as exc:
+            if exc.is_conflict:
+                return  # it changed since our read: we could patch it, which is the point
+            raise self._router_error(exc) from exc
+        except KubeError as exc:
+            raise self._router_error(exc) from exc
+
+    def current(self) -> Weights:
+        return self.decode(self._read())
+
+    def set_weights(self, target: Weights, *, expected: Weights | None = None) -> Weights:
+        self.validate_target(target)
+        for attempt in range(1, self.conflict_attempts + 1):
+            obj = self._read()
+            live = self.decode(obj)
+            if live == target:
+                # Already there (or our previous write landed but its answer was lost):
+                # the read we just made is the verification.
+                return live
+            if expected is not None and live != expected:
+                raise WeightDriftError(expected, live, self.where)
+            rv = obj.get("metadata", {}).get("resourceVersion")
+            if not rv:
+                raise RouterError(f"{self.where} has no metadata.resourceVersion")
+            ops = [{"op": "test", "path": "/metadata/resourceVersion", "value": rv}]
+            ops += self.weight_ops(obj, target)
+            try:
+                self.objects.json_patch(self.resource, self.name, ops)
+            except KubeApiError as exc:
+                if not exc.is_conflict:
+                    raise self._router_error(exc) from exc
+                log.info(
+                    "weights patch conflicted, re-reading",
+                    router=self.describe(),
+                    attempt=attempt,
+                    status=exc.status,
+                )
+                # A little jitter keeps two writers from colliding in lockstep.
+                time.sleep(random.uniform(0.02, 0.1) * attempt)  # noqa: S311
+                continue
+            except KubeError as exc:
+                raise self._router_error(exc) from exc
+            after = self.decode(self._read())
+            if after != target:
+                # Someone (or a mutating webhook) changed the weights right after us.
+                raise WeightDriftError(target, after, self.where)
+            log.info("weights changed", router=self.describe(), weights=str(after))
+            return after
+        raise RouterError(
+            f"{self.where} kept changing while orchestrate tried to set {target}: "
+            f"{self.conflict_attempts} conflicting writes in a row",
+            hint="another controller or person is editing it; stop them, then retry",
+        )
+
+    # Helpers -------------------------------------------------------------------
+
+    def _read(self) -> JsonObject:
+        try:
+            return self.objects.get(self.resource, self.name)
+        except KubeError as exc:
+            raise self._router_error(exc) from exc
+
+    def _router_error(self, exc: KubeError) -> RouterError:
+        if not isinstance(exc, KubeApiError):
+            return RouterError(exc.message, hint=exc.hint)
+        res, ns = self.resource, self.target.namespace
+        if exc.status == 404:
+            if not exc.details.get("name"):
+                # Only the *type* is unknown: no object name in the Status details.
+                return RouterError(
+                    f"the API server does not serve {res.qualified} ({res.api_version}); "
+                    f"cannot use {self.where}",
+                    hint=self._missing_api_hint(),
+                )
+            return RouterError(
+                f"{self.where} not found",
+                hint=f"check the router's name and namespace ({ns!r}) in the release "
+                f"config, or create the {res.kind} first",
+            )
+        if exc.status in (401, 403):
+            return RouterError(
+                f"not allowed to read or patch {self.where}: {exc.message}",
+                hint=f"grant get and patch on {res.qualified} in namespace {ns!r} "
+                "(see the Role in k8s/ or the Helm chart)",
+            )
+        return RouterError(exc.message, hint=exc.hint)
+
+    def _missing_api_hint(self) -> str:
+        return f"install the API that provides {self.resource.qualified}"

@@ -1,0 +1,73 @@
+"""structlog set-up: JSON for machines (CI, Kubernetes, pipes), console for a person.
+
+Secrets never reach a log line: keys that name a secret are masked, and libpq
+conninfo/URI passwords inside any string value are scrubbed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any, Literal
+
+import structlog
+
+_SECRET_KEYS = re.compile(r"pass(word)?|secret|token|conninfo|dsn|authorization", re.I)
+_CONNINFO_PW = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.I)
+_URI_PW = re.compile(r"(postgres(?:ql)?://[^:/@\s]+:)([^@\s]+)(@)", re.I)
+_BEARER = re.compile(r"(bearer\s+)[A-Za-z0-9._~+/=-]+", re.I)
+
+
+def scrub(text: str) -> str:
+    """Remove passwords and tokens from free text (error messages, SQL, commands)."""
+    text = _CONNINFO_PW.sub(r"\1***", text)
+    text = _URI_PW.sub(r"\1***\3", text)
+    return _BEARER.sub(r"\1***", text)
+
+
+def _redact(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    for key, value in list(event_dict.items()):
+        if _SECRET_KEYS.search(key):
+            event_dict[key] = "***"
+        elif isinstance(value, str):
+            event_dict[key] = scrub(value)
+    return event_dict
+
+
+def choose_format() -> Literal["json", "console"]:
+    forced = os.environ.get("ORCHESTRATE_LOG_FORMAT", "").lower()
+    if forced in {"json", "console"}:
+        return forced  # type: ignore[return-value]
+    if os.environ.get("KUBERNETES_SERVICE_HOST") or os.environ.get("CI"):
+        return "json"
+    return "console" if sys.stderr.isatty() else "json"
+
+
+def configure(*, debug: bool = False, fmt: Literal["json", "console"] | None = None) -> None:
+    fmt = fmt or choose_format()
+    level = logging.DEBUG if debug else logging.INFO
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _redact,
+    ]
+    if fmt == "json":
+        processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+    else:
+        processors += [structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str | None = None) -> Any:
+    return structlog.get_logger(name) if name else structlog.get_logger()

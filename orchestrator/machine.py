@@ -1,0 +1,704 @@
+"""The release state machine.
+
+    preflight -> backup -> provision -> migrate -> sync -> validate -> canary
+      -> promote -> window -> cleanup -> done                  (status: promoted)
+    any failure after preflight, an abort or a breached check
+      -> rollback -> rolled_back                               (status: rolled_back)
+
+Each state is a method that is safe to run again from its start: the state is
+persisted (``StateStore``) before and after, so ``orchestrate release`` run after a
+crash (kill -9 included) continues from the state it was in. Facts a state learns
+(the backup file, whether green took writes, the weights last set) are persisted
+too, and decide what a later state or a rollback has to undo.
+
+Data safety rules the states keep:
+- green takes application writes only after its sequences are past blue's, and,
+  while blue still takes writes too, only with changes flowing back to blue
+  (bidirectional mode, PostgreSQL 16+ on both sides, ``origin = none``);
+- where that is impossible (blue older than 16), green takes writes only at the
+  switchover (blue fenced, green caught up to blue's last commit), unless the
+  operator accepted the risk in the config;
+- a rollback after green took writes fences green, waits until blue has every
+  change green committed, and moves blue's sequences past green's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import psycopg
+
+from orchestrator import preflight
+from orchestrator.canary.analysis import Evaluation, format_window, run_stage
+from orchestrator.canary.metrics import MetricsSource
+from orchestrator.config import ReleaseConfig
+from orchestrator.errors import OrchestrateError, PreflightError, ReleaseFailed
+from orchestrator.logging import get_logger, scrub
+from orchestrator.pg import backup, catalog, fence, migrations, replication, schema, sequences
+from orchestrator.pg import validate as validation
+from orchestrator.pg.conn import connect
+from orchestrator.pg.tools import find_tools
+from orchestrator.routers.base import TrafficRouter, WeightDriftError, Weights
+from orchestrator.store import ReleaseRow, StateStore
+from orchestrator.ui import Display, NoDisplay
+
+log = get_logger("orchestrate")
+
+
+class State(StrEnum):
+    PREFLIGHT = "preflight"
+    BACKUP = "backup"
+    PROVISION = "provision"
+    MIGRATE = "migrate"
+    SYNC = "sync"
+    VALIDATE = "validate"
+    CANARY = "canary"
+    PROMOTE = "promote"
+    WINDOW = "window"
+    CLEANUP = "cleanup"
+    DONE = "done"
+    ROLLBACK = "rollback"
+    ROLLED_BACK = "rolled_back"
+    FAILED = "failed"
+
+
+TERMINAL = {State.DONE, State.ROLLED_BACK, State.FAILED}
+# States whose failure leaves the release promoted: retry them, never roll back.
+AFTER_PROMOTION = {State.WINDOW, State.CLEANUP}
+
+
+class CanaryFailed(ReleaseFailed):
+    """A check breached its threshold, or the stage was aborted."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    name: str
+    state: str
+    status: str
+    error: str | None
+
+    @property
+    def exit_code(self) -> int:
+        if self.status == "promoted":
+            return 0
+        return 1
+
+
+def config_digest(cfg: ReleaseConfig) -> tuple[str, dict[str, Any]]:
+    """The config as stored with the release: secrets are references, never values."""
+    data = json.loads(cfg.model_dump_json(by_alias=True))
+    text = json.dumps(data, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest(), data
+
+
+class Release:
+    def __init__(
+        self,
+        cfg: ReleaseConfig,
+        *,
+        store: StateStore,
+        router: TrafficRouter,
+        metrics: MetricsSource,
+        display: Display | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        wait_window: bool = False,
+    ) -> None:
+        self.wait_window = wait_window
+        self.cfg = cfg
+        self.name = cfg.release.name
+        self.store = store
+        self.router = router
+        self.metrics = metrics
+        self.display = display or NoDisplay()
+        self.sleep = sleep
+        self.schema = cfg.state.schema_name
+        self.fwd = replication.forward(self.name)
+        self.rev = replication.reverse(self.name)
+        self.facts: dict[str, Any] = {}
+        self._handlers: dict[State, Callable[[], State]] = {
+            State.BACKUP: self.backup,
+            State.PROVISION: self.provision,
+            State.MIGRATE: self.migrate,
+            State.SYNC: self.sync,
+            State.VALIDATE: self.validate,
+            State.CANARY: self.canary,
+            State.PROMOTE: self.promote,
+            State.WINDOW: self.window,
+            State.CLEANUP: self.cleanup,
+            State.ROLLBACK: self.rollback,
+        }
+
+    # ------------------------------------------------------------------ driver
+
+    def run(self, *, rollback: str | None = None) -> Outcome:
+        """Run (or resume) the release until it ends or stops in a state that needs a
+        person. With ``rollback`` (a reason), roll it back instead."""
+        self.store.acquire_lock()
+        try:
+            row = self.store.get(self.name)
+            if row is None:
+                if rollback:
+                    raise OrchestrateError(f"release {self.name} has not started; nothing to "
+                                           "roll back")
+                row = self._start()
+            elif State(row.state) in TERMINAL:
+                return self._outcome(row)
+            else:
+                self._resume_checks(row)
+            self.facts = dict(row.facts)
+            state = State(row.state)
+            if rollback:
+                state = self._enter_rollback(state, rollback)
+            return self._drive(state)
+        finally:
+            self.store.release_lock()
+            self.display.close()
+
+    def _start(self) -> ReleaseRow:
+        sha, data = config_digest(self.cfg)
+        active = self.store.active_other_than(self.name)
+        if active is not None:
+            raise PreflightError(
+                f"release {active.name} is still {active.state} on this database",
+                hint=f"finish it (`orchestrate release` with its config) or roll it back "
+                f"(`orchestrate rollback --release {active.name}`) before starting another")
+        report = preflight.run(self.cfg, router=self.router, metrics=self.metrics, fresh=True)
+        for warning in report.warnings:
+            log.warning("preflight", warning=warning)
+        report.raise_if_failed()
+        # Nothing was written before this point: a failed preflight changes nothing.
+        self.store.ensure_schema()
+        self.store.create(self.name, State.BACKUP, sha, data)
+        self.store.log(self.name, "info", "preflight passed", state=State.PREFLIGHT,
+                       details={"mode": report.mode, "warnings": report.warnings,
+                                "server_majors": report.majors})
+        self.store.merge_facts(self.name, {"mode": report.mode, "majors": report.majors})
+        self._drop_leftover_slots()
+        row = self.store.get(self.name)
+        assert row is not None
+        return row
+
+    def _resume_checks(self, row: ReleaseRow) -> None:
+        sha, _ = config_digest(self.cfg)
+        if sha != row.config_sha256:
+            raise PreflightError(
+                f"the configuration changed since release {self.name} started",
+                hint="resume with the same config file, or roll the release back first")
+        self.store.claim(self.name)
+        self.store.log(self.name, "info", f"resuming in state {row.state}", state=row.state)
+        log.info("resuming release", release=self.name, state=row.state)
+
+    def _drive(self, state: State) -> Outcome:
+        while state not in TERMINAL:
+            row = self.store.get(self.name)
+            assert row is not None
+            if row.rollback_requested and state not in {State.ROLLBACK, *AFTER_PROMOTION}:
+                state = self._enter_rollback(state, row.rollback_requested)
+            handler = self._handlers[state]
+            started = time.monotonic()
+            log.info("state", release=self.name, state=state.value)
+            try:
+                following = handler()
+            except _WindowOpen as open_window:
+                self._note(open_window.message)
+                break
+            except OrchestrateError as exc:
+                state = self._on_failure(state, exc)
+                continue
+            except (psycopg.Error, OSError) as exc:
+                state = self._on_failure(state, ReleaseFailed(scrub(str(exc)).strip()))
+                continue
+            elapsed = time.monotonic() - started
+            self.store.log(self.name, "info", f"{state.value} done", state=state.value,
+                           duration_s=elapsed)
+            status = {State.WINDOW: "promoted", State.DONE: "promoted",
+                      State.ROLLED_BACK: "rolled_back"}.get(following)
+            self.store.set_state(self.name, following, status=status, clear_error=False)
+            state = following
+        row = self.store.get(self.name)
+        assert row is not None
+        return self._outcome(row)
+
+    def _on_failure(self, state: State, exc: OrchestrateError) -> State:
+        message = exc.message
+        log.error("state failed", release=self.name, state=state.value, error=message,
+                  hint=exc.hint)
+        self.store.log(self.name, "error", message, state=state.value,
+                       details={"hint": exc.hint, "kind": type(exc).__name__})
+        if state == State.ROLLBACK or state in AFTER_PROMOTION:
+            # A failed rollback or cleanup is retried by running the command again;
+            # it must not start another rollback on top of itself.
+            self.store.set_state(self.name, state, error=message)
+            raise ReleaseFailed(
+                f"{state.value} did not complete: {message}",
+                hint=exc.hint or f"fix the cause and run `orchestrate "
+                f"{'rollback' if state == State.ROLLBACK else 'release'}` again; every step "
+                "is safe to repeat") from exc
+        return self._enter_rollback(state, f"{state.value} failed: {message}")
+
+    def _enter_rollback(self, state: State, reason: str) -> State:
+        if state in TERMINAL:
+            return state
+        if state == State.ROLLBACK:
+            return state
+        if state == State.CLEANUP:
+            raise OrchestrateError(
+                f"release {self.name} is past its rollback window (cleanup started)",
+                hint="roll forward with a new release instead")
+        self.store.merge_facts(self.name, {"rollback_reason": reason,
+                                           "rollback_from": state.value})
+        self.facts["rollback_reason"] = reason
+        self.facts["rollback_from"] = state.value
+        self.store.set_state(self.name, State.ROLLBACK, status="running", error=reason)
+        self.store.log(self.name, "warning", f"rolling back: {reason}", state=state.value)
+        log.warning("rolling back", release=self.name, reason=reason)
+        return State.ROLLBACK
+
+    def _outcome(self, row: ReleaseRow) -> Outcome:
+        return Outcome(row.name, row.state, row.status, row.error)
+
+    def _fact(self, **facts: Any) -> None:
+        self.facts = self.store.merge_facts(self.name, facts)
+
+    def _note(self, message: str, level: str = "info", **details: Any) -> None:
+        self.store.log(self.name, level, message, details=details or None)
+        getattr(log, level if level != "critical" else "error")(message, release=self.name,
+                                                                 **details)
+
+    # ------------------------------------------------------------- connections
+
+    def _blue(self, **kw: Any) -> psycopg.Connection[Any]:
+        return connect(self.cfg.blue, role="blue", **kw)
+
+    def _green(self, **kw: Any) -> psycopg.Connection[Any]:
+        return connect(self.cfg.green, role="green", **kw)
+
+    def _tables(self, conn: psycopg.Connection[Any]) -> list[catalog.Table]:
+        return catalog.user_tables(conn, exclude_schemas=(self.schema,),
+                                   exclude_tables=tuple(self.cfg.sync.exclude_tables))
+
+    # ------------------------------------------------------------------ states
+
+    def backup(self) -> State:
+        if not self.cfg.backup.enabled:
+            self._note("backup disabled in the config: no backup of blue was taken", "warning")
+            return State.PROVISION
+        with self._blue() as blue:
+            tools = find_tools(catalog_major(blue), self.cfg.tools.pg_bindir)
+            tables = [t.qualified for t in self._tables(blue)]
+        result = backup.backup(self.cfg.blue, tools, self.cfg.backup, release=self.name,
+                               tables=tables, previous=self.facts.get("backup"))
+        self._fact(backup=result.as_fact())
+        self._note("blue backed up and verified", path=result.path, sha256=result.sha256,
+                   bytes=result.bytes, seconds=result.seconds, toc_entries=result.toc_entries)
+        return State.PROVISION
+
+    def provision(self) -> State:
+        with self._blue() as blue:
+            settings = schema.database_settings(blue)
+            tools = find_tools(catalog_major(blue), self.cfg.tools.pg_bindir)
+        created = schema.ensure_database(self.cfg.green, settings)
+        with self._green() as green:
+            if schema.is_provisioned(green, self.schema, self.name):
+                self._note("green already holds blue's schema")
+                return State.MIGRATE
+            leftovers = schema.foreign_tables(green, self.schema)
+            if leftovers:
+                raise ReleaseFailed(
+                    f"green database {self.cfg.green.dbname} already holds tables "
+                    f"({', '.join(leftovers[:5])}) that this release did not create",
+                    hint="point green at an empty database, or drop these tables")
+        schema.copy_schema(self.cfg.blue, self.cfg.green, tools, schema=self.schema,
+                           release=self.name)
+        self._note("green provisioned with blue's schema", database_created=created)
+        return State.MIGRATE
+
+    def migrate(self) -> State:
+        found = migrations.discover(self.cfg.migrations.dir)
+        with self._blue() as blue:
+            inherited = migrations.history(blue, self.schema)
+        with self._green(lock_timeout_ms=60_000) as green:
+            migrations.ensure_tracking(green, self.schema)
+            migrations.inherit_history(green, inherited, self.schema)
+            applied = migrations.apply_all(green, found, schema=self.schema, release=self.name)
+        for a in applied:
+            if not a.skipped:
+                self._note(f"migration {a.name} applied", seconds=round(a.seconds, 3))
+        self._fact(migrations=[a.name for a in applied])
+        return State.SYNC
+
+    def sync(self) -> State:
+        opts = replication.SubscriptionOptions(
+            copy_data=True, origin_none=self.facts.get("mode") == "bidirectional",
+            binary=min(self.facts.get("majors", {}).values() or [0]) >= 16)
+        with self._blue() as blue, self._green() as green:
+            tables = self._tables(blue)
+            for conn in (blue, green):
+                replication.ensure_heartbeat(conn, self.schema)
+            heartbeat = catalog.Table(self.schema, replication.HEARTBEAT_TABLE, ["direction"])
+            replication.ensure_publication(blue, self.fwd.publication, [*tables, heartbeat])
+            created = replication.ensure_subscription(
+                green, self.fwd.subscription, self.cfg.blue.conninfo(for_peer=True),
+                self.fwd.publication, opts)
+            if created:
+                self._note("forward replication started", tables=len(tables),
+                           binary=opts.binary, origin_none=opts.origin_none)
+            started = time.monotonic()
+            replication.wait_initial_copy(
+                green, self.fwd.subscription, timeout=self.cfg.sync.initial_copy_timeout,
+                poll=self.cfg.sync.poll_interval,
+                progress=lambda done, total: self.display.progress(
+                    "copy", "initial copy (tables)", done, total))
+            self.display.finish("copy")
+            copy_s = time.monotonic() - started
+            caught = replication.wait_applied(
+                blue, green, schema=self.schema, direction="fwd",
+                subscription=self.fwd.subscription, timeout=self.cfg.sync.catchup_timeout)
+            lag = replication.lag_bytes(blue, self.fwd.slot)
+        self._fact(sync={"initial_copy_s": round(copy_s, 3), "catchup_s": round(caught, 3)})
+        self._note("green caught up with blue", initial_copy_s=round(copy_s, 3),
+                   catchup_s=round(caught, 3), slot_lag_bytes=lag)
+        return State.VALIDATE
+
+    def validate(self) -> State:
+        with self._blue() as blue, self._green() as green:
+            def catch_up() -> None:
+                replication.wait_applied(
+                    blue, green, schema=self.schema, direction="fwd",
+                    subscription=self.fwd.subscription, timeout=self.cfg.sync.catchup_timeout)
+
+            report = validation.validate(
+                self.cfg.blue, self.cfg.green, self.cfg.validate_, control_schema=self.schema,
+                exclude_tables=tuple(self.cfg.sync.exclude_tables), catch_up=catch_up)
+        self._fact(validation=report.as_dict())
+        for note in report.notes:
+            self._note(note)
+        if not report.ok:
+            raise ReleaseFailed(
+                f"green differs from blue: {'; '.join(report.problems[:5])}",
+                hint="run `orchestrate validate` for the full report")
+        self._note("green matches blue", tables=len(report.tables))
+        return State.CANARY
+
+    def canary(self) -> State:
+        stages = self.cfg.canary.stages
+        labels = {
+            "service": self.cfg.release.service, "namespace": self.cfg.release.namespace,
+            "version": self.cfg.release.version, "release": self.name,
+            "window": format_window(self.cfg.canary.window), **self.cfg.prometheus.labels,
+        }
+        for index in range(int(self.facts.get("stage", 0)), len(stages)):
+            stage = stages[index]
+            if stage.weight > 0 and not self.facts.get("green_writable"):
+                self._open_green_for_writes(next_weight=stage.weight)
+            if stage.manual_gate:
+                self._wait_for_approval(index)
+            self._set_weights(Weights.green_at(stage.weight))
+            self._note(f"stage {index + 1}/{len(stages)}: {stage.weight}% to green",
+                       duration_s=stage.duration)
+
+            def record(ev: Evaluation, index: int = index, weight: int = stage.weight) -> None:
+                self.store.record_measurement(
+                    self.name, stage=index, weight=weight, check=ev.check, value=ev.value,
+                    baseline=ev.baseline, verdict=ev.verdict, detail=ev.detail)
+                log.info("check", stage=index, check=ev.check, value=ev.value,
+                         verdict=ev.verdict, detail=ev.detail)
+
+            # At 0 % green serves no users: there is nothing to measure, only gates.
+            checks = self.cfg.canary.checks if stage.weight > 0 else []
+            outcome = run_stage(
+                checks, self.metrics, labels, duration=stage.duration,
+                interval=self.cfg.canary.interval, record=record,
+                should_abort=self._rollback_requested, sleep=self.sleep)
+            if outcome.verdict == "fail":
+                raise CanaryFailed(f"stage {stage.weight}%: {outcome.reason}")
+            if outcome.verdict == "aborted":
+                raise CanaryFailed(f"stage {stage.weight}% aborted: {outcome.reason}")
+            if outcome.verdict == "inconclusive":
+                if self.cfg.canary.on_inconclusive == "rollback":
+                    raise CanaryFailed(f"stage {stage.weight}%: {outcome.reason}")
+                self._note(f"stage {stage.weight}% inconclusive, waiting for a person: "
+                           f"{outcome.reason}", "warning")
+                self._wait_for_approval(index + 1)
+            self._fact(stage=index + 1)
+        return State.PROMOTE
+
+    def promote(self) -> State:
+        """Green takes all writes; blue is fenced and kept current by reverse replication
+        for the rollback window."""
+        self._switchover()
+        with self._blue() as blue, self._green() as green:
+            replication.drop_subscription(green, self.fwd.subscription)
+            replication.drop_publication(blue, self.fwd.publication)
+            replication.drop_slot(blue, self.fwd.slot)
+        self._fact(forward_dropped=True, promoted_at=time.time())
+        self._note("promoted: green takes all traffic and writes",
+                   rollback_window_s=self.cfg.rollback.window)
+        return State.WINDOW
+
+    def window(self) -> State:
+        """Keep reverse replication until the window closes; a person can roll back
+        until then (`orchestrate rollback`)."""
+        closes = float(self.facts.get("promoted_at", 0)) + self.cfg.rollback.window
+        remaining = closes - time.time()
+        if remaining > 0 and self.wait_window:
+            self._note(f"rollback window open for {remaining:.0f}s more; waiting")
+            while remaining > 0:
+                reason = self._rollback_requested()
+                if reason:
+                    self._enter_rollback(State.WINDOW, reason)
+                    return State.ROLLBACK
+                self.sleep(min(5.0, remaining))
+                remaining = closes - time.time()
+        if remaining > 0:
+            raise _WindowOpen(remaining)
+        return State.CLEANUP
+
+    def cleanup(self) -> State:
+        with self._blue() as blue, self._green() as green:
+            self._drop_replication(blue, green)
+        self._note("replication objects removed; release complete")
+        return State.DONE
+
+    def rollback(self) -> State:
+        """Traffic back to blue with every acknowledged write on blue. Idempotent."""
+        writable = bool(self.facts.get("green_writable"))
+        switched = bool(self.facts.get("switched_over"))
+        if not switched:
+            # Blue still takes writes: send users back first, then settle the data.
+            self._route_to_blue()
+        green_conn = self._green_if_exists()
+        if green_conn is None and writable:
+            raise ReleaseFailed("green is unreachable, and it took writes that blue must get "
+                                "before the rollback can finish",
+                                hint="bring green back, then run `orchestrate rollback` again")
+        with self._blue() as blue:
+            green = green_conn
+            if writable and green is not None:
+                app_role = self.cfg.green.app_role
+                if app_role:
+                    ended = fence.fence(green, app_role)
+                    self._note("green fenced", sessions_ended=ended)
+                if replication.subscription_exists(blue, self.rev.subscription):
+                    waited = replication.wait_applied(
+                        green, blue, schema=self.schema, direction="rev",
+                        subscription=self.rev.subscription,
+                        timeout=self.cfg.sync.catchup_timeout)
+                    self._note("blue has every write green committed", catchup_s=round(waited, 3))
+                else:
+                    self._note("green took writes without reverse replication (risk accepted "
+                               "in the config): writes made on green are not on blue",
+                               "critical")
+                moves = sequences.sync_past(green, blue, margin=self.cfg.sync.sequence_margin,
+                                            exclude_schemas=(self.schema,))
+                self._note("blue's sequences moved past green's",
+                           moved=sum(1 for m in moves if m.moved))
+            if switched and self.cfg.blue.app_role:
+                fence.unfence(blue, self.cfg.blue.app_role)
+                self._note("blue unfenced")
+        if green_conn is not None:
+            green_conn.close()
+        if switched:
+            self._route_to_blue()
+        with self._blue() as blue:
+            green_conn = self._green_if_exists()
+            try:
+                self._drop_replication(blue, green_conn)
+            finally:
+                if green_conn is not None:
+                    green_conn.close()
+        if self.cfg.rollback.drop_green_database:
+            self._drop_green_database()
+        self._fact(rolled_back_at=time.time())
+        return State.ROLLED_BACK
+
+    # ----------------------------------------------------------------- helpers
+
+    def _open_green_for_writes(self, *, next_weight: int) -> None:
+        """Before the first request reaches green's application."""
+        mode = self.facts.get("mode")
+        if mode == "bidirectional":
+            with self._blue() as blue, self._green() as green:
+                moves = sequences.sync_past(blue, green, margin=self.cfg.sync.sequence_margin,
+                                            exclude_schemas=(self.schema,))
+                self._start_reverse(blue, green)
+            self._note("green opened for writes; its changes flow back to blue",
+                       sequences_moved=sum(1 for m in moves if m.moved))
+        elif next_weight == 100 or not self.cfg.sync.accept_write_loss_risk:
+            self._switchover()
+        else:
+            with self._blue() as blue, self._green() as green:
+                sequences.sync_past(blue, green, margin=self.cfg.sync.sequence_margin,
+                                    exclude_schemas=(self.schema,))
+            self._note("green takes writes WITHOUT replication back to blue (accepted in "
+                       "config): a rollback will not carry them to blue", "warning")
+        self._fact(green_writable=True)
+
+    def _switchover(self) -> None:
+        """Fence blue, let green apply blue's last commit, move sequences, and start the
+        reverse direction. The write pause lasts from the fence to the router change."""
+        if self.facts.get("switched_over"):
+            return
+        started = time.monotonic()
+        with self._blue() as blue, self._green() as green:
+            if self.cfg.blue.app_role:
+                fence.fence(blue, self.cfg.blue.app_role)
+            waited = replication.wait_applied(
+                blue, green, schema=self.schema, direction="fwd",
+                subscription=self.fwd.subscription, timeout=self.cfg.sync.catchup_timeout)
+            sequences.sync_past(blue, green, margin=self.cfg.sync.sequence_margin,
+                                exclude_schemas=(self.schema,))
+            if self.facts.get("mode") != "bidirectional":
+                # Without origin filtering the forward direction must be gone before the
+                # reverse one starts, or changes would loop.
+                replication.drop_subscription(green, self.fwd.subscription)
+                replication.drop_slot(blue, self.fwd.slot)
+                self._fact(forward_dropped=True)
+            self._start_reverse(blue, green)
+        self._set_weights(Weights.green_at(100))
+        pause = time.monotonic() - started
+        self._fact(switched_over=True, green_writable=True, switchover_pause_s=round(pause, 3))
+        self._note("switchover done: blue fenced, green caught up and taking writes",
+                   write_pause_s=round(pause, 3), catchup_s=round(waited, 3),
+                   fenced=bool(self.cfg.blue.app_role))
+
+    def _start_reverse(self, blue: psycopg.Connection[Any], green: psycopg.Connection[Any]
+                       ) -> None:
+        """Green -> blue, only the columns blue has (green may have new ones)."""
+        blue_tables = {t.qualified: t for t in self._tables(blue)}
+        green_tables = [t for t in self._tables(green) if t.qualified in blue_tables]
+        columns = {}
+        for t in green_tables:
+            blue_cols = {c.name for c in blue_tables[t.qualified].columns if not c.generated}
+            columns[t.qualified] = [c.name for c in t.columns
+                                    if c.name in blue_cols and not c.generated]
+        heartbeat = catalog.Table(self.schema, replication.HEARTBEAT_TABLE, ["direction"])
+        replication.ensure_publication(green, self.rev.publication, [*green_tables, heartbeat],
+                                       columns)
+        opts = replication.SubscriptionOptions(
+            copy_data=False, origin_none=self.facts.get("mode") == "bidirectional",
+            binary=min(self.facts.get("majors", {}).values() or [0]) >= 16)
+        replication.ensure_subscription(blue, self.rev.subscription,
+                                        self.cfg.green.conninfo(for_peer=True),
+                                        self.rev.publication, opts)
+        # Proves the reverse path works end to end before anyone depends on it.
+        replication.wait_applied(green, blue, schema=self.schema, direction="rev",
+                                 subscription=self.rev.subscription,
+                                 timeout=self.cfg.sync.catchup_timeout)
+
+    def _set_weights(self, target: Weights) -> None:
+        last = self.facts.get("weights")
+        expected = Weights(**last) if last else None
+        self._fact(weights_target={"blue": target.blue, "green": target.green})
+        try:
+            actual = self.router.set_weights(target, expected=expected)
+        except WeightDriftError as drift:
+            # A crash between the router change and recording it leaves the router at
+            # the target we were moving to: that is ours, not a drift.
+            if drift.actual != target:
+                raise
+            actual = drift.actual
+        self._fact(weights={"blue": actual.blue, "green": actual.green})
+        log.info("weights", release=self.name, weights=str(actual))
+
+    def _route_to_blue(self) -> None:
+        if not self.facts.get("weights") and not self.facts.get("weights_target"):
+            return
+        target = Weights.green_at(0)
+        actual = self.router.set_weights(target)
+        self._fact(weights={"blue": actual.blue, "green": actual.green})
+        self._note("traffic back on blue", weights=str(actual))
+
+    def _drop_replication(self, blue: psycopg.Connection[Any],
+                          green: psycopg.Connection[Any] | None) -> None:
+        if green is not None:
+            replication.drop_subscription(green, self.fwd.subscription)
+        replication.drop_subscription(blue, self.rev.subscription)
+        replication.drop_publication(blue, self.fwd.publication)
+        replication.drop_slot(blue, self.fwd.slot)
+        if green is not None:
+            replication.drop_publication(green, self.rev.publication)
+            replication.drop_slot(green, self.rev.slot)
+
+    def _green_if_exists(self) -> psycopg.Connection[Any] | None:
+        """Green's database, or None when it was never created or cannot be reached."""
+        try:
+            return self._green(attempts=2)
+        except OrchestrateError as exc:
+            self._note(f"green not reachable: {exc.message}", "warning")
+            return None
+
+    def _drop_leftover_slots(self) -> None:
+        """Slots of finished or abandoned releases make the server keep WAL forever."""
+        for db, role in ((self.cfg.blue, "blue"), (self.cfg.green, "green")):
+            try:
+                conn = connect(db, role=role, attempts=1)
+            except OrchestrateError:
+                continue  # green's database may not exist yet
+            with conn:
+                for slot in replication.orchestrate_slots(conn):
+                    if slot.name in {self.fwd.slot, self.rev.slot}:
+                        continue
+                    owner = self._slot_release(slot.name)
+                    if owner is not None and owner.status == "running":
+                        continue
+                    replication.drop_slot(conn, slot.name)
+                    self._note(f"dropped leftover replication slot {slot.name} on {role}",
+                               "warning", retained_bytes=slot.retained_bytes)
+
+    def _slot_release(self, slot: str) -> ReleaseRow | None:
+        for direction in ("_fwd", "_rev"):
+            if slot.endswith(direction):
+                base = slot[len(replication.SLOT_PREFIX):-len(direction)]
+                return self.store.get(base) or self.store.get(base.replace("_", "-"))
+        return None
+
+    def _drop_green_database(self) -> None:
+        from psycopg import sql
+
+        with connect(self.cfg.green, dbname="postgres", role="green") as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(self.cfg.green.dbname)))
+        self._note("green database dropped")
+
+    def _rollback_requested(self) -> str | None:
+        row = self.store.get(self.name)
+        return row.rollback_requested if row else None
+
+    def _wait_for_approval(self, stage: int) -> None:
+        announced = False
+        while True:
+            row = self.store.get(self.name)
+            assert row is not None
+            if row.rollback_requested:
+                raise CanaryFailed(f"aborted while waiting for approval: "
+                                   f"{row.rollback_requested}")
+            if row.approved_stage is not None and row.approved_stage >= stage:
+                self._note(f"stage {stage + 1} approved")
+                return
+            if not announced:
+                self._note(f"waiting for approval of stage {stage + 1}: run `orchestrate "
+                           f"promote --release {self.name}` (or `orchestrate abort`)", "warning")
+                announced = True
+            self.sleep(1.0)
+
+
+class _WindowOpen(OrchestrateError):
+    """Not a failure: the rollback window is still open."""
+
+    def __init__(self, remaining: float) -> None:
+        super().__init__(f"promoted; the rollback window closes in {remaining:.0f}s",
+                         hint="run `orchestrate release` again after that to clean up, or "
+                         "`orchestrate rollback` to go back to blue")
+        self.remaining = remaining
+
+
+def catalog_major(conn: psycopg.Connection[Any]) -> int:
+    return int(conn.info.server_version) // 10000

@@ -1,0 +1,1 @@
+"""PostgreSQL steps of a release: each module one job, each step idempotent."""

@@ -1,0 +1,57 @@
+"""Fencing the application's writes on one side during a switchover or rollback.
+
+The fence makes the application role's sessions read-only in that database
+(``ALTER ROLE .. IN DATABASE .. SET default_transaction_read_only``) and ends the
+sessions that exist, so that pooled connections come back read-only. Reads keep
+working; writes fail fast instead of landing on the side that is being left,
+which is what guarantees that no acknowledged write is missed by the final
+catch-up. A role that turns read-only off by itself defeats it: see docs/.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+
+def fence_sql(role: str, dbname: str) -> sql.Composed:
+    return sql.SQL("ALTER ROLE {} IN DATABASE {} SET default_transaction_read_only = on").format(
+        sql.Identifier(role), sql.Identifier(dbname))
+
+
+def fence(conn: psycopg.Connection[Any], role: str, *, wait: float = 10.0) -> int:
+    """Fence ``role`` in the current database. Returns how many sessions were ended."""
+    dbname = conn.info.dbname
+    conn.execute(fence_sql(role, dbname))
+    ended = 0
+    deadline = time.monotonic() + wait
+    while True:
+        rows = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE usename = %s AND datname = current_database() AND pid <> pg_backend_pid() "
+            "AND backend_type = 'client backend'",
+            (role,),
+        ).fetchall()
+        ended += len(rows)
+        if not rows or time.monotonic() > deadline:
+            return ended
+        time.sleep(0.05)
+
+
+def unfence(conn: psycopg.Connection[Any], role: str) -> None:
+    conn.execute(sql.SQL("ALTER ROLE {} IN DATABASE {} RESET default_transaction_read_only"
+                         ).format(sql.Identifier(role), sql.Identifier(conn.info.dbname)))
+
+
+def is_fenced(conn: psycopg.Connection[Any], role: str) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole "
+        "JOIN pg_database d ON d.oid = s.setdatabase "
+        "WHERE r.rolname = %s AND d.datname = current_database() "
+        "AND 'default_transaction_read_only=on' = ANY(s.setconfig)",
+        (role,),
+    ).fetchone()
+    return row is not None

@@ -1,0 +1,121 @@
+"""Provisioning green: the database, then blue's schema.
+
+The schema comes from ``pg_dump --schema-only`` of blue (without orchestrate's own
+schema, publications and subscriptions) and is restored by psql in one transaction
+together with a marker row: either green has the whole schema and the marker, or
+nothing, so a crash in the middle leaves nothing to clean up.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from orchestrator.config import DatabaseConfig, GreenConfig
+from orchestrator.errors import ExternalError, PreflightError
+from orchestrator.logging import scrub
+from orchestrator.pg import catalog
+from orchestrator.pg.conn import connection, scalar
+from orchestrator.pg.tools import PgTools
+
+MARKER_TABLE = "provisioned"
+
+
+def database_settings(blue: psycopg.Connection[Any]) -> dict[str, str]:
+    row = blue.execute(
+        "SELECT pg_encoding_to_char(encoding), datcollate, datctype FROM pg_database "
+        "WHERE datname = current_database()").fetchone()
+    assert row is not None
+    return {"encoding": row[0], "lc_collate": row[1], "lc_ctype": row[2]}
+
+
+def create_database_sql(name: str, settings: dict[str, str]) -> sql.Composed:
+    return sql.SQL(
+        "CREATE DATABASE {} TEMPLATE template0 ENCODING {} LC_COLLATE {} LC_CTYPE {}"
+    ).format(sql.Identifier(name), sql.Literal(settings["encoding"]),
+             sql.Literal(settings["lc_collate"]), sql.Literal(settings["lc_ctype"]))
+
+
+def ensure_database(green: GreenConfig, settings: dict[str, str]) -> bool:
+    """Create green's database like blue's (encoding, collation). True if created."""
+    with connection(green, dbname="postgres", role="provision") as conn:
+        if catalog.database_exists(conn, green.dbname):
+            return False
+        if not green.create_database:
+            raise PreflightError(
+                f"database {green.dbname} does not exist on green ({green.host}:{green.port})",
+                hint="create it, or set green.create_database: true")
+        try:
+            conn.execute(create_database_sql(green.dbname, settings))
+        except psycopg.errors.DuplicateDatabase:
+            return False
+        except psycopg.Error as exc:
+            # The collation of blue may not exist on green's machine: fall back to the
+            # server default, which validation will then compare on ordering-free checks.
+            if "locale" not in str(exc).lower() and "collation" not in str(exc).lower():
+                raise
+            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING {}").format(
+                sql.Identifier(green.dbname), sql.Literal(settings["encoding"])))
+        return True
+
+
+def is_provisioned(green: psycopg.Connection[Any], schema: str, release: str) -> bool:
+    exists = scalar(green, "SELECT to_regclass(%s) IS NOT NULL", f"{schema}.{MARKER_TABLE}")
+    if not exists:
+        return False
+    return bool(scalar(green, sql.SQL("SELECT 1 FROM {}.{} WHERE release = %s").format(
+        sql.Identifier(schema), sql.Identifier(MARKER_TABLE)), release))
+
+
+def foreign_tables(green: psycopg.Connection[Any], schema: str) -> list[str]:
+    """User tables already on green that a schema copy would collide with."""
+    return [t.qualified for t in catalog.user_tables(green, exclude_schemas=(schema,))]
+
+
+def dump_schema_cmd(tools: PgTools, blue: DatabaseConfig, schema: str, out: Path) -> list[str]:
+    return [tools.path("pg_dump"), "--schema-only", "--no-publications", "--no-subscriptions",
+            "--exclude-schema", schema, "--file", str(out),
+            "--dbname", blue.conninfo(with_password=False)]
+
+
+def marker_sql(schema: str, release: str) -> str:
+    s = sql.Identifier(schema).as_string(None)
+    lit = sql.Literal(release).as_string(None)
+    return (f"CREATE SCHEMA IF NOT EXISTS {s}; "
+            f"CREATE TABLE IF NOT EXISTS {s}.{MARKER_TABLE} (release text PRIMARY KEY, "
+            "at timestamptz NOT NULL DEFAULT now()); "
+            f"INSERT INTO {s}.{MARKER_TABLE} (release) VALUES ({lit}) ON CONFLICT DO NOTHING;")
+
+
+def copy_schema(blue: DatabaseConfig, green: GreenConfig, tools: PgTools, *, schema: str,
+                release: str, timeout: float = 1800.0) -> None:
+    """Restore blue's schema into green in one transaction, with the marker row."""
+    with tempfile.TemporaryDirectory(prefix="orchestrate-schema-") as tmp:
+        out = Path(tmp) / "schema.sql"
+        _run(dump_schema_cmd(tools, blue, schema, out), blue, timeout, "pg_dump --schema-only")
+        restore = [tools.path("psql"), "--no-psqlrc", "--quiet", "--set", "ON_ERROR_STOP=1",
+                   "--single-transaction", "--file", str(out),
+                   "--command", marker_sql(schema, release),
+                   "--dbname", green.conninfo(with_password=False)]
+        _run(restore, green, timeout, "restoring blue's schema into green")
+
+
+def _run(cmd: list[str], db: DatabaseConfig, timeout: float, what: str) -> None:
+    env = {**os.environ, **db.subprocess_env()}
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                              check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise ExternalError(f"{what} did not finish within {timeout:.0f}s") from exc
+    if done.returncode != 0:
+        msg = scrub(done.stderr.strip())
+        hint = None
+        if "role" in msg and "does not exist" in msg:
+            hint = "create the roles blue's objects belong to on green first"
+        raise ExternalError(f"{what} failed: {msg[-800:]}", hint=hint)

@@ -1,0 +1,132 @@
+"""`orchestrate plan`: every step of the release and the SQL it would run.
+
+It reads blue (tables, sequences, migration history) when it can reach it, and
+writes nothing anywhere. The SQL comes from the same builders the states use, so
+the plan cannot drift from what a release does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from psycopg import sql
+
+from orchestrator.canary.analysis import format_window, render
+from orchestrator.config import ReleaseConfig
+from orchestrator.errors import OrchestrateError
+from orchestrator.pg import catalog, fence, migrations, replication, schema, validate
+from orchestrator.pg.conn import connect
+
+
+@dataclass
+class Step:
+    state: str
+    summary: str
+    statements: list[str] = field(default_factory=list)
+
+
+def _s(composed: sql.Composable) -> str:
+    return composed.as_string(None)
+
+
+def build(cfg: ReleaseConfig) -> tuple[list[Step], list[str]]:
+    notes: list[str] = []
+    control = cfg.state.schema_name
+    tables: list[catalog.Table] = []
+    settings = {"encoding": "UTF8", "lc_collate": "<blue's>", "lc_ctype": "<blue's>"}
+    blue_major: int | None = None
+    try:
+        with connect(cfg.blue, role="plan", attempts=1) as blue:
+            blue.read_only = True
+            tables = catalog.user_tables(blue, exclude_schemas=(control,),
+                                         exclude_tables=tuple(cfg.sync.exclude_tables))
+            settings = schema.database_settings(blue)
+            blue_major = int(blue.info.server_version) // 10000
+    except OrchestrateError as exc:
+        notes.append(f"blue not reachable ({exc.message}); table lists are placeholders")
+    found = migrations.discover(cfg.migrations.dir)
+    steps: list[Step] = []
+    steps.append(Step("preflight", "read-only checks: connectivity, wal_level=logical on both "
+                      "sides, replication privileges, primary keys / replica identity, roles "
+                      "and extensions on green, migration lint, router and Prometheus "
+                      "reachable"))
+    if cfg.backup.enabled:
+        suffix = ".dump" if cfg.backup.format == "custom" else ".dir"
+        target = cfg.backup.dir / f"{cfg.release.name}-blue{suffix}"
+        steps.append(Step("backup", f"pg_dump --format {cfg.backup.format} of "
+                          f"{cfg.blue.describe()} to {target}, verified with pg_restore --list, "
+                          "sha256 recorded"))
+    else:
+        steps.append(Step("backup", "disabled in the config"))
+    steps.append(Step(
+        "provision",
+        f"create database {cfg.green.dbname} on green if missing; pg_dump --schema-only "
+        f"--exclude-schema {control} of blue restored by psql --single-transaction",
+        [_s(schema.create_database_sql(cfg.green.dbname, settings)),
+         schema.marker_sql(control, cfg.release.name)]))
+    steps.append(Step(
+        "migrate", f"{len(found)} migration(s) from {cfg.migrations.dir}, each in its own "
+        f"transaction, tracked in {control}.migrations",
+        [f"-- {m.migration_name} (sha256 {m.checksum[:12]})\n{m.up_sql.strip()}"
+         for m in found]))
+    fwd = replication.forward(cfg.release.name)
+    heartbeat = catalog.Table(control, replication.HEARTBEAT_TABLE, ["direction"])
+    pub_tables = [*tables, heartbeat] if tables else [catalog.Table("<schema>", "<table>")]
+    redacted = cfg.blue.conninfo(for_peer=True, with_password=False) + " password=***"
+    steps.append(Step(
+        "sync", f"logical replication blue -> green of {len(tables)} table(s), initial copy "
+        f"then streaming, until green applied blue's latest commit",
+        [_s(replication.publication_sql(fwd.publication, pub_tables)) + ";  -- on blue",
+         _s(replication.subscription_sql(fwd.subscription, redacted, fwd.publication,
+                                         replication.SubscriptionOptions())) + ";  -- on green"]))
+    steps.append(Step(
+        "validate", "row counts and content checksums per table, both sides in parallel; "
+        "indexes and constraints present and valid on green",
+        [_s(validate.checksum_sql(t.qualified, [c.name for c in t.columns if not c.generated],
+                                  cfg.validate_.checksums)) for t in tables[:20]]))
+    labels = {"service": cfg.release.service, "namespace": cfg.release.namespace,
+              "version": cfg.release.version, "release": cfg.release.name,
+              "window": format_window(cfg.canary.window), **cfg.prometheus.labels}
+    checks = [f"{c.name}: {render(c.query, labels, 'green')}"
+              + (f" <= {c.max}" if c.max is not None else "")
+              + (f" >= {c.min}" if c.min is not None else "")
+              for c in cfg.canary.checks]
+    for i, stage in enumerate(cfg.canary.stages, 1):
+        steps.append(Step(
+            "canary", f"stage {i}: {stage.weight}% of traffic to green for {stage.duration:.0f}s,"
+            f" checks every {cfg.canary.interval:.0f}s"
+            + (" (after manual approval)" if stage.manual_gate else ""), checks if i == 1 else []))
+    promote_sql = []
+    if cfg.blue.app_role:
+        promote_sql.append(_s(fence.fence_sql(cfg.blue.app_role, cfg.blue.dbname)) + ";")
+    promote_sql.append("-- wait until green applied blue's last commit (heartbeat); move "
+                       "green's sequences past blue's + margin; keep green -> blue replication")
+    steps.append(Step("promote", "green takes all writes; blue is fenced and kept current for "
+                      f"the rollback window ({cfg.rollback.window:.0f}s)", promote_sql))
+    steps.append(Step("cleanup", "after the window: drop publications, subscriptions and slots "
+                      "on both sides"))
+    if blue_major is not None and blue_major < 16:
+        notes.append(f"blue runs PostgreSQL {blue_major}: green takes writes only at one "
+                     "switchover (no partial stages unless sync.accept_write_loss_risk)")
+    return steps, notes
+
+
+def render_text(cfg: ReleaseConfig, steps: list[Step], notes: list[str]) -> str:
+    lines = [f"Release {cfg.release.name}: {cfg.blue.describe()} (blue) -> "
+             f"{cfg.green.describe()} (green)", ""]
+    for i, step in enumerate(steps, 1):
+        lines.append(f"{i:2}. [{step.state}] {step.summary}")
+        for stmt in step.statements:
+            for ln in stmt.splitlines():
+                lines.append(f"      {ln}")
+    if notes:
+        lines.append("")
+        lines += [f"note: {n}" for n in notes]
+    lines.append("")
+    lines.append("Nothing was changed (dry run).")
+    return "\n".join(lines)
+
+
+def as_json(steps: list[Step], notes: list[str]) -> dict[str, Any]:
+    return {"steps": [step.__dict__ for step in steps], "notes": notes}

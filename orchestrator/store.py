@@ -1,0 +1,325 @@
+"""The release's persisted state: a control schema in PostgreSQL.
+
+Tables (schema ``orchestrate`` by default, in blue's database unless ``state.database``
+says otherwise):
+
+- ``releases``: one row per release: current state, status, facts gathered by the
+  states (backup file and checksum, LSNs, the canary stage reached, the weights last
+  set), the redacted config and its checksum.
+- ``release_log``: what happened, with a level (debug .. critical), per state.
+- ``stage_measurements``: every canary evaluation, for ``status`` and the report.
+
+A session-level advisory lock, held on a dedicated connection for the whole run,
+keeps two orchestrators off the same control schema; PostgreSQL drops it the moment
+the holder's connection dies (kill -9 included), so a crashed run never wedges the
+next one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from orchestrator.config import DatabaseConfig
+from orchestrator.errors import LockedError
+from orchestrator.pg.conn import connect
+
+SCHEMA_VERSION = 1
+
+_DDL = """
+CREATE SCHEMA IF NOT EXISTS {schema};
+DO $$ BEGIN
+  CREATE TYPE {schema}.log_level AS ENUM ('debug', 'info', 'warning', 'error', 'critical');
+EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+CREATE TABLE IF NOT EXISTS {schema}.schema_version (
+  version integer PRIMARY KEY,
+  applied_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS {schema}.releases (
+  name text PRIMARY KEY,
+  state text NOT NULL,
+  status text NOT NULL CHECK (status IN ('running', 'promoted', 'rolled_back', 'failed')),
+  config_sha256 text NOT NULL,
+  config jsonb NOT NULL,
+  facts jsonb NOT NULL DEFAULT '{{}}',
+  owner text,
+  error text,
+  rollback_requested text,
+  approved_stage integer,
+  started_at timestamptz NOT NULL DEFAULT now(),
+  updated_at timestamptz NOT NULL DEFAULT now(),
+  finished_at timestamptz
+);
+CREATE TABLE IF NOT EXISTS {schema}.release_log (
+  id bigserial PRIMARY KEY,
+  release text NOT NULL REFERENCES {schema}.releases(name) ON DELETE CASCADE,
+  at timestamptz NOT NULL DEFAULT clock_timestamp(),
+  level {schema}.log_level NOT NULL DEFAULT 'info',
+  state text,
+  message text NOT NULL,
+  details jsonb,
+  duration interval
+);
+CREATE INDEX IF NOT EXISTS release_log_release_idx ON {schema}.release_log (release, id);
+CREATE TABLE IF NOT EXISTS {schema}.stage_measurements (
+  id bigserial PRIMARY KEY,
+  release text NOT NULL REFERENCES {schema}.releases(name) ON DELETE CASCADE,
+  stage integer NOT NULL,
+  weight integer NOT NULL,
+  at timestamptz NOT NULL DEFAULT clock_timestamp(),
+  check_name text NOT NULL,
+  value double precision,
+  baseline double precision,
+  verdict text NOT NULL CHECK (verdict IN ('pass', 'fail', 'inconclusive')),
+  detail text
+);
+CREATE INDEX IF NOT EXISTS stage_measurements_release_idx
+  ON {schema}.stage_measurements (release, stage, id);
+INSERT INTO {schema}.schema_version (version) VALUES ({version}) ON CONFLICT DO NOTHING;
+"""
+
+ACTIVE = "running"
+
+
+@dataclass
+class ReleaseRow:
+    name: str
+    state: str
+    status: str
+    config_sha256: str
+    facts: dict[str, Any] = field(default_factory=dict)
+    owner: str | None = None
+    error: str | None = None
+    rollback_requested: str | None = None
+    approved_stage: int | None = None
+    started_at: datetime | None = None
+    updated_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class StateStore:
+    """Reads and writes the control schema. One instance per process."""
+
+    def __init__(self, db: DatabaseConfig, schema: str = "orchestrate") -> None:
+        self.db = db
+        self.schema = schema
+        self._conn: psycopg.Connection[Any] | None = None
+        self._lock_conn: psycopg.Connection[Any] | None = None
+
+    # connection management -------------------------------------------------
+    @property
+    def conn(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = connect(self.db, role="state")
+        return self._conn
+
+    def close(self) -> None:
+        for c in (self._conn, self._lock_conn):
+            if c is not None and not c.closed:
+                c.close()
+        self._conn = self._lock_conn = None
+
+    def _q(self, template: str) -> sql.Composed:
+        return sql.SQL(template).format(schema=sql.Identifier(self.schema))
+
+    def ensure_schema(self) -> None:
+        # Several orchestrators may bootstrap at once; serialise on a transaction lock
+        # so CREATE TYPE/TABLE IF NOT EXISTS do not race each other.
+        with self.conn.transaction():
+            self.conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                              (f"orchestrate-ddl:{self.schema}",))
+            ddl = _DDL.replace("{version}", str(SCHEMA_VERSION))
+            self.conn.execute(self._q(ddl))
+
+    def exists(self) -> bool:
+        row = self.conn.execute(
+            "SELECT to_regclass(%s) IS NOT NULL", (f"{self.schema}.releases",)
+        ).fetchone()
+        return bool(row and row[0])
+
+    # locking -----------------------------------------------------------------
+    def acquire_lock(self) -> None:
+        """Hold the control schema for this process, or raise LockedError."""
+        if self._lock_conn is not None and not self._lock_conn.closed:
+            return
+        conn = connect(self.db, role="lock")
+        key = f"orchestrate-release:{self.schema}"
+        got = conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (key,))
+        row = got.fetchone()
+        if not (row and row[0]):
+            conn.close()
+            holder = self._lock_holder()
+            raise LockedError(
+                f"another orchestrator is running a release on {self.db.describe()}"
+                + (f" ({holder})" if holder else ""),
+                hint="wait for it, or check `orchestrate status`; the lock frees itself "
+                "when that process exits",
+            )
+        self._lock_conn = conn
+
+    def _lock_holder(self) -> str | None:
+        if not self.exists():
+            return None
+        row = self.conn.execute(
+            self._q("SELECT name, owner FROM {schema}.releases WHERE status = 'running' "
+                    "ORDER BY updated_at DESC LIMIT 1")
+        ).fetchone()
+        return f"release {row[0]} owned by {row[1]}" if row else None
+
+    def release_lock(self) -> None:
+        if self._lock_conn is not None and not self._lock_conn.closed:
+            self._lock_conn.close()
+        self._lock_conn = None
+
+    # releases ----------------------------------------------------------------
+    def get(self, name: str) -> ReleaseRow | None:
+        if not self.exists():
+            return None
+        with self.conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(
+                self._q(
+                    "SELECT name, state, status, config_sha256, facts, owner, error, "
+                    "rollback_requested, approved_stage, started_at, updated_at, finished_at "
+                    "FROM {schema}.releases WHERE name = %s"
+                ),
+                (name,),
+            )
+            row = cur.fetchone()
+        return ReleaseRow(**row) if row else None
+
+    def latest(self) -> ReleaseRow | None:
+        if not self.exists():
+            return None
+        row = self.conn.execute(
+            self._q("SELECT name FROM {schema}.releases ORDER BY started_at DESC LIMIT 1")
+        ).fetchone()
+        return self.get(row[0]) if row else None
+
+    def active_other_than(self, name: str) -> ReleaseRow | None:
+        if not self.exists():
+            return None
+        row = self.conn.execute(
+            self._q("SELECT name FROM {schema}.releases WHERE status = 'running' AND name <> %s "
+                    "LIMIT 1"),
+            (name,),
+        ).fetchone()
+        return self.get(row[0]) if row else None
+
+    def create(self, name: str, state: str, config_sha256: str, config: dict[str, Any]) -> None:
+        self.conn.execute(
+            self._q(
+                "INSERT INTO {schema}.releases (name, state, status, config_sha256, config, owner) "
+                "VALUES (%s, %s, 'running', %s, %s, %s) ON CONFLICT (name) DO NOTHING"
+            ),
+            (name, state, config_sha256, Jsonb(config), _owner()),
+        )
+
+    def claim(self, name: str) -> None:
+        self.conn.execute(
+            self._q("UPDATE {schema}.releases SET owner = %s, updated_at = now() WHERE name = %s"),
+            (_owner(), name),
+        )
+
+    def set_state(self, name: str, state: str, *, status: str | None = None,
+                  error: str | None = None, clear_error: bool = False) -> None:
+        finished = status is not None and status != ACTIVE
+        self.conn.execute(
+            self._q(
+                "UPDATE {schema}.releases SET state = %s, status = coalesce(%s, status), "
+                "error = CASE WHEN %s THEN NULL ELSE coalesce(%s, error) END, "
+                "updated_at = now(), "
+                "finished_at = CASE WHEN %s THEN now() ELSE NULL END "
+                "WHERE name = %s"
+            ),
+            (state, status, clear_error, error, finished, name),
+        )
+
+    def merge_facts(self, name: str, facts: dict[str, Any]) -> dict[str, Any]:
+        row = self.conn.execute(
+            self._q("UPDATE {schema}.releases SET facts = facts || %s, updated_at = now() "
+                    "WHERE name = %s RETURNING facts"),
+            (Jsonb(facts), name),
+        ).fetchone()
+        return dict(row[0]) if row else {}
+
+    def request_rollback(self, name: str, reason: str) -> bool:
+        """Ask the process running ``name`` to roll back. True if the request was new."""
+        row = self.conn.execute(
+            self._q("UPDATE {schema}.releases SET rollback_requested = %s, updated_at = now() "
+                    "WHERE name = %s AND status = 'running' AND rollback_requested IS NULL "
+                    "RETURNING name"),
+            (reason, name),
+        ).fetchone()
+        return row is not None
+
+    def approve_stage(self, name: str, stage: int) -> None:
+        self.conn.execute(
+            self._q("UPDATE {schema}.releases SET approved_stage = greatest(coalesce("
+                    "approved_stage, -1), %s), updated_at = now() WHERE name = %s"),
+            (stage, name),
+        )
+
+    # log and measurements -------------------------------------------------------
+    def log(self, name: str, level: str, message: str, *, state: str | None = None,
+            details: dict[str, Any] | None = None, duration_s: float | None = None) -> None:
+        self.conn.execute(
+            self._q(
+                "INSERT INTO {schema}.release_log (release, level, state, message, details, "
+                "duration) VALUES (%s, %s, %s, %s, %s, make_interval(secs => %s))"
+            ),
+            (name, level, state, message,
+             Jsonb(json.loads(json.dumps(details, default=str))) if details else None,
+             duration_s),
+        )
+
+    def log_entries(self, name: str, limit: int = 50) -> list[dict[str, Any]]:
+        with self.conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(
+                self._q(
+                    "SELECT at, level::text AS level, state, message, details, "
+                    "extract(epoch FROM duration)::float8 AS duration_s "
+                    "FROM (SELECT * FROM {schema}.release_log WHERE release = %s "
+                    "ORDER BY id DESC LIMIT %s) l ORDER BY at"
+                ),
+                (name, limit),
+            )
+            return list(cur.fetchall())
+
+    def record_measurement(self, name: str, *, stage: int, weight: int, check: str,
+                           value: float | None, baseline: float | None, verdict: str,
+                           detail: str | None = None) -> None:
+        self.conn.execute(
+            self._q(
+                "INSERT INTO {schema}.stage_measurements (release, stage, weight, check_name, "
+                "value, baseline, verdict, detail) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+            ),
+            (name, stage, weight, check, value, baseline, verdict, detail),
+        )
+
+    def measurements(self, name: str) -> list[dict[str, Any]]:
+        with self.conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(
+                self._q(
+                    "SELECT stage, weight, check_name, count(*) AS evaluations, "
+                    "count(*) FILTER (WHERE verdict = 'fail') AS failed, "
+                    "count(*) FILTER (WHERE verdict = 'inconclusive') AS inconclusive, "
+                    "max(value) AS max_value, avg(value) AS avg_value "
+                    "FROM {schema}.stage_measurements WHERE release = %s "
+                    "GROUP BY stage, weight, check_name ORDER BY stage, check_name"
+                ),
+                (name,),
+            )
+            return list(cur.fetchall())
