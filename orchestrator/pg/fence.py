@@ -41,9 +41,34 @@ def fence(conn: psycopg.Connection[Any], role: str, *, wait: float = 10.0) -> in
         time.sleep(0.05)
 
 
-def unfence(conn: psycopg.Connection[Any], role: str) -> None:
+def unfence(conn: psycopg.Connection[Any], role: str, *, wait: float = 5.0) -> int:
+    """Lift the fence and recycle the sessions opened under it (they stay read-only
+    until they reconnect). Idle ones go first; busy ones are given ``wait`` seconds
+    to finish their request. Returns how many sessions were ended."""
     conn.execute(sql.SQL("ALTER ROLE {} IN DATABASE {} RESET default_transaction_read_only"
                          ).format(sql.Identifier(role), sql.Identifier(conn.info.dbname)))
+    row = conn.execute("SELECT clock_timestamp()").fetchone()
+    assert row is not None
+    lifted_at = row[0]
+    ended = 0
+    deadline = time.monotonic() + wait
+    while True:
+        force = time.monotonic() > deadline
+        rows = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE usename = %s AND datname = current_database() AND pid <> pg_backend_pid() "
+            "AND backend_type = 'client backend' AND backend_start < %s "
+            "AND (%s OR state IN ('idle', 'idle in transaction (aborted)'))",
+            (role, lifted_at, force),
+        ).fetchall()
+        ended += len(rows)
+        remaining = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = %s "
+            "AND datname = current_database() AND backend_start < %s "
+            "AND backend_type = 'client backend'", (role, lifted_at)).fetchone()
+        if not remaining or remaining[0] == 0 or force:
+            return ended
+        time.sleep(0.05)
 
 
 def is_fenced(conn: psycopg.Connection[Any], role: str) -> bool:

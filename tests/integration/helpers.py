@@ -1,0 +1,155 @@
+"""Helpers for the integration tests: run the real CLI, inspect and reset a sandbox."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from orchestrator.config import HAProxyRouterConfig
+from orchestrator.routers.base import Weights
+from orchestrator.routers.haproxy import HAProxyRouter
+from orchestrator.sandbox.stack import APP_DATABASE, APP_ROLE, Sandbox
+
+REPO = Path(__file__).resolve().parents[2]
+ORCHESTRATE = [sys.executable, "-m", "orchestrator"]
+
+# Short stages so that a whole release takes seconds; the checks keep their shape.
+FAST_CANARY: dict[str, Any] = {
+    "interval": "1s",
+    "window": "10s",
+    "stages": [
+        {"weight": 0, "duration": "1s"},
+        {"weight": 5, "duration": "4s"},
+        {"weight": 20, "duration": "3s"},
+        {"weight": 100, "duration": "3s"},
+    ],
+}
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+def run_cli(sb: Sandbox, *args: str, timeout: float = 240) -> CliResult:
+    env = {**os.environ, **sb.secrets_env, "ORCHESTRATE_LOG_FORMAT": "json"}
+    done = subprocess.run([*ORCHESTRATE, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, check=False)
+    return CliResult(done.returncode, done.stdout, done.stderr)
+
+
+def spawn_cli(sb: Sandbox, *args: str, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, **sb.secrets_env, "ORCHESTRATE_LOG_FORMAT": "json"}
+    fh = log.open("wb")
+    return subprocess.Popen([*ORCHESTRATE, *args], env=env, stdout=fh, stderr=subprocess.STDOUT,
+                            cwd=REPO)
+
+
+def write_config(sb: Sandbox, name: str, **overrides: Any) -> Path:
+    merged = {"canary": FAST_CANARY, "rollback": {"window": "1h"}, **overrides}
+    return sb.write_config(sb.base_dir / f"{name}.yaml", name=name, **merged)
+
+
+def blue_conn(sb: Sandbox, dbname: str = APP_DATABASE) -> psycopg.Connection[Any]:
+    return psycopg.connect(sb.blue.conninfo(dbname), autocommit=True)
+
+
+def green_conn(sb: Sandbox, dbname: str = APP_DATABASE) -> psycopg.Connection[Any]:
+    return psycopg.connect(sb.green.conninfo(dbname), autocommit=True)
+
+
+def router(sb: Sandbox) -> HAProxyRouter:
+    return HAProxyRouter(HAProxyRouterConfig(kind="haproxy", socket=str(sb.haproxy.admin_socket),
+                                             backend="app"))
+
+
+def release_row(sb: Sandbox, name: str) -> dict[str, Any] | None:
+    with blue_conn(sb) as conn:
+        exists = conn.execute("SELECT to_regclass('orchestrate.releases')").fetchone()
+        if not exists or exists[0] is None:
+            return None
+        row = conn.execute("SELECT state, status, error, facts FROM orchestrate.releases "
+                           "WHERE name = %s", (name,)).fetchone()
+    if row is None:
+        return None
+    return {"state": row[0], "status": row[1], "error": row[2], "facts": row[3]}
+
+
+def replication_leftovers(sb: Sandbox) -> list[str]:
+    """Every publication, subscription and slot still present on either side."""
+    found: list[str] = []
+    for side, cluster in (("blue", sb.blue), ("green", sb.green)):
+        with psycopg.connect(cluster.conninfo("postgres"), autocommit=True) as conn:
+            found += [f"{side} slot {r[0]}" for r in
+                      conn.execute("SELECT slot_name FROM pg_replication_slots").fetchall()]
+            found += [f"{side} subscription {r[0]}" for r in
+                      conn.execute("SELECT subname FROM pg_subscription").fetchall()]
+        try:
+            with psycopg.connect(cluster.conninfo(APP_DATABASE), autocommit=True) as conn:
+                found += [f"{side} publication {r[0]}" for r in
+                          conn.execute("SELECT pubname FROM pg_publication").fetchall()]
+        except psycopg.OperationalError:
+            pass
+    return found
+
+
+def set_green_fault(sb: Sandbox, fail_rate: float = 0.0, extra_latency: float = 0.0) -> None:
+    body = json.dumps({"fail_rate": fail_rate, "extra_latency": extra_latency}).encode()
+    req = urllib.request.Request(f"{sb.app_urls['green']}/admin/fault", data=body,
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 - loopback only
+        assert resp.status == 200
+
+
+def reset(sb: Sandbox) -> None:
+    """Back to the starting line: traffic on blue, no green database, no leftovers."""
+    r = router(sb)
+    r.set_weights(Weights.green_at(0))
+    set_green_fault(sb)
+    with psycopg.connect(sb.green.conninfo("postgres"), autocommit=True) as conn:
+        for (sub,) in conn.execute("SELECT subname FROM pg_subscription").fetchall():
+            conn.execute(f'ALTER SUBSCRIPTION "{sub}" DISABLE')
+            conn.execute(f'ALTER SUBSCRIPTION "{sub}" SET (slot_name = NONE)')
+            conn.execute(f'DROP SUBSCRIPTION "{sub}"')
+        conn.execute(f"DROP DATABASE IF EXISTS {APP_DATABASE} WITH (FORCE)")
+        for (slot,) in conn.execute("SELECT slot_name FROM pg_replication_slots").fetchall():
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+    with blue_conn(sb) as conn:
+        conn.execute(f"ALTER ROLE {APP_ROLE} IN DATABASE {APP_DATABASE} "
+                     "RESET default_transaction_read_only")
+        for (sub,) in conn.execute("SELECT subname FROM pg_subscription").fetchall():
+            conn.execute(f'ALTER SUBSCRIPTION "{sub}" DISABLE')
+            conn.execute(f'ALTER SUBSCRIPTION "{sub}" SET (slot_name = NONE)')
+            conn.execute(f'DROP SUBSCRIPTION "{sub}"')
+        for (pub,) in conn.execute("SELECT pubname FROM pg_publication").fetchall():
+            conn.execute(f'DROP PUBLICATION "{pub}"')
+        for (slot,) in conn.execute("SELECT slot_name FROM pg_replication_slots").fetchall():
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+        has_state = conn.execute("SELECT to_regclass('orchestrate.releases')").fetchone()
+        if has_state and has_state[0] is not None:
+            conn.execute("UPDATE orchestrate.releases SET status = 'failed', state = 'failed' "
+                         "WHERE status = 'running'")
+
+
+def order_ids(conn: psycopg.Connection[Any]) -> set[int]:
+    return {r[0] for r in conn.execute("SELECT id FROM orders").fetchall()}
+
+
+def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())

@@ -1,0 +1,118 @@
+"""A whole release on PostgreSQL 16 -> 17 with live load: promotion, rollback inside
+the window, and an automatic rollback on a threshold breach. No acknowledged write
+may be missing on the side that ends up serving."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from orchestrator.routers.base import Weights
+from orchestrator.sandbox.loadgen import LoadGenerator
+from orchestrator.sandbox.stack import Sandbox
+from tests.integration.helpers import (
+    blue_conn,
+    green_conn,
+    order_ids,
+    release_row,
+    replication_leftovers,
+    reset,
+    router,
+    run_cli,
+    set_green_fault,
+    wait_for,
+    write_config,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def test_release_promotes_then_rolls_back_inside_the_window(sandbox_16_17: Sandbox) -> None:
+    sb = sandbox_16_17
+    reset(sb)
+    cfg = write_config(sb, "promote-then-back")
+    load = LoadGenerator(sb.haproxy.url, rate=60.0, write_ratio=0.4)
+    load.start()
+    try:
+        result = run_cli(sb, "release", "--config", str(cfg))
+        after_promotion = load.report()
+        assert result.code == 0, result.err[-3000:]
+        assert "promoted" in result.out
+        row = release_row(sb, "promote-then-back")
+        assert row is not None and row["status"] == "promoted" and row["state"] == "window"
+        assert router(sb).current() == Weights.green_at(100)
+        facts = row["facts"]
+        assert facts["mode"] == "bidirectional"
+        assert facts["switchover_pause_s"] < 2.0
+        backup = Path(facts["backup"]["path"])
+        assert backup.exists() and facts["backup"]["tables_with_data"] >= 3
+
+        # Migrations ran on green, tracked with checksum, timing and down script.
+        with green_conn(sb) as g:
+            rows = g.execute("SELECT migration_name, status::text, length(checksum), "
+                             "execution_time IS NOT NULL, rollback_sql IS NOT NULL "
+                             "FROM orchestrate.migrations ORDER BY version").fetchall()
+            assert [r[0] for r in rows] == ["0001_order_status", "0002_orders_created_at_index"]
+            assert all(r[1] == "completed" and r[2] == 64 and r[3] and r[4] for r in rows)
+            log_levels = {r[0] for r in g.execute(
+                "SELECT DISTINCT log_level::text FROM orchestrate.migration_log")}
+            assert "info" in log_levels
+            assert g.execute("SELECT count(*) FROM orders WHERE status = 'new'").fetchone()[0] > 0
+
+        # Every write acknowledged so far is on green, and (reverse replication) on blue.
+        acked = set(after_promotion.acked_order_ids)
+        assert acked and after_promotion.acked_by_colour.get("green", 0) > 0
+        with green_conn(sb) as g:
+            assert acked - order_ids(g) == set()
+
+        # Green serves alone for a moment, then the operator rolls back in the window.
+        wait_for(lambda: load.report().acked_by_colour.get("green", 0)
+                 > after_promotion.acked_by_colour.get("green", 0) + 20, timeout=20)
+        back = run_cli(sb, "rollback", "--config", str(cfg), "--reason", "test")
+        assert back.code == 0, back.err[-3000:]
+        assert router(sb).current() == Weights.green_at(0)
+        wait_for(lambda: load.report().acked_by_colour.get("blue", 0)
+                 > after_promotion.acked_by_colour.get("blue", 0) + 20, timeout=20)
+    finally:
+        report = load.stop()
+    acked_all = set(report.acked_order_ids)
+    with blue_conn(sb) as b:
+        missing = acked_all - order_ids(b)
+    assert missing == set(), f"{len(missing)} acknowledged writes missing on blue"
+    row = release_row(sb, "promote-then-back")
+    assert row is not None and row["status"] == "rolled_back"
+    assert replication_leftovers(sb) == []
+    # Blue took writes again after the rollback: it was unfenced.
+    assert report.errors.get("503", 0) < report.requests * 0.05
+
+
+def test_threshold_breach_rolls_back_automatically(sandbox_16_17: Sandbox) -> None:
+    sb = sandbox_16_17
+    reset(sb)
+    set_green_fault(sb, fail_rate=0.6)
+    cfg = write_config(sb, "breach")
+    load = LoadGenerator(sb.haproxy.url, rate=60.0, write_ratio=0.4)
+    load.start()
+    try:
+        result = run_cli(sb, "release", "--config", str(cfg))
+    finally:
+        report = load.stop()
+        set_green_fault(sb)
+    assert result.code == 1
+    assert "ROLLED BACK" in result.out and "error-rate" in result.out
+    row = release_row(sb, "breach")
+    assert row is not None and row["status"] == "rolled_back" and row["state"] == "rolled_back"
+    assert router(sb).current() == Weights.green_at(0)
+    assert replication_leftovers(sb) == []
+    with blue_conn(sb) as b:
+        assert set(report.acked_order_ids) - order_ids(b) == set()
+        measured = b.execute("SELECT count(*) FILTER (WHERE verdict = 'fail') FROM "
+                             "orchestrate.stage_measurements WHERE release = 'breach'").fetchone()
+        assert measured is not None and measured[0] >= 1
+    status = run_cli(sb, "status", "--config", str(cfg), "--output", "json")
+    assert status.code == 0
+    doc = json.loads(status.out)
+    assert doc["release"]["status"] == "rolled_back"
+    assert any(m["failed"] > 0 for m in doc["measurements"])
