@@ -23,22 +23,29 @@ def fence_sql(role: str, dbname: str) -> sql.Composed:
 
 
 def fence(conn: psycopg.Connection[Any], role: str, *, wait: float = 10.0) -> int:
-    """Fence ``role`` in the current database. Returns how many sessions were ended."""
-    dbname = conn.info.dbname
-    conn.execute(fence_sql(role, dbname))
+    """Fence ``role`` in the current database. Returns how many sessions were ended.
+
+    Only sessions that began before the fence are ended: the ones an application pool
+    opens right after it are already read-only, and ending them again would only
+    lengthen the pause.
+    """
+    conn.execute(fence_sql(role, conn.info.dbname))
+    row = conn.execute("SELECT clock_timestamp()").fetchone()
+    assert row is not None
+    fenced_at = row[0]
     ended = 0
     deadline = time.monotonic() + wait
     while True:
         rows = conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
             "WHERE usename = %s AND datname = current_database() AND pid <> pg_backend_pid() "
-            "AND backend_type = 'client backend'",
-            (role,),
+            "AND backend_type = 'client backend' AND backend_start < %s",
+            (role, fenced_at),
         ).fetchall()
         ended += len(rows)
         if not rows or time.monotonic() > deadline:
             return ended
-        time.sleep(0.05)
+        time.sleep(0.01)
 
 
 def unfence(conn: psycopg.Connection[Any], role: str, *, wait: float = 5.0) -> int:

@@ -108,7 +108,7 @@ def set_green_fault(sb: Sandbox, fail_rate: float = 0.0, extra_latency: float = 
     body = json.dumps({"fail_rate": fail_rate, "extra_latency": extra_latency}).encode()
     req = urllib.request.Request(f"{sb.app_urls['green']}/admin/fault", data=body,
                                  headers={"Content-Type": "application/json"}, method="POST")
-    with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 - loopback only
+    with urllib.request.urlopen(req, timeout=5) as resp:
         assert resp.status == 200
 
 

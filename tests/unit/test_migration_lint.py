@@ -26,7 +26,7 @@ def test_discovery_orders_and_checksums(tmp_path: Path) -> None:
 
 def test_bad_names_and_duplicates_are_refused(tmp_path: Path) -> None:
     write(tmp_path, "add_column.sql", "SELECT 1;")
-    with pytest.raises(PreflightError, match="NNNN_name.up.sql"):
+    with pytest.raises(PreflightError, match=r"NNNN_name\.up\.sql"):
         migrations.discover(tmp_path)
     (tmp_path / "add_column.sql").unlink()
     write(tmp_path, "0001_a.up.sql", "SELECT 1;")

@@ -1,0 +1,126 @@
+"""Bad input changes nothing; a killed orchestrator resumes; two cannot run at once."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from orchestrator.sandbox.stack import Sandbox
+from tests.integration.helpers import (
+    blue_conn,
+    green_conn,
+    release_row,
+    replication_leftovers,
+    reset,
+    run_cli,
+    spawn_cli,
+    wait_for,
+    write_config,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def _green_db_exists(sb: Sandbox) -> bool:
+    with green_conn(sb, "postgres") as conn:
+        return conn.execute("SELECT 1 FROM pg_database WHERE datname = 'shop'").fetchone() \
+            is not None
+
+
+def test_config_error_names_the_field_and_changes_nothing(sandbox_16_17: Sandbox) -> None:
+    sb = sandbox_16_17
+    reset(sb)
+    cfg = write_config(sb, "bad-config")
+    cfg.write_text(cfg.read_text().replace("interval: 1s", "interval: soon"))
+    result = run_cli(sb, "release", "--config", str(cfg))
+    assert result.code == 2
+    assert "invalid configuration: canary.interval" in result.err
+    assert "Traceback" not in result.err
+    assert release_row(sb, "bad-config") is None and not _green_db_exists(sb)
+
+
+def test_table_without_primary_key_is_refused_in_preflight(sandbox_16_17: Sandbox) -> None:
+    sb = sandbox_16_17
+    reset(sb)
+    with blue_conn(sb) as conn:
+        conn.execute("CREATE TABLE public.audit_log (at timestamptz, what text)")
+    try:
+        cfg = write_config(sb, "no-pk")
+        result = run_cli(sb, "release", "--config", str(cfg))
+        assert result.code == 2
+        assert "public.audit_log has no primary key or replica identity" in result.err
+        assert "REPLICA IDENTITY FULL" in result.err and "exclude_tables" in result.err
+        assert "Traceback" not in result.err
+        assert release_row(sb, "no-pk") is None and not _green_db_exists(sb)
+    finally:
+        with blue_conn(sb) as conn:
+            conn.execute("DROP TABLE public.audit_log")
+
+
+def test_killed_mid_sync_resumes_and_a_second_orchestrator_is_locked_out(
+        sandbox_16_17: Sandbox) -> None:
+    sb = sandbox_16_17
+    reset(sb)
+    # Enough rows that the initial copy takes a few seconds to kill it inside.
+    with blue_conn(sb) as conn:
+        conn.execute("CREATE TABLE public.big (id bigint PRIMARY KEY, payload text NOT NULL)")
+        conn.execute("INSERT INTO public.big SELECT g, repeat(md5(g::text), 4) "
+                     "FROM generate_series(1, 1500000) g")
+    try:
+        cfg = write_config(sb, "resume")
+        log = sb.base_dir / "resume-1.log"
+        proc = spawn_cli(sb, "release", "--config", str(cfg), log=log)
+
+        def in_sync() -> bool:
+            row = release_row(sb, "resume")
+            if not row or row["state"] != "sync":
+                return False
+            with green_conn(sb, "postgres") as g:
+                return g.execute("SELECT count(*) FROM pg_subscription").fetchone()[0] > 0
+
+        assert wait_for(in_sync, timeout=90, interval=0.05), log.read_text()[-3000:]
+        time.sleep(0.5)
+        # While it runs, a second orchestrator must be refused.
+        second = run_cli(sb, "release", "--config", str(cfg))
+        assert second.code == 3, second.err
+        assert "another orchestrator" in second.err
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        row = release_row(sb, "resume")
+        assert row is not None and row["state"] == "sync" and row["status"] == "running"
+
+        resumed = run_cli(sb, "release", "--config", str(cfg), timeout=400)
+        assert resumed.code == 0, resumed.err[-3000:]
+        assert "resuming release" in resumed.err
+        row = release_row(sb, "resume")
+        assert row is not None and row["status"] == "promoted"
+        validation = row["facts"]["validation"]
+        assert validation["ok"] is True
+        big = next(t for t in validation["tables"] if t["table"] == "public.big")
+        assert big["blue_rows"] == big["green_rows"] == 1_500_000
+        with green_conn(sb) as g:
+            assert g.execute("SELECT count(*) FROM public.big").fetchone()[0] == 1_500_000
+        # Exactly one forward slot was ever in use; nothing leaked from the killed run.
+        back = run_cli(sb, "rollback", "--config", str(cfg))
+        assert back.code == 0, back.err[-2000:]
+        assert replication_leftovers(sb) == []
+    finally:
+        with blue_conn(sb) as conn:
+            conn.execute("DROP TABLE IF EXISTS public.big")
+
+
+def test_plan_prints_sql_and_changes_nothing(sandbox_16_17: Sandbox) -> None:
+    sb = sandbox_16_17
+    reset(sb)
+    cfg = write_config(sb, "plan-only")
+    result = run_cli(sb, "plan", "--config", str(cfg))
+    assert result.code == 0, result.err
+    for needle in ("CREATE PUBLICATION", "CREATE SUBSCRIPTION", "0001_order_status",
+                   "ALTER TABLE", "hashtextextended", "default_transaction_read_only",
+                   "password=***", "Nothing was changed"):
+        assert needle in result.out, needle
+    assert sb.green.password not in result.out and sb.blue.password not in result.out
+    assert release_row(sb, "plan-only") is None and not _green_db_exists(sb)
+    assert replication_leftovers(sb) == []
