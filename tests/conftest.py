@@ -1,0 +1,109 @@
+"""Shared fixtures for the tests that run real servers (PostgreSQL, HAProxy, Prometheus)."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+
+@contextlib.contextmanager
+def short_tmpdir(prefix: str = "orch-t-") -> Iterator[Path]:
+    """A fresh directory directly under /tmp.
+
+    Not pytest's tmp_path: its deep paths overflow the 107-byte limit of unix socket
+    paths (PostgreSQL's and HAProxy's sockets live in the base directory).
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def sandbox_dir() -> Iterator[Path]:
+    with short_tmpdir() as path:
+        yield path
+
+
+@pytest.fixture(scope="module")
+def module_sandbox_dir() -> Iterator[Path]:
+    with short_tmpdir() as path:
+        yield path
+
+
+class ColourServer:
+    """A tiny HTTP server standing in for one app instance.
+
+    GET /healthz answers 200; GET /metrics answers ``metrics_text``; anything else
+    answers ``status`` with the colour as body, so a client can tell who served it.
+    """
+
+    def __init__(self, colour: str, status: int = 200, metrics_text: str = "") -> None:
+        self.colour = colour
+        self.status = status
+        self.metrics_text = metrics_text
+        self.hits = 0
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/healthz":
+                    code, body, ctype = 200, b"ok", "text/plain"
+                elif self.path == "/metrics":
+                    code, body = 200, server.metrics_text.encode()
+                    ctype = "text/plain; version=0.0.4"
+                else:
+                    with server._lock:
+                        server.hits += 1
+                    code, body, ctype = server.status, server.colour.encode(), "text/plain"
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request: object, client_address: object) -> None:
+                # HAProxy's health checks close the connection before reading the
+                # whole answer; the resulting resets are not errors here.
+                pass
+
+        self._httpd = Server(("127.0.0.1", 0), Handler)
+        self.port: int = self._httpd.server_address[1]
+        self.address = f"127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def colour_server() -> Iterator[Callable[..., ColourServer]]:
+    """Factory: ``colour_server('blue')``; the servers are closed after the module."""
+    servers: list[ColourServer] = []
+
+    def make(colour: str, status: int = 200, metrics_text: str = "") -> ColourServer:
+        server = ColourServer(colour, status, metrics_text)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.close()
