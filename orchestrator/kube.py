@@ -212,13 +212,12 @@ def _retry_after(exc: BaseException | None) -> float:
 
 def retrying(policy: RetryPolicy, what: str) -> tenacity.Retrying:
     """A tenacity controller for one logical call; ``what`` names it in logs."""
-    backoff = tenacity.wait_exponential_jitter(
-        initial=policy.initial_wait, max=policy.max_wait, jitter=policy.jitter
-    )
 
     def wait(state: tenacity.RetryCallState) -> float:
+        exp = policy.initial_wait * 2.0 ** (state.attempt_number - 1)
+        backoff = min(policy.max_wait, exp) + random.uniform(0, policy.jitter)  # noqa: S311
         exc = state.outcome.exception() if state.outcome else None
-        return max(backoff(state), min(_retry_after(exc), policy.max_retry_after))
+        return max(backoff, min(_retry_after(exc), policy.max_retry_after))
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
@@ -335,7 +334,8 @@ class KubeObjects:
         try:
             response = retrying(self.retry, what)(call)
         except ApiException as exc:
-            raise _api_error(exc, what) from exc
+            retried = f" (after {self.retry.attempts} attempts)" if is_transient(exc) else ""
+            raise _api_error(exc, what, retried) from exc
         except KubeError:
             raise
         except Exception as exc:
@@ -350,12 +350,17 @@ class KubeObjects:
             data = json.loads(response.data)
         except (TypeError, ValueError) as exc:
             raise KubeError(f"{what}: the API server sent a body that is not JSON") from exc
+        finally:
+            # The body was read without preloading: hand the connection back to the pool.
+            release = getattr(response, "release_conn", None)
+            if callable(release):
+                release()
         if not isinstance(data, dict):
             raise KubeError(f"{what}: the API server sent {type(data).__name__}, not an object")
         return data
 
 
-def _api_error(exc: ApiException, what: str) -> KubeApiError:
+def _api_error(exc: ApiException, what: str, suffix: str = "") -> KubeApiError:
     status = int(exc.status or 0)
     reason, message, details = str(exc.reason or ""), "", {}
     try:
@@ -367,7 +372,7 @@ def _api_error(exc: ApiException, what: str) -> KubeApiError:
         message = str(body.get("message") or "")
         raw_details = body.get("details")
         details = raw_details if isinstance(raw_details, dict) else {}
-    text = f"{what}: HTTP {status} {reason}" + (f": {message}" if message else "")
+    text = f"{what}: HTTP {status} {reason}" + (f": {message}" if message else "") + suffix
     return KubeApiError(status, reason, text, details)
 
 

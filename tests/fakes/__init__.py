@@ -1,0 +1,1 @@
+"""Test doubles that speak real protocols (HTTP, Kubernetes API) on loopback ports."""

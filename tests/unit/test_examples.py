@@ -1,0 +1,17 @@
+"""The example configuration in the README parses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from orchestrator.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_example_release_config_is_valid() -> None:
+    cfg = load_config(ROOT / "examples" / "release.yaml")
+    assert cfg.release.name == "shop-2026-11-24"
+    assert [s.weight for s in cfg.canary.stages] == [0, 5, 20, 100]
+    assert cfg.canary.checks[1].max_increase_over_blue == 0.01
+    assert cfg.migrations.dir == (ROOT / "examples" / "migrations").resolve()
