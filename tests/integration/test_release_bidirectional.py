@@ -22,6 +22,7 @@ from tests.integration.helpers import (
     router,
     run_cli,
     set_green_fault,
+    spawn_cli,
     wait_for,
     write_config,
 )
@@ -116,3 +117,43 @@ def test_threshold_breach_rolls_back_automatically(sandbox_16_17: Sandbox) -> No
     doc = json.loads(status.out)
     assert doc["release"]["status"] == "rolled_back"
     assert any(m["failed"] > 0 for m in doc["measurements"])
+
+
+def test_abort_while_both_sides_take_writes_keeps_every_write(sandbox_16_17: Sandbox) -> None:
+    """Held at 20 % by a manual gate, both apps write; an abort from another process
+    rolls back and blue ends up with every write either side acknowledged."""
+    sb = sandbox_16_17
+    reset(sb)
+    stages = {"interval": "1s", "window": "10s", "stages": [
+        {"weight": 0, "duration": "1s"}, {"weight": 20, "duration": "2s"},
+        {"weight": 100, "duration": "2s", "manual_gate": True}]}
+    cfg = write_config(sb, "abort-mid-canary", canary=stages)
+    load = LoadGenerator(sb.haproxy.url, rate=60.0, write_ratio=0.5)
+    load.start()
+    proc = spawn_cli(sb, "release", "--config", str(cfg), log=sb.base_dir / "abort.log")
+    try:
+        def waiting_at_gate() -> bool:
+            row = release_row(sb, "abort-mid-canary")
+            return bool(row and row["facts"].get("stage") == 2)
+
+        assert wait_for(waiting_at_gate, timeout=120), (sb.base_dir / "abort.log").read_text()
+        before = load.report().acked_by_colour
+        assert wait_for(lambda: load.report().acked_by_colour.get("green", 0)
+                        > before.get("green", 0) + 15, timeout=30)
+        assert router(sb).current() == Weights.green_at(20)
+        aborted = run_cli(sb, "abort", "--config", str(cfg), "--reason", "test abort")
+        assert aborted.code == 0, aborted.out + aborted.err[-2000:]
+        assert proc.wait(timeout=120) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        report = load.stop()
+    assert report.acked_by_colour.get("green", 0) > 0 and report.acked_by_colour.get("blue", 0) > 0
+    with blue_conn(sb) as b:
+        missing = set(report.acked_order_ids) - order_ids(b)
+    assert missing == set(), f"{len(missing)} acknowledged writes missing on blue"
+    row = release_row(sb, "abort-mid-canary")
+    assert row is not None and row["status"] == "rolled_back"
+    assert "test abort" in (row["error"] or "")
+    assert router(sb).current() == Weights.green_at(0)
+    assert replication_leftovers(sb) == []
