@@ -205,24 +205,65 @@ def plan(ctx: click.Context, config_path: Path, output: str) -> None:
 @click.pass_context
 def validate(ctx: click.Context, config_path: Path, output: str) -> None:
     """Compare green with blue now (counts, checksums, schema)."""
+    from orchestrator.pg import replication
     from orchestrator.pg import validate as validation
+    from orchestrator.pg.conn import connect
 
     cfg = _load(ctx, config_path)
-    report = validation.validate(cfg.blue, cfg.green, cfg.validate_,
-                                 control_schema=cfg.state.schema_name,
-                                 exclude_tables=tuple(cfg.sync.exclude_tables))
+    schema = cfg.state.schema_name
+    fwd, rev = replication.forward(cfg.release.name), replication.reverse(cfg.release.name)
+    # While replication streams, differences are re-checked after the subscriber has
+    # provably applied what the publisher committed; which side publishes depends on
+    # whether the release was promoted (then green leads and its sequences must be
+    # ahead of blue's).
+    with connect(cfg.blue, role="validate") as blue, connect(cfg.green, role="validate") as green:
+        forward_live = replication.subscription_exists(green, fwd.subscription)
+        reverse_live = replication.subscription_exists(blue, rev.subscription)
+    promoted = reverse_live and not forward_live
+
+    def catch_up() -> None:
+        with connect(cfg.blue, role="validate") as b, connect(cfg.green, role="validate") as g:
+            if promoted:
+                replication.wait_applied(g, b, schema=schema, direction="rev",
+                                         subscription=rev.subscription,
+                                         timeout=cfg.sync.catchup_timeout)
+            else:
+                replication.wait_applied(b, g, schema=schema, direction="fwd",
+                                         subscription=fwd.subscription,
+                                         timeout=cfg.sync.catchup_timeout)
+
+    report = validation.validate(
+        cfg.blue, cfg.green, cfg.validate_, control_schema=schema,
+        exclude_tables=tuple(cfg.sync.exclude_tables),
+        catch_up=catch_up if (forward_live or reverse_live) else None,
+        expect_sequences_ahead=promoted, publisher="green" if promoted else "blue")
     if output == "json":
         click.echo(json.dumps(report.as_dict(), indent=2, default=str))
     else:
-        click.echo(f"{'table':<40} {'blue rows':>12} {'green rows':>12}  checksum")
-        for t in report.tables:
-            mark = "match" if t.blue_sum == t.green_sum else "DIFFERS"
-            click.echo(f"{t.table:<40} {t.blue_rows:>12} {t.green_rows:>12}  {mark}")
-        for p in report.problems:
-            click.echo(f"problem: {p}")
-        for n in report.notes:
-            click.echo(f"note: {n}")
+        click.echo(validation.render_text(report))
     ctx.exit(0 if report.ok else 1)
+
+
+@cli.command()
+@CONFIG
+@click.option("--listen", default=None, metavar="HOST:PORT",
+              help="Address to listen on (default: alerts.listen, 127.0.0.1:8080).")
+@click.option("--host", default=None, help="Override the host of --listen.")
+@click.option("--port", type=click.IntRange(0, 65535), default=None,
+              help="Override the port of --listen (0: any free port).")
+@click.option("--insecure", is_flag=True,
+              help="Run without a bearer token; allowed on a loopback address only.")
+@click.pass_context
+def serve(ctx: click.Context, config_path: Path, listen: str | None, host: str | None,
+          port: int | None, insecure: bool) -> None:
+    """Receive Alertmanager webhooks: a matching firing alert rolls the release back."""
+    from orchestrator.server import parse_listen
+    from orchestrator.server import serve as run_server
+
+    cfg = _load(ctx, config_path)
+    default_host, default_port = parse_listen(listen or cfg.alerts.listen)
+    run_server(cfg, host=host or default_host,
+               port=default_port if port is None else port, insecure=insecure)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -190,15 +190,46 @@ class SyncConfig(_Model):
 
 
 class ValidateConfig(_Model):
+    """How green is compared with blue (see docs/validation.md)."""
+
+    # False: row counts only (no content checksums, no row diffs).
     checksums: bool = True
-    chunk_rows: int = Field(default=100_000, ge=100)
+    # Rows per first-level chunk (a primary-key range). Smaller chunks make a mismatch
+    # cheaper to narrow down; larger ones mean fewer queries (each costs ~0.3 ms of
+    # planning and round trip, against ~6 ms of reading for 20,000 rows).
+    chunk_rows: int = Field(default=20_000, ge=100)
+    # Worker connections per side: blue and green queries run in parallel, each side
+    # with this many connections.
     parallelism: int = Field(default=2, ge=1, le=64)
+    # Differing keys listed per table in problems and in the report.
     max_reported_keys: int = Field(default=20, ge=1)
     # Column mapping for tables whose shape the migration changes on purpose:
     # {"public.orders": {"amount_cents": "amount"}} means green's amount_cents holds
     # blue's amount.
     column_map: dict[str, dict[str, str]] = Field(default_factory=dict)
     ignore_columns: dict[str, list[str]] = Field(default_factory=dict)
+    # Bisection: a mismatching range is split into enough parts (at most
+    # split_factor) that each should hold at most leaf_rows rows, and again while a
+    # part holds more; then its rows are fetched from both sides and compared by key.
+    split_factor: int = Field(default=256, ge=2, le=1024)
+    leaf_rows: int = Field(default=128, ge=1, le=10_000)
+    # Differing keys collected per table before the search stops (the report then
+    # says "at least N").
+    max_diff_keys: int = Field(default=1000, ge=1)
+    # While replication streams: how many times a mismatching chunk is compared again
+    # after a catch-up, and how many rounds a differing key must survive.
+    recheck_rounds: int = Field(default=3, ge=1, le=20)
+    # Lock the differing rows on the publishing side (SELECT .. FOR SHARE) while the
+    # subscriber catches up, so that a confirmed difference is exact. Writers to those
+    # few rows wait for at most the catch-up.
+    lock_rows: bool = True
+    lock_timeout: Duration = 2.0
+    # Two independent 64-bit row hashes per chunk instead of one (about 1.5x the CPU).
+    strong_checksums: bool = False
+    statement_timeout: Duration = 3600.0
+    # Tables without a primary key are compared whole; above this many rows the
+    # differing rows themselves are not searched for.
+    nokey_diff_max_rows: int = Field(default=1_000_000, ge=0)
 
 
 class MetricCheck(_Model):
@@ -211,19 +242,147 @@ class MetricCheck(_Model):
 
     name: Name
     query: str
+    # The query for blue, for comparisons, when blue's series cannot be selected by
+    # substituting $colour (ingress-nginx marks canary requests with a non-empty
+    # ``canary`` label instead of a name). Default: ``query`` with colour=blue.
+    baseline_query: str | None = None
     max: float | None = None
     min: float | None = None
     # Compare with blue: fail when green's value exceeds blue's value (same query with
-    # colour=blue) by more than this.
+    # colour=blue) by more than this. For "lower is worse" values (a success rate),
+    # ``max_decrease_from_blue`` fails when green is below blue by more than this.
     max_increase_over_blue: float | None = None
+    max_decrease_from_blue: float | None = Field(default=None, ge=0)
     failure_limit: int = Field(default=1, ge=1)
     inconclusive_limit: int = Field(default=3, ge=1)
 
     @model_validator(mode="after")
     def _has_threshold(self) -> MetricCheck:
-        if self.max is None and self.min is None and self.max_increase_over_blue is None:
-            raise ValueError("a check needs 'max', 'min' or 'max_increase_over_blue'")
+        if (self.max is None and self.min is None and self.max_increase_over_blue is None
+                and self.max_decrease_from_blue is None):
+            raise ValueError("a check needs 'max', 'min', 'max_increase_over_blue' or "
+                             "'max_decrease_from_blue'")
+        if self.max is not None and self.min is not None and self.min > self.max:
+            raise ValueError(f"'min' ({self.min}) is above 'max' ({self.max}): no value "
+                             "could pass")
         return self
+
+    @property
+    def compares_with_blue(self) -> bool:
+        return self.max_increase_over_blue is not None or self.max_decrease_from_blue is not None
+
+
+class ColourValues(_Model):
+    """A selector label whose value differs by colour, e.g. ingress-nginx's ``canary``
+    label: ``{blue: "", green: "!"}`` (empty on blue's requests, set on green's)."""
+
+    blue: str
+    green: str
+
+
+class BuiltinCheck(_Model):
+    """A named check from the library in ``orchestrator/canary/builtin.py``, written for
+    one metrics provider; expanded into a ``MetricCheck`` when the config is loaded.
+
+    ``selector`` overrides the provider's default label matchers (see docs/canary.md):
+    ``"v"`` equals, ``"~re"`` matches a regex, ``"!v"`` / ``"!~re"`` negate, ``null``
+    drops a default label, ``{blue: .., green: ..}`` gives a value per colour.
+    Without any threshold the library's default applies (success rate >= 0.99,
+    p99 <= 0.5 s, average <= 0.25 s).
+    """
+
+    check: Literal["request-success-rate", "latency-p99", "latency-average"]
+    provider: Literal["haproxy", "ingress-nginx", "envoy", "istio", "demo"]
+    # The check's name in measurements and in stage ``checks`` lists; default: ``check``.
+    name: Name | None = None
+    selector: dict[str, str | ColourValues | None] = Field(default_factory=dict)
+    max: float | None = None
+    min: float | None = None
+    max_increase_over_blue: float | None = None
+    max_decrease_from_blue: float | None = Field(default=None, ge=0)
+    failure_limit: int = Field(default=1, ge=1)
+    inconclusive_limit: int = Field(default=3, ge=1)
+
+    @model_validator(mode="after")
+    def _supported(self) -> BuiltinCheck:
+        # Imported here: the library imports this module for MetricCheck.
+        from orchestrator.canary.builtin import unsupported
+
+        problem = unsupported(self.check, self.provider)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+_HEADER_FORMS = ("a header is a string, or {env: NAME} or {file: /path} (exactly one of "
+                 "them), with an optional prefix such as 'Bearer '")
+
+
+def _header_value(value: Any) -> Any:
+    # A plain string is the header's value; a mapping reads it from a secret.
+    if isinstance(value, str):
+        return {"value": value}
+    if not isinstance(value, dict | HeaderValue):
+        raise ValueError(_HEADER_FORMS)
+    return value
+
+
+class HeaderValue(_Model):
+    """A hook's header: a plain value, or one read from a secret when the hook is
+    called (never stored in the config): ``{env: SMOKE_TOKEN, prefix: "Bearer "}``."""
+
+    value: str | None = None
+    env: str | None = None
+    file: Path | None = None
+    prefix: str = ""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> HeaderValue:
+        if sum(x is not None for x in (self.value, self.env, self.file)) != 1:
+            raise ValueError(_HEADER_FORMS)
+        return self
+
+    def resolve(self) -> str:
+        if self.value is not None:
+            return self.prefix + self.value
+        return self.prefix + SecretRef(env=self.env, file=self.file).resolve()
+
+
+class Webhook(_Model):
+    """An HTTP call before or after a canary stage (a smoke test, a load test, a
+    notification); see ``orchestrator/canary/hooks.py``. A 2xx answer passes."""
+
+    name: Name
+    url: str
+    method: Literal["POST", "PUT"] = "POST"
+    # Per attempt; connection errors, timeouts and 408/425/429/502/503/504 are retried
+    # ``retries`` times, any other answer is the hook's verdict.
+    timeout: Duration = 10.0
+    retries: int = Field(default=2, ge=0, le=10)
+    headers: dict[str, Annotated[HeaderValue, BeforeValidator(_header_value)]] = Field(
+        default_factory=dict)
+    # Extra fields for the JSON body, e.g. which smoke test suite to run.
+    metadata: dict[str, str] = Field(default_factory=dict)
+    on_failure: Literal["rollback", "ignore"] = "rollback"
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", url):
+            raise ValueError(f"{url!r} is not an http:// or https:// URL")
+        if re.match(r"^https?://[^/@\s]*@", url):
+            # Credentials in a URL end up in logs and in the stored config.
+            raise ValueError("the URL holds credentials; send them in a header with a "
+                             "secret reference instead: headers: {Authorization: "
+                             "{env: NAME, prefix: 'Bearer '}}")
+        return url
+
+    @field_validator("timeout")
+    @classmethod
+    def _positive_timeout(cls, timeout: float) -> float:
+        if timeout <= 0:
+            raise ValueError("a hook's timeout must be more than 0s")
+        return timeout
 
 
 class CanaryStage(_Model):
@@ -231,6 +390,21 @@ class CanaryStage(_Model):
     duration: Duration = 60.0
     # Stop before this stage until someone runs `orchestrate promote`.
     manual_gate: bool = False
+    # Evaluation interval for this stage; default: canary.interval.
+    interval: Duration | None = None
+    # Names of the checks evaluated in this stage; default: all of canary.checks.
+    checks: list[str] | None = None
+    # Hooks run in order before traffic moves to this stage's weight (after a manual
+    # gate), and after the stage's analysis passed.
+    before: list[Webhook] = Field(default_factory=list)
+    after: list[Webhook] = Field(default_factory=list)
+
+    @field_validator("interval")
+    @classmethod
+    def _positive_interval(cls, interval: float | None) -> float | None:
+        if interval is not None and interval <= 0:
+            raise ValueError("a stage's interval must be more than 0s")
+        return interval
 
 
 def _default_stages() -> list[CanaryStage]:
@@ -246,7 +420,11 @@ class CanaryConfig(_Model):
     interval: Duration = 10.0
     window: Duration = 30.0
     stages: list[CanaryStage] = Field(default_factory=_default_stages)
-    checks: list[MetricCheck] = Field(default_factory=list)
+    # Checks from the built-in library, expanded into ``checks`` when the config is
+    # loaded (declared before ``checks``: its validator reads them). A check in
+    # ``checks`` with the same name replaces the built-in one.
+    builtin: list[BuiltinCheck] = Field(default_factory=list)
+    checks: list[MetricCheck] = Field(default_factory=list, validate_default=True)
     # What too many inconclusive evaluations (no data, Prometheus down) do.
     on_inconclusive: Literal["rollback", "pause"] = "rollback"
 
@@ -261,6 +439,92 @@ class CanaryConfig(_Model):
         if weights[-1] != 100:
             raise ValueError("the last stage must send 100 % of traffic to green")
         return stages
+
+    @field_validator("checks")
+    @classmethod
+    def _with_builtins(cls, checks: list[MetricCheck], info: Any) -> list[MetricCheck]:
+        # ``info`` is pydantic's ValidationInfo; ``data`` holds the fields validated
+        # so far (``builtin`` is absent when it was itself invalid).
+        names = [c.name for c in checks]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"check names must be unique; repeated: {', '.join(twice)}")
+        builtins: list[BuiltinCheck] = info.data.get("builtin") or []
+        if not builtins:
+            return checks
+        from orchestrator.canary.builtin import expand
+
+        expanded = [expand(b) for b in builtins]
+        names_b = [c.name for c in expanded]
+        twice = sorted({n for n in names_b if names_b.count(n) > 1})
+        if twice:
+            raise ValueError(f"two built-in checks are named {', '.join(twice)}; give one "
+                             "of them a 'name'")
+        own = set(names)
+        return [*(c for c in expanded if c.name not in own), *checks]
+
+    @model_validator(mode="after")
+    def _stage_checks_exist(self) -> CanaryConfig:
+        known = {c.name for c in self.checks}
+        for i, stage in enumerate(self.stages):
+            unknown = [n for n in stage.checks or [] if n not in known]
+            if unknown:
+                raise ValueError(
+                    f"stages[{i}].checks names {', '.join(unknown)}, which is not a check "
+                    f"(known: {', '.join(sorted(known)) or 'none'})")
+            hooks = [h.name for h in (*stage.before, *stage.after)]
+            twice = sorted({n for n in hooks if hooks.count(n) > 1})
+            if twice:
+                raise ValueError(f"stages[{i}]: hook names must be unique within a stage "
+                                 f"(they name its measurements); repeated: {', '.join(twice)}")
+        return self
+
+    def checks_for(self, stage: CanaryStage) -> list[MetricCheck]:
+        """The checks a stage evaluates, in config order."""
+        if stage.checks is None:
+            return list(self.checks)
+        wanted = set(stage.checks)
+        return [c for c in self.checks if c.name in wanted]
+
+    def interval_for(self, stage: CanaryStage) -> float:
+        return stage.interval if stage.interval is not None else self.interval
+
+
+class AlertsConfig(_Model):
+    """``orchestrate serve``: the Alertmanager webhook receiver (orchestrator/server.py).
+
+    Kept here rather than in server.py: the server imports this module, and
+    ReleaseConfig needs the class, so the other way round would be an import cycle.
+    """
+
+    # Every matcher must hold for a firing alert to roll the release back: "v" equals,
+    # "~re" fully matches a regex, "!v" / "!~re" negate. Values are templates
+    # ($service, $namespace, $version, $release).
+    matchers: dict[str, str] = Field(default_factory=lambda: {"service": "$service"})
+    # Alertmanager sends it as ``Authorization: Bearer <token>`` (http_config.authorization).
+    token: SecretRef = Field(default_factory=lambda: SecretRef(env="ORCHESTRATE_WEBHOOK_TOKEN"))
+    listen: str = "127.0.0.1:8080"
+
+    @field_validator("matchers")
+    @classmethod
+    def _valid_regexes(cls, matchers: dict[str, str]) -> dict[str, str]:
+        for label, value in matchers.items():
+            body = value.removeprefix("!")
+            if body.startswith("~"):
+                try:
+                    re.compile(body[1:])
+                except re.error as exc:
+                    raise ValueError(f"matcher {label}: {body[1:]!r} is not a valid regular "
+                                     f"expression ({exc})") from None
+        return matchers
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, listen: str) -> str:
+        host, sep, port = listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"{listen!r} is not host:port (e.g. 127.0.0.1:8080, 0.0.0.0:8080)")
+        return listen
 
 
 class PrometheusConfig(_Model):
@@ -360,6 +624,7 @@ class ReleaseConfig(_Model):
     router: RouterConfig
     rollback: RollbackConfig = Field(default_factory=RollbackConfig)
     tools: ToolsConfig = Field(default_factory=ToolsConfig)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

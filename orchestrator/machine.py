@@ -388,21 +388,65 @@ class Release:
         return State.CANARY
 
     def canary(self) -> State:
-        stages = self.cfg.canary.stages
+        # Imported here: only the canary stages call hooks.
+        from orchestrator.canary.hooks import HookResult, first_blocking, run_hooks
+
+        canary = self.cfg.canary
+        stages = canary.stages
         labels = {
             "service": self.cfg.release.service, "namespace": self.cfg.release.namespace,
             "version": self.cfg.release.version, "release": self.name,
-            "window": format_window(self.cfg.canary.window), **self.cfg.prometheus.labels,
+            "window": format_window(canary.window), **self.cfg.prometheus.labels,
         }
         for index in range(int(self.facts.get("stage", 0)), len(stages)):
             stage = stages[index]
+            if self.facts.get("awaiting_approval") == index:
+                # Resumed while paused after an inconclusive stage: still paused.
+                self._wait_for_approval(index)
+                self._fact(awaiting_approval=None)
             if stage.weight > 0 and not self.facts.get("green_writable"):
                 self._open_green_for_writes(next_weight=stage.weight)
             if stage.manual_gate:
                 self._wait_for_approval(index)
+
+            def record_hook(result: HookResult, index: int = index,
+                            weight: int = stage.weight) -> None:
+                # Stored as measurements too, so `status` shows hooks next to checks.
+                self.store.record_measurement(
+                    self.name, stage=index, weight=weight, check=f"hook:{result.hook}",
+                    value=None if result.status is None else float(result.status),
+                    baseline=None, verdict="pass" if result.ok else "fail",
+                    detail=result.describe())
+                self._note(result.describe(), "info" if result.ok else "warning",
+                           hook=result.hook, phase=result.phase, status=result.status,
+                           attempts=result.attempts, on_failure=result.on_failure)
+
+            def hooks(phase: str, index: int = index) -> None:
+                stage = stages[index]
+                webhooks = stage.before if phase == "before" else stage.after
+                if not webhooks:
+                    return
+                context = {
+                    "release": self.name, "service": self.cfg.release.service,
+                    "namespace": self.cfg.release.namespace,
+                    "version": self.cfg.release.version, "stage": index + 1,
+                    "stages": len(stages), "weight": stage.weight, "colour": "green",
+                    # What the router serves right now (null before the first change).
+                    "weights": self.facts.get("weights"),
+                }
+                failed = first_blocking(run_hooks(webhooks, phase=phase, context=context,
+                                                  record=record_hook))
+                if failed is not None:
+                    raise CanaryFailed(f"stage {stage.weight}%: {failed.describe()}")
+
+            # Before hooks decide whether users may reach this stage's weight, so they
+            # run while the previous weights still hold (Flagger's pre-rollout hooks):
+            # a smoke test in the 0 % stage tests green before any user reaches it.
+            hooks("before")
             self._set_weights(Weights.green_at(stage.weight))
+            interval = canary.interval_for(stage)
             self._note(f"stage {index + 1}/{len(stages)}: {stage.weight}% to green",
-                       duration_s=stage.duration)
+                       duration_s=stage.duration, interval_s=interval)
 
             def record(ev: Evaluation, index: int = index, weight: int = stage.weight) -> None:
                 self.store.record_measurement(
@@ -412,21 +456,29 @@ class Release:
                          verdict=ev.verdict, detail=ev.detail)
 
             # At 0 % green serves no users: there is nothing to measure, only gates.
-            checks = self.cfg.canary.checks if stage.weight > 0 else []
+            checks = canary.checks_for(stage) if stage.weight > 0 else []
+            # run_stage asks for a rollback request every ~0.5 s while it waits, so an
+            # alert or `orchestrate abort` acts within a second, not an interval.
             outcome = run_stage(
                 checks, self.metrics, labels, duration=stage.duration,
-                interval=self.cfg.canary.interval, record=record,
+                interval=interval, record=record,
                 should_abort=self._rollback_requested, sleep=self.sleep)
             if outcome.verdict == "fail":
                 raise CanaryFailed(f"stage {stage.weight}%: {outcome.reason}")
             if outcome.verdict == "aborted":
                 raise CanaryFailed(f"stage {stage.weight}% aborted: {outcome.reason}")
             if outcome.verdict == "inconclusive":
-                if self.cfg.canary.on_inconclusive == "rollback":
+                if canary.on_inconclusive == "rollback":
                     raise CanaryFailed(f"stage {stage.weight}%: {outcome.reason}")
                 self._note(f"stage {stage.weight}% inconclusive, waiting for a person: "
                            f"{outcome.reason}", "warning")
+                # `orchestrate promote` approves the stage recorded in the facts: record
+                # the next one first, so that its approval is the one waited for (it
+                # also opens that stage's manual gate: one decision to go on).
+                self._fact(stage=index + 1, awaiting_approval=index + 1)
                 self._wait_for_approval(index + 1)
+                self._fact(awaiting_approval=None)
+            hooks("after")
             self._fact(stage=index + 1)
         return State.PROMOTE
 

@@ -95,7 +95,7 @@ def build(cfg: ReleaseConfig) -> tuple[list[Step], list[str]]:
     for i, stage in enumerate(cfg.canary.stages, 1):
         steps.append(Step(
             "canary", f"stage {i}: {stage.weight}% of traffic to green for {stage.duration:.0f}s,"
-            f" checks every {cfg.canary.interval:.0f}s"
+            f" checks every {cfg.canary.interval_for(stage):.0f}s"
             + (" (after manual approval)" if stage.manual_gate else ""), checks if i == 1 else []))
     promote_sql = []
     if cfg.blue.app_role:

@@ -16,6 +16,10 @@ from string import Template
 from orchestrator.canary.metrics import MetricsSource, MetricsUnavailable
 from orchestrator.config import MetricCheck
 
+# How often a stage asks whether a rollback was requested while it waits for its next
+# evaluation: one cheap query on the control schema, and a reaction within a second.
+ABORT_POLL_S = 0.5
+
 
 @dataclass(frozen=True)
 class Evaluation:
@@ -46,8 +50,8 @@ def evaluate(check: MetricCheck, source: MetricsSource, labels: dict[str, str]) 
     try:
         value = source.query(render(check.query, labels, "green"))
         baseline = None
-        if check.max_increase_over_blue is not None:
-            baseline = source.query(render(check.query, labels, "blue"))
+        if check.compares_with_blue:
+            baseline = source.query(render(check.baseline_query or check.query, labels, "blue"))
     except MetricsUnavailable as exc:
         return Evaluation(check.name, None, None, "inconclusive", exc.message)
     if value is None:
@@ -57,12 +61,17 @@ def evaluate(check: MetricCheck, source: MetricsSource, labels: dict[str, str]) 
         problems.append(f"{value:.4g} > max {check.max:.4g}")
     if check.min is not None and value < check.min:
         problems.append(f"{value:.4g} < min {check.min:.4g}")
-    if check.max_increase_over_blue is not None:
+    if check.compares_with_blue:
         if baseline is None:
             return Evaluation(check.name, value, None, "inconclusive", "no data for blue")
-        if value > baseline + check.max_increase_over_blue:
+        if (check.max_increase_over_blue is not None
+                and value > baseline + check.max_increase_over_blue):
             problems.append(f"{value:.4g} > blue {baseline:.4g} + "
                             f"{check.max_increase_over_blue:.4g}")
+        if (check.max_decrease_from_blue is not None
+                and value < baseline - check.max_decrease_from_blue):
+            problems.append(f"{value:.4g} < blue {baseline:.4g} - "
+                            f"{check.max_decrease_from_blue:.4g}")
     if problems:
         return Evaluation(check.name, value, baseline, "fail", "; ".join(problems))
     return Evaluation(check.name, value, baseline, "pass", "within limits")
@@ -79,16 +88,32 @@ def run_stage(
     should_abort: Callable[[], str | None],
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    poll: float = ABORT_POLL_S,
 ) -> StageOutcome:
     """Evaluate every ``interval`` until ``duration`` has passed or a limit is reached.
 
     The first evaluation comes one interval into the stage: before that, the rate
-    windows mostly describe the previous stage's traffic.
+    windows mostly describe the previous stage's traffic. While waiting between
+    evaluations ``should_abort`` is asked every ``poll`` seconds, so that a rollback
+    requested by an alert or an operator acts within a second rather than at the
+    next evaluation.
     """
     outcome = StageOutcome("pass")
     failures: dict[str, int] = {}
     inconclusive: dict[str, int] = {}
     started = clock()
+
+    def wait(seconds: float) -> str | None:
+        deadline = clock() + seconds
+        while True:
+            reason = should_abort()
+            if reason:
+                return reason
+            remaining = deadline - clock()
+            if remaining <= 0:
+                return None
+            sleep(min(poll, remaining))
+
     while True:
         reason = should_abort()
         if reason:
@@ -97,8 +122,7 @@ def run_stage(
         elapsed = clock() - started
         if elapsed >= duration:
             return outcome
-        sleep(min(interval, duration - elapsed))
-        reason = should_abort()
+        reason = wait(min(interval, duration - elapsed))
         if reason:
             outcome.verdict, outcome.reason = "aborted", reason
             return outcome

@@ -111,10 +111,11 @@ def columns(conn: psycopg.Connection[Any], qualified: str) -> list[Column]:
         SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
                a.attgenerated <> ''
         FROM pg_attribute a
-        WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped
+        WHERE a.attrelid = format('%%I.%%I', %s::text, %s::text)::regclass
+          AND a.attnum > 0 AND NOT a.attisdropped
         ORDER BY a.attnum
         """,
-        (qualified,),
+        tuple(qualified.split(".", 1)),
     ).fetchall()
     return [Column(r[0], r[1], r[2], r[3]) for r in rows]
 

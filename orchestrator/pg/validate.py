@@ -1,16 +1,25 @@
-"""Comparing green with blue: row counts and content checksums per table.
+"""Validation: does green hold what blue holds, and if not, which rows differ?
 
-The checksum is order-independent (a sum of 64-bit hashes of each row's text form
-over the columns both sides share), so blue and green compute it in parallel with
-one sequential scan each. While replication streams, a table that differs is
-compared again after green has provably applied everything blue committed
-(heartbeat), so in-flight changes are not reported as differences.
+Three parts, all reported in one ``ValidationReport``:
+
+* schema (``schema_check``): tables, columns and NOT NULL, indexes and their
+  validity, constraints (primary key, unique, FOREIGN KEY, CHECK, exclusion) and
+  whether they are validated, extensions, sequences;
+* data (``diff``): per table, row counts and checksums of primary-key ranges on both
+  sides in parallel; a mismatching range is bisected down to the differing keys,
+  which are reported with the differing values;
+* writes: while replication streams (``catch_up`` given), mismatches are looked at
+  again after green provably caught up, and a differing key is reported only once it
+  has been compared with its row locked on the publisher (docs/validation.md).
+
+``problems`` are unexplained differences (the release fails); ``notes`` are expected
+or informational (columns a migration added, sequences not yet moved, ...).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,24 +27,13 @@ import psycopg
 from psycopg import sql
 
 from orchestrator.config import DatabaseConfig, ValidateConfig
-from orchestrator.pg import catalog, sequences
-from orchestrator.pg.conn import connect, qualified
+from orchestrator.pg import catalog, diff, schema_check
+from orchestrator.pg.conn import connection, qualified
+from orchestrator.pg.diff import Progress, RowDiff, TablePlan, TableResult
+from orchestrator.pg.schema_check import Finding, SequenceResult, Side
 
-
-@dataclass
-class TableResult:
-    table: str
-    blue_rows: int
-    green_rows: int
-    blue_sum: str | None
-    green_sum: str | None
-    compared_columns: list[str]
-    green_only_columns: list[str]
-    attempts: int = 1
-
-    @property
-    def ok(self) -> bool:
-        return self.blue_rows == self.green_rows and self.blue_sum == self.green_sum
+__all__ = ["RowDiff", "TableResult", "ValidationReport", "checksum_sql", "render_text",
+           "validate"]
 
 
 @dataclass
@@ -43,6 +41,11 @@ class ValidationReport:
     tables: list[TableResult] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    sequences: list[SequenceResult] = field(default_factory=list)
+    under_writes: bool = False
+    max_reported_keys: int = 20
+    seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -53,36 +56,27 @@ class ValidationReport:
             "ok": self.ok,
             "problems": self.problems,
             "notes": self.notes,
-            "tables": [
-                {"table": t.table, "blue_rows": t.blue_rows, "green_rows": t.green_rows,
-                 "checksum_match": t.blue_sum == t.green_sum, "ok": t.ok,
-                 "attempts": t.attempts, "green_only_columns": t.green_only_columns}
-                for t in self.tables
-            ],
+            "under_writes": self.under_writes,
+            "seconds": round(self.seconds, 3),
+            "tables": [t.as_dict(self.max_reported_keys) for t in self.tables],
+            "sequences": [s.as_dict() for s in self.sequences],
+            "findings": [f.as_dict() for f in self.findings],
         }
 
 
 def checksum_sql(table: str, cols: list[str], checksums: bool) -> sql.Composed:
+    """The shape of one chunk's checksum query, for ``orchestrate plan``.
+
+    The plan does not read column types, so this shows every column hashed through
+    its text form; the validation itself uses the type's own hash function where it
+    can, and adds the key range of each chunk (``WHERE (key) >= .. AND (key) < ..``).
+    """
     if not checksums or not cols:
-        return sql.SQL("SELECT count(*), NULL::text FROM {}").format(qualified(table))
-    row = sql.SQL(", ").join(sql.Identifier(c) for c in cols)
-    # hashtextextended is 64-bit and stable across majors; summing into numeric cannot
-    # overflow and does not depend on scan order.
-    return sql.SQL(
-        "SELECT count(*), sum(hashtextextended(ROW({row})::text, 0)::numeric)::text FROM {t}"
-    ).format(row=row, t=qualified(table))
-
-
-def _measure(db: DatabaseConfig, table: str, cols: list[str], checksums: bool
-             ) -> tuple[int, str | None]:
-    conn = connect(db, role="validate", statement_timeout_ms=0)
-    try:
-        conn.execute("SET extra_float_digits = 3")
-        row = conn.execute(checksum_sql(table, cols, checksums)).fetchone()
-        assert row is not None
-        return int(row[0]), row[1]
-    finally:
-        conn.close()
+        return sql.SQL("SELECT count(*) FROM {}").format(qualified(table))
+    pairs = [schema_check.ColumnPair(c, c, "", "", "", True) for c in cols]
+    plan = TablePlan(table, pairs, [])
+    query, _ = diff.checksum_query(plan, "blue", diff.KeyRange(), strong=False)
+    return query
 
 
 def validate(
@@ -93,97 +87,161 @@ def validate(
     control_schema: str,
     exclude_tables: tuple[str, ...] = (),
     catch_up: Callable[[], None] | None = None,
-    retries: int = 3,
+    expect_sequences_ahead: bool = False,
+    publisher: Side = "blue",
+    progress: Progress | None = None,
 ) -> ValidationReport:
-    report = ValidationReport()
+    """Compare green with blue.
+
+    ``catch_up``: when replication streams, blocks until the subscriber applied all
+    the publisher had committed when it was called (replication.wait_applied).
+    ``publisher``: the side whose writes stream to the other (blue before promotion,
+    green after it); differing rows are locked there while they are confirmed.
+    ``expect_sequences_ahead``: green already takes writes, so a green sequence behind
+    blue's is a problem (before that it is a note: orchestrate moves them later).
+    """
+    started = time.monotonic()
+    report = ValidationReport(under_writes=catch_up is not None,
+                              max_reported_keys=cfg.max_reported_keys)
     exclude = (control_schema,)
-    with connect(blue_db, role="validate") as blue, connect(green_db, role="validate") as green:
-        blue_tables = {t.qualified: t for t in catalog.user_tables(
-            blue, exclude_schemas=exclude, exclude_tables=exclude_tables)}
-        green_tables = {t.qualified: t for t in catalog.user_tables(
-            green, exclude_schemas=exclude, exclude_tables=exclude_tables)}
-        for name in sorted(set(blue_tables) - set(green_tables)):
-            report.problems.append(f"table {name} is on blue but not on green")
-        for name in sorted(set(green_tables) - set(blue_tables)):
-            report.notes.append(f"table {name} exists only on green (new in this release)")
-        report.problems += _schema_problems(blue, green, exclude)
-        for seq, b, g in sequences.compare(blue, green, exclude_schemas=exclude):
-            if b is not None and (g is None or g < b):
-                report.notes.append(f"sequence {seq} on green ({g}) is behind blue ({b}); it is "
-                                    "moved past blue before green takes writes")
-    common = sorted(set(blue_tables) & set(green_tables))
-    plans: dict[str, tuple[list[str], list[str]]] = {}
-    for name in common:
-        ignore = set(cfg.ignore_columns.get(name, []))
-        b_cols = [c.name for c in blue_tables[name].columns if not c.generated]
-        g_cols = {c.name for c in green_tables[name].columns}
-        cols = [c for c in b_cols if c in g_cols and c not in ignore]
-        green_only = sorted(g_cols - set(b_cols))
-        plans[name] = (cols, green_only)
-
-    def run(name: str) -> TableResult:
-        cols, green_only = plans[name]
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            fb = pool.submit(_measure, blue_db, name, cols, cfg.checksums)
-            fg = pool.submit(_measure, green_db, name, cols, cfg.checksums)
-            (br, bs), (gr, gs) = fb.result(), fg.result()
-        return TableResult(name, br, gr, bs, gs, cols, green_only)
-
-    if catch_up:
-        catch_up()
-    with ThreadPoolExecutor(max_workers=max(1, cfg.parallelism // 2)) as pool:
-        results = dict(zip(common, pool.map(run, common), strict=True))
-    # A mismatch seen while replication streams may be a change in flight: wait until
-    # green has applied everything blue committed, then look again.
-    for attempt in range(2, retries + 1):
-        bad = [n for n, r in results.items() if not r.ok]
-        if not bad or catch_up is None:
-            break
-        catch_up()
-        for n in bad:
-            results[n] = run(n)
-            results[n].attempts = attempt
-    report.tables = [results[n] for n in common]
-    for r in report.tables:
-        if r.blue_rows != r.green_rows:
-            report.problems.append(f"{r.table}: {r.blue_rows} rows on blue, {r.green_rows} on "
-                                   "green")
-        elif r.blue_sum != r.green_sum:
-            report.problems.append(f"{r.table}: same row count ({r.blue_rows}) but the content "
-                                   f"differs in columns {', '.join(r.compared_columns)}")
-        if r.green_only_columns:
-            report.notes.append(f"{r.table}: columns only on green (not compared): "
-                                f"{', '.join(r.green_only_columns)}")
+    plans: list[TablePlan] = []
+    with connection(blue_db, role="validate") as blue, \
+            connection(green_db, role="validate") as green:
+        blue_tables = catalog.user_tables(blue, exclude_schemas=exclude,
+                                          exclude_tables=exclude_tables)
+        green_tables = catalog.user_tables(green, exclude_schemas=exclude,
+                                           exclude_tables=exclude_tables)
+        green_names = {t.qualified for t in green_tables}
+        common = [t for t in blue_tables if t.qualified in green_names]
+        names = {t.qualified for t in common}
+        report.findings += schema_check.check_tables(blue_tables, green_tables)
+        for table in common:
+            plan, found = _plan(blue, green, table, cfg)
+            plans.append(plan)
+            report.findings += found
+        report.findings += schema_check.check_indexes(blue, green, exclude_schemas=exclude,
+                                                      tables=names)
+        report.findings += schema_check.check_constraints(blue, green, exclude_schemas=exclude,
+                                                          tables=names)
+        report.findings += schema_check.check_extensions(blue, green)
+        report.sequences, found = schema_check.check_sequences(
+            blue, green, exclude_schemas=exclude, exclude_tables=exclude_tables,
+            expect_ahead=expect_sequences_ahead)
+        report.findings += found
+    report.tables = diff.compare_tables(blue_db, green_db, cfg, plans, catch_up=catch_up,
+                                        publisher=publisher, progress=progress)
+    for f in report.findings:
+        (report.problems if f.severity == "problem" else report.notes).append(f.message)
+    for t in report.tables:
+        _table_messages(report, t, cfg)
+    report.seconds = time.monotonic() - started
     return report
 
 
-def _schema_problems(blue: psycopg.Connection[Any], green: psycopg.Connection[Any],
-                     exclude: tuple[str, ...]) -> list[str]:
-    """Indexes and constraints of blue that green lacks or holds invalid."""
-    query = """
-        SELECT n.nspname || '.' || c.relname AS tbl, x.conname AS name, x.contype::text AS kind,
-               x.convalidated AS valid
-        FROM pg_constraint x JOIN pg_class c ON c.oid = x.conrelid
-        JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE n.nspname <> ALL(%(skip)s) AND n.nspname NOT LIKE 'pg\\_%%'
-          AND n.nspname <> 'information_schema'
-        UNION ALL
-        SELECT n.nspname || '.' || t.relname, i.relname, 'index', ix.indisvalid
-        FROM pg_index ix JOIN pg_class i ON i.oid = ix.indexrelid
-        JOIN pg_class t ON t.oid = ix.indrelid JOIN pg_namespace n ON n.oid = t.relnamespace
-        WHERE n.nspname <> ALL(%(skip)s) AND n.nspname NOT LIKE 'pg\\_%%'
-          AND n.nspname <> 'information_schema'
-    """
-    params = {"skip": list(exclude)}
-    b = {(r[0], r[1], r[2]): r[3] for r in blue.execute(query, params).fetchall()}
-    g = {(r[0], r[1], r[2]): r[3] for r in green.execute(query, params).fetchall()}
-    kinds = {"p": "primary key", "f": "foreign key", "c": "check constraint", "u": "unique",
-             "x": "exclusion constraint", "n": "not-null constraint", "index": "index"}
-    problems = []
-    for key in sorted(set(b) - set(g)):
-        problems.append(f"{kinds.get(key[2], key[2])} {key[1]} on {key[0]} is missing on green")
-    for key in sorted(set(b) & set(g)):
-        if b[key] and not g[key]:
-            problems.append(f"{kinds.get(key[2], key[2])} {key[1]} on {key[0]} is not valid on "
-                            "green")
-    return problems
+def _plan(blue: psycopg.Connection[Any], green: psycopg.Connection[Any], table: catalog.Table,
+          cfg: ValidateConfig) -> tuple[TablePlan, list[Finding]]:
+    name = table.qualified
+    pairs, green_only, found = schema_check.pair_columns(
+        name, schema_check.column_info(blue, name), schema_check.column_info(green, name),
+        mapping=cfg.column_map.get(name, {}), ignore=set(cfg.ignore_columns.get(name, [])))
+    by_blue = {p.blue: p for p in pairs}
+    key = [by_blue[k] for k in table.key if k in by_blue]
+    if table.key and len(key) != len(table.key):
+        # A key column that is ignored or has no green counterpart cannot bound ranges.
+        found.append(schema_check.note(
+            "table", name, f"{name}: its key ({', '.join(table.key)}) is not on both sides; "
+            "compared as a whole table"))
+        key = []
+    elif not table.key:
+        found.append(schema_check.note(
+            "table", name, f"{name} has no primary key: compared as a whole table (a multiset "
+            "of rows), not in key ranges"))
+    rows, pages = diff.estimate(blue, name)
+    return TablePlan(name, pairs, key, green_only, rows, pages), found
+
+
+def _show(value: str | None, width: int = 60) -> str:
+    """NULL, or the value quoted: NULL and '' must read differently."""
+    if value is None:
+        return "NULL"
+    text = value if len(value) <= width else value[: width - 3] + "..."
+    return "'" + text.replace("'", "''") + "'"
+
+
+def describe_diff(d: RowDiff) -> str:
+    if d.kind == "changed":
+        return "; ".join(f"{col}: blue {_show(b)}, green {_show(g)}"
+                         for col, (b, g) in d.changes.items())
+    where = "missing on green" if d.kind == "missing_on_green" else "extra on green"
+    times = f" ({d.count} copies)" if d.count != 1 else ""
+    if d.key:
+        return where + times
+    row = ", ".join(f"{c}={_show(v, 20)}" for c, v in (d.row or {}).items())
+    return f"row ({row}) {where}{times}"
+
+
+def _table_messages(report: ValidationReport, t: TableResult, cfg: ValidateConfig) -> None:
+    if t.error:
+        report.problems.append(f"{t.table}: could not be compared: {t.error}")
+        return
+    if t.diffs:
+        kinds = {k: sum(d.count for d in t.diffs if d.kind == k)
+                 for k in ("missing_on_green", "extra_on_green", "changed")}
+        parts = [f"{n} {k.replace('_', ' ')}" for k, n in kinds.items() if n]
+        more = "at least " if not t.complete else ""
+        report.problems.append(f"{t.table}: {more}{t.differing_keys} differing row(s) "
+                               f"({', '.join(parts)})")
+        for d in t.diffs[: cfg.max_reported_keys]:
+            report.problems.append(f"{t.table} {d.key_text()}: {describe_diff(d)}")
+    if t.unexplained:
+        report.problems.append(f"{t.table}: {t.unexplained}")
+    if t.method == "counts" and t.blue_rows != t.green_rows:
+        report.problems.append(f"{t.table}: {t.blue_rows} rows on blue, {t.green_rows} on green")
+    if t.unconfirmed:
+        report.notes.append(f"{t.table}: {t.unconfirmed} row(s) kept changing while compared "
+                            "and could not be confirmed either way")
+    if t.transient:
+        why = ("changes in flight" if report.under_writes else
+               "changes during the validation, or keys that sort differently on the two "
+               "sides (collation)")
+        report.notes.append(f"{t.table}: {t.transient} row(s) differed at first and matched "
+                            f"when looked up again ({why})")
+
+
+def render_text(report: ValidationReport) -> str:
+    """A readable report for the CLI: one line per table, then problems and notes."""
+    head = f"{'table':<40} {'blue rows':>12} {'green rows':>12} {'chunks':>7} " \
+           f"{'diff keys':>9}  verdict"
+    lines = [head, "-" * len(head)]
+    for t in report.tables:
+        if t.error:
+            verdict = "ERROR"
+        elif t.ok:
+            verdict = "ok" if t.method == "chunked" else f"ok ({t.method})"
+        else:
+            verdict = "DIFFERS"
+        keys = f"{'>=' if not t.complete else ''}{t.differing_keys}"
+        lines.append(f"{t.table:<40} {t.blue_rows:>12} {t.green_rows:>12} {t.chunks:>7} "
+                     f"{keys:>9}  {verdict}")
+    if report.under_writes:
+        lines.append("(compared while replication streams: row counts are taken at slightly "
+                     "different moments; differences were confirmed after catch-up)")
+    behind = [s for s in report.sequences if s.status != "ahead"]
+    if behind:
+        lines += ["", f"{'sequence':<40} {'blue':>14} {'green':>14}  status"]
+        lines += [f"{s.sequence:<40} {s.blue!s:>14} {s.green!s:>14}  {s.status}" for s in behind]
+    differing = [t for t in report.tables if t.diffs]
+    for t in differing:
+        shown = t.diffs[: report.max_reported_keys]
+        lines += ["", f"differing rows of {t.table} (first {len(shown)} of "
+                      f"{'at least ' if not t.complete else ''}{t.differing_keys}):"]
+        lines += [f"  {d.key_text():<30} {describe_diff(d)}" for d in shown]
+    if report.problems:
+        lines += ["", f"problems ({len(report.problems)}):"]
+        lines += [f"  - {p}" for p in report.problems]
+    if report.notes:
+        lines += ["", f"notes ({len(report.notes)}):"]
+        lines += [f"  - {n}" for n in report.notes]
+    lines += ["", f"{'OK: green matches blue' if report.ok else 'FAILED: green differs'} "
+                  f"({report.seconds:.1f}s)"]
+    return "\n".join(lines)

@@ -92,3 +92,42 @@ def test_stage_without_checks_waits_its_duration() -> None:
 def test_abort_request_stops_the_stage() -> None:
     verdict, seen = stage(FakeMetrics({'colour="green"': 0.0}), [ERR], abort="alert fired")
     assert verdict == "aborted" and seen == []
+
+
+def test_comparison_for_lower_is_worse_values() -> None:
+    """A success rate: green may be at most 0.01 below blue's."""
+    check = MetricCheck(
+        name="success-vs-blue", query='ok{colour="$colour"}', max_decrease_from_blue=0.01
+    )
+    assert evaluate(check, FakeMetrics({'colour="green"': 0.90, 'colour="blue"': 0.905}),
+                    {}).verdict == "pass"
+    ev = evaluate(check, FakeMetrics({'colour="green"': 0.90, 'colour="blue"': 0.99}), {})
+    assert ev.verdict == "fail" and "< blue" in ev.detail
+
+
+def test_baseline_query_selects_blue_when_colour_cannot() -> None:
+    check = MetricCheck(name="nginx", query='r{canary!=""}', baseline_query='r{canary=""}',
+                        max_increase_over_blue=0.01)
+    source = FakeMetrics({'canary!=""': 0.05, 'canary=""': 0.045})
+    ev = evaluate(check, source, {})
+    assert ev.verdict == "pass" and ev.baseline == 0.045
+    assert source.queries == ['r{canary!=""}', 'r{canary=""}']
+
+
+def test_comparison_without_blue_data_is_inconclusive() -> None:
+    check = MetricCheck(name="c", query='x{colour="$colour"}', max_decrease_from_blue=0.01)
+    ev = evaluate(check, FakeMetrics({'colour="green"': 0.9}), {})
+    assert ev.verdict == "inconclusive" and "blue" in ev.detail
+
+
+def test_rollback_request_wakes_the_stage_within_a_poll() -> None:
+    """The wait between evaluations asks for a rollback request every `poll` seconds:
+    a request arriving 1.2 s into a 30 s interval acts at 1.5 s, not at 30 s."""
+    clock = Clock()
+    out = run_stage([ERR], FakeMetrics({'colour="green"': 0.0}), {"window": "30s"},
+                    duration=300.0, interval=30.0, record=lambda e: None,
+                    should_abort=lambda: "alert" if clock.now >= 1.2 else None,
+                    clock=clock, sleep=clock.sleep, poll=0.5)
+    assert out.verdict == "aborted" and out.reason == "alert"
+    assert clock.now == 1.5
+    assert out.evaluations == []
