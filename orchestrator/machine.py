@@ -462,7 +462,8 @@ class Release:
             outcome = run_stage(
                 checks, self.metrics, labels, duration=stage.duration,
                 interval=interval, record=record,
-                should_abort=self._rollback_requested, sleep=self.sleep)
+                should_abort=self._stage_guard(index, stage.weight, interval),
+                sleep=self.sleep)
             if outcome.verdict == "fail":
                 raise CanaryFailed(f"stage {stage.weight}%: {outcome.reason}")
             if outcome.verdict == "aborted":
@@ -719,6 +720,54 @@ class Release:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
                 sql.Identifier(self.cfg.green.dbname)))
         self._note("green database dropped")
+
+    def _stage_guard(self, index: int, weight: int, interval: float
+                     ) -> Callable[[], str | None]:
+        """What can end a stage besides its metrics: a rollback request (checked on
+        every call) and, once per interval, the data path itself. Argo Rollouts and
+        Flagger cannot see it: a subscription that stopped applying makes green drift
+        from blue and a later rollback slow or lossy, however good the HTTP metrics."""
+        last = [float("-inf")]
+
+        def guard() -> str | None:
+            reason = self._rollback_requested()
+            if reason:
+                return reason
+            now = time.monotonic()
+            if now - last[0] < interval:
+                return None
+            last[0] = now
+            return self._replication_problem(index, weight)
+
+        return guard
+
+    def _replication_problem(self, index: int, weight: int) -> str | None:
+        try:
+            blue, green = self._blue(attempts=2), self._green(attempts=2)
+        except OrchestrateError as exc:
+            # A blip is not a verdict on green; the metrics decide. Say it, though.
+            self._note(f"replication check skipped: {exc.message}", "warning")
+            return None
+        with blue, green:
+            paths = []
+            if not self.facts.get("forward_dropped"):
+                paths.append(("forward", green, self.fwd.subscription, blue, self.fwd.slot))
+            if replication.subscription_exists(blue, self.rev.subscription):
+                paths.append(("reverse", blue, self.rev.subscription, green, self.rev.slot))
+            for what, sub, subscription, pub, slot in paths:
+                try:
+                    replication.check_healthy(sub, subscription)
+                except ReleaseFailed as exc:
+                    return f"{what} replication stopped: {exc.message}"
+                lag = replication.lag_bytes(pub, slot)
+                over = lag is not None and lag > self.cfg.sync.max_lag_bytes
+                self.store.record_measurement(
+                    self.name, stage=index, weight=weight, check=f"replication-lag:{what}",
+                    value=None if lag is None else float(lag),
+                    baseline=float(self.cfg.sync.max_lag_bytes),
+                    verdict="inconclusive" if over else "pass",
+                    detail="slot lag in bytes (WAL the subscriber has not confirmed)")
+        return None
 
     def _rollback_requested(self) -> str | None:
         row = self.store.get(self.name)

@@ -165,3 +165,32 @@ def test_abort_while_both_sides_take_writes_keeps_every_write(sandbox_16_17: San
     assert "test abort" in (row["error"] or "")
     assert router(sb).current() == Weights.green_at(0)
     assert replication_leftovers(sb) == []
+
+
+def test_broken_replication_during_a_stage_rolls_back(sandbox_16_17: Sandbox) -> None:
+    """The HTTP metrics are fine, but the data path is not: green stopped applying
+    blue's changes. The stage guard sees it and rolls back."""
+    sb = sandbox_16_17
+    reset(sb)
+    stages = {"interval": "1s", "window": "10s", "checks": [], "stages": [
+        {"weight": 0, "duration": "1s"}, {"weight": 20, "duration": "60s"},
+        {"weight": 100, "duration": "1s"}]}
+    cfg = write_config(sb, "broken-sync", canary=stages)
+    proc = spawn_cli(sb, "release", "--config", str(cfg), log=sb.base_dir / "broken.log")
+    try:
+        def at_20() -> bool:
+            row = release_row(sb, "broken-sync")
+            return bool(row and (row["facts"].get("weights") or {}).get("green") == 20)
+
+        assert wait_for(at_20, timeout=120), (sb.base_dir / "broken.log").read_text()[-3000:]
+        with green_conn(sb) as g:
+            g.execute("ALTER SUBSCRIPTION orch_broken_sync_fwd DISABLE")
+        assert proc.wait(timeout=60) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    row = release_row(sb, "broken-sync")
+    assert row is not None and row["status"] == "rolled_back"
+    assert "forward replication stopped" in (row["error"] or "")
+    assert router(sb).current() == Weights.green_at(0)
+    assert replication_leftovers(sb) == []
