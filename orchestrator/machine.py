@@ -40,7 +40,16 @@ from orchestrator.canary.metrics import MetricsSource
 from orchestrator.config import ReleaseConfig
 from orchestrator.errors import OrchestrateError, PreflightError, ReleaseFailed
 from orchestrator.logging import get_logger, scrub
-from orchestrator.pg import backup, catalog, fence, migrations, replication, schema, sequences
+from orchestrator.pg import (
+    backup,
+    catalog,
+    fence,
+    initial_copy,
+    migrations,
+    replication,
+    schema,
+    sequences,
+)
 from orchestrator.pg import validate as validation
 from orchestrator.pg.conn import connect
 from orchestrator.pg.tools import find_tools
@@ -335,36 +344,26 @@ class Release:
         return State.SYNC
 
     def sync(self) -> State:
-        opts = replication.SubscriptionOptions(
-            copy_data=True, origin_none=self.facts.get("mode") == "bidirectional",
-            binary=min(self.facts.get("majors", {}).values() or [0]) >= 16)
-        with self._blue() as blue, self._green() as green:
+        """Green caught up and indexed: snapshot-consistent parallel copy (or the
+        subscription's own initial sync), post-data rebuilt, streaming from the slot."""
+        with self._blue() as blue:
             tables = self._tables(blue)
-            for conn in (blue, green):
-                replication.ensure_heartbeat(conn, self.schema)
-            heartbeat = catalog.Table(self.schema, replication.HEARTBEAT_TABLE, ["direction"])
-            replication.ensure_publication(blue, self.fwd.publication, [*tables, heartbeat])
-            created = replication.ensure_subscription(
-                green, self.fwd.subscription, self.cfg.blue.conninfo(for_peer=True),
-                self.fwd.publication, opts)
-            if created:
-                self._note("forward replication started", tables=len(tables),
-                           binary=opts.binary, origin_none=opts.origin_none)
-            started = time.monotonic()
-            replication.wait_initial_copy(
-                green, self.fwd.subscription, timeout=self.cfg.sync.initial_copy_timeout,
-                poll=self.cfg.sync.poll_interval,
-                progress=lambda done, total: self.display.progress(
-                    "copy", "initial copy (tables)", done, total))
-            self.display.finish("copy")
-            copy_s = time.monotonic() - started
-            caught = replication.wait_applied(
-                blue, green, schema=self.schema, direction="fwd",
-                subscription=self.fwd.subscription, timeout=self.cfg.sync.catchup_timeout)
-            lag = replication.lag_bytes(blue, self.fwd.slot)
-        self._fact(sync={"initial_copy_s": round(copy_s, 3), "catchup_s": round(caught, 3)})
-        self._note("green caught up with blue", initial_copy_s=round(copy_s, 3),
-                   catchup_s=round(caught, 3), slot_lag_bytes=lag)
+            tools = find_tools(catalog_major(blue), self.cfg.tools.pg_bindir)
+        labels = {"copy": "initial copy (bytes)", "post-data": "indexes and constraints"}
+        report = initial_copy.initial_sync(
+            self.cfg.blue, self.cfg.green, tables, names=self.fwd, tools=tools,
+            control_schema=self.schema, config=self.cfg.sync.initial_copy,
+            origin_none=self.facts.get("mode") == "bidirectional",
+            copy_timeout=self.cfg.sync.initial_copy_timeout,
+            catchup_timeout=self.cfg.sync.catchup_timeout, poll=self.cfg.sync.poll_interval,
+            progress=lambda phase, done, total: self.display.progress(
+                phase, labels.get(phase, phase), done, total))
+        for phase in labels:
+            self.display.finish(phase)
+        summary = report.as_dict()
+        self._fact(sync=summary)
+        self._note("green caught up and indexed",
+                   **{k: v for k, v in summary.items() if k.endswith("_s")})
         return State.VALIDATE
 
     def validate(self) -> State:
@@ -679,6 +678,9 @@ class Release:
         if green is not None:
             replication.drop_publication(green, self.rev.publication)
             replication.drop_slot(green, self.rev.slot)
+            # The subscription path raises green's sync-worker settings for the run;
+            # put them back even when the run that raised them crashed.
+            initial_copy.restore_sync_settings(green, control_schema=self.schema)
 
     def _green_if_exists(self) -> psycopg.Connection[Any] | None:
         """Green's database, or None when it was never created or cannot be reached."""
