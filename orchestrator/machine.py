@@ -101,9 +101,12 @@ class Outcome:
 
 
 def config_digest(cfg: ReleaseConfig) -> tuple[str, dict[str, Any]]:
-    """The config as stored with the release: secrets are references, never values."""
+    """The config as stored with the release (secrets are references, never values),
+    and a hash of what the user wrote: defaults are left out of the hash, so that an
+    upgrade of orchestrate that adds a setting does not block resuming a release."""
     data = json.loads(cfg.model_dump_json(by_alias=True))
-    text = json.dumps(data, sort_keys=True)
+    written = json.loads(cfg.model_dump_json(by_alias=True, exclude_unset=True))
+    text = json.dumps(written, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest(), data
 
 

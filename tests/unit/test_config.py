@@ -108,3 +108,16 @@ def test_durations(text: Any, seconds: float) -> None:
 def test_bad_duration() -> None:
     with pytest.raises(ValueError, match="not a duration"):
         parse_duration("tomorrow")
+
+
+def test_release_digest_covers_what_was_written_not_defaults(tmp_path: Path) -> None:
+    from orchestrator.machine import config_digest
+
+    a, stored = config_digest(parse_config(minimal(), base_dir=tmp_path))
+    b, _ = config_digest(parse_config(minimal(), base_dir=tmp_path))
+    assert a == b and "canary" in stored  # the stored copy is complete
+    explicit_default = minimal(canary={"interval": "10s"})
+    changed = minimal(canary={"interval": "20s"})
+    assert config_digest(parse_config(changed, base_dir=tmp_path))[0] != a
+    # Writing a value the same as the default is still a change of what was written.
+    assert config_digest(parse_config(explicit_default, base_dir=tmp_path))[0] != a
