@@ -10,7 +10,6 @@ from __future__ import annotations
 import shutil
 import signal
 from pathlib import Path
-from types import TracebackType
 
 import structlog
 
@@ -18,6 +17,7 @@ from orchestrator.sandbox.ports import free_port
 from orchestrator.sandbox.process import (
     ManagedProcess,
     SandboxError,
+    Service,
     run_checked,
     tcp_open,
     wait_until,
@@ -39,7 +39,7 @@ def haproxy_binary() -> Path:
     return Path(found)
 
 
-class HAProxyServer:
+class HAProxyServer(Service):
     """One HAProxy process: ``backend app`` with servers ``blue`` and ``green``."""
 
     backend = "app"
@@ -205,14 +205,3 @@ frontend metrics
     def running(self) -> bool:
         return self._proc is not None and self._proc.running
 
-    def __enter__(self) -> HAProxyServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

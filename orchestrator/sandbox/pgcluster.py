@@ -13,7 +13,6 @@ import secrets
 import signal
 import time
 from pathlib import Path
-from types import TracebackType
 
 import psycopg
 import structlog
@@ -24,6 +23,7 @@ from orchestrator.sandbox.ports import free_port
 from orchestrator.sandbox.process import (
     ManagedProcess,
     SandboxError,
+    Service,
     give_to,
     make_traversable,
     run_checked,
@@ -78,7 +78,7 @@ def _conf_value(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
-class PgCluster:
+class PgCluster(Service):
     """One PostgreSQL server: ``base_dir/<name>/`` holds data, socket, log and pwfile."""
 
     def __init__(
@@ -172,18 +172,6 @@ class PgCluster:
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.running
-
-    def __enter__(self) -> PgCluster:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _prepare_dirs(self) -> None:
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)

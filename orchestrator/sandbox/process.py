@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 import structlog
 
@@ -24,6 +26,28 @@ from orchestrator.errors import OrchestrateError
 log = structlog.get_logger()
 
 SETUP_HINT = "run ./scripts/setup.sh to install PostgreSQL, HAProxy and Prometheus"
+
+
+class Service:
+    """Something the sandbox starts and stops; ``with`` starts it and always stops it."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
 
 
 class SandboxError(OrchestrateError):

@@ -9,14 +9,13 @@ import signal
 import time
 import urllib.parse
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import structlog
 import yaml
 
 from orchestrator.sandbox.ports import free_port
-from orchestrator.sandbox.process import ManagedProcess, SandboxError, http_get, wait_until
+from orchestrator.sandbox.process import ManagedProcess, SandboxError, Service, http_get, wait_until
 
 log = structlog.get_logger()
 
@@ -36,7 +35,7 @@ class QueryRejected(SandboxError):
     """Prometheus refused the query itself (bad PromQL): waiting will not help."""
 
 
-class PrometheusServer:
+class PrometheusServer(Service):
     def __init__(
         self, base_dir: Path, port: int | None = None, scrape_interval: str = "1s"
     ) -> None:
@@ -177,14 +176,3 @@ class PrometheusServer:
                 )
             time.sleep(0.25)
 
-    def __enter__(self) -> PrometheusServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

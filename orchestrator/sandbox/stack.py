@@ -18,7 +18,6 @@ import signal
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Protocol
 
 import structlog
@@ -27,7 +26,7 @@ import yaml
 from orchestrator.sandbox.haproxy import HAProxyServer
 from orchestrator.sandbox.pgcluster import REPO_ROOT, PgCluster
 from orchestrator.sandbox.ports import free_port
-from orchestrator.sandbox.process import ManagedProcess, tcp_open, wait_until
+from orchestrator.sandbox.process import ManagedProcess, Service, tcp_open, wait_until
 from orchestrator.sandbox.prometheus import PrometheusServer
 
 log = structlog.get_logger()
@@ -65,7 +64,7 @@ def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any
     return merged
 
 
-class Sandbox:
+class Sandbox(Service):
     def __init__(
         self,
         base_dir: Path,
@@ -205,18 +204,6 @@ class Sandbox:
                 component.stop()
             except Exception as exc:
                 log.warning("sandbox.stop_failed", component=repr(component), error=str(exc))
-
-    def __enter__(self) -> Sandbox:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- release configuration ---------------------------------------------------
 
