@@ -31,7 +31,7 @@ def pg_retrying(attempts: int = 5, max_delay: float = 30.0) -> Retrying:
     return Retrying(
         retry=retry_if_exception(_transient_pg),
         stop=stop_after_attempt(attempts) | stop_after_delay(max_delay),
-        wait=wait_exponential_jitter(initial=0.2, max=5.0),
+        wait=wait_exponential_jitter(multiplier=0.2, max=5.0),
         reraise=True,
     )
 

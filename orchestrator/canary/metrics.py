@@ -69,7 +69,7 @@ class PrometheusMetrics:
         self._retrying = Retrying(
             retry=retry_if_exception_type(requests.RequestException),
             stop=stop_after_attempt(attempts),
-            wait=wait_exponential_jitter(initial=0.2, max=2.0),
+            wait=wait_exponential_jitter(multiplier=0.2, max=2.0),
             reraise=True,
         )
 
