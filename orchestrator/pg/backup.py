@@ -11,16 +11,14 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from orchestrator.config import BackupConfig, DatabaseConfig
-from orchestrator.errors import ExternalError, ReleaseFailed
-from orchestrator.logging import scrub
-from orchestrator.pg.tools import PgTools
+from orchestrator.errors import ReleaseFailed
+from orchestrator.pg.tools import PgTools, run_tool
 
 
 @dataclass(frozen=True)
@@ -51,22 +49,10 @@ def _sha256(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), total
 
 
-def _run(cmd: list[str], db: DatabaseConfig, timeout: float, what: str) -> str:
-    env = {**os.environ, **db.subprocess_env()}
-    try:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
-                              check=False)
-    except subprocess.TimeoutExpired as exc:
-        raise ReleaseFailed(f"{what} did not finish within {timeout:.0f}s",
-                            hint="raise backup.timeout") from exc
-    if done.returncode != 0:
-        raise ExternalError(f"{what} failed: {scrub(done.stderr.strip())[-800:]}")
-    return done.stdout
-
-
 def verify(path: Path, tools: PgTools, db: DatabaseConfig, tables: list[str]) -> tuple[int, int]:
     """pg_restore --list reads the whole table of contents; every table must have data."""
-    listing = _run([tools.path("pg_restore"), "--list", str(path)], db, 300, "pg_restore --list")
+    listing = run_tool([tools.path("pg_restore"), "--list", str(path)], db, timeout=300,
+                       what="pg_restore --list")
     entries = [ln for ln in listing.splitlines() if ln and not ln.startswith(";")]
     with_data = {" ".join(ln.split()[-3:-1]) for ln in entries if " TABLE DATA " in ln}
     missing = [t for t in tables if " ".join(t.split(".", 1)) not in with_data]
@@ -96,7 +82,8 @@ def backup(db: DatabaseConfig, tools: PgTools, cfg: BackupConfig, *, release: st
     if cfg.format == "directory":
         cmd += ["--jobs", str(cfg.jobs)]
     started = time.monotonic()
-    _run(cmd, db, cfg.timeout, "pg_dump of blue")
+    run_tool(cmd, db, timeout=cfg.timeout, what="pg_dump of blue",
+             timeout_hint="raise backup.timeout")
     seconds = time.monotonic() - started
     toc, with_data = verify(tmp, tools, db, tables)
     # fsync before the rename: --no-sync saved time during the dump, but a backup that a

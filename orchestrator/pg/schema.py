@@ -8,8 +8,6 @@ nothing, so a crash in the middle leaves nothing to clean up.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,10 +17,9 @@ from psycopg import sql
 
 from orchestrator.config import DatabaseConfig, GreenConfig
 from orchestrator.errors import ExternalError, PreflightError
-from orchestrator.logging import scrub
 from orchestrator.pg import catalog
 from orchestrator.pg.conn import connection, scalar
-from orchestrator.pg.tools import PgTools
+from orchestrator.pg.tools import PgTools, run_tool
 
 MARKER_TABLE = "provisioned"
 
@@ -98,24 +95,16 @@ def copy_schema(blue: DatabaseConfig, green: GreenConfig, tools: PgTools, *, sch
     """Restore blue's schema into green in one transaction, with the marker row."""
     with tempfile.TemporaryDirectory(prefix="orchestrate-schema-") as tmp:
         out = Path(tmp) / "schema.sql"
-        _run(dump_schema_cmd(tools, blue, schema, out), blue, timeout, "pg_dump --schema-only")
+        run_tool(dump_schema_cmd(tools, blue, schema, out), blue, timeout=timeout,
+                 what="pg_dump --schema-only")
         restore = [tools.path("psql"), "--no-psqlrc", "--quiet", "--set", "ON_ERROR_STOP=1",
                    "--single-transaction", "--file", str(out),
                    "--command", marker_sql(schema, release),
                    "--dbname", green.conninfo(with_password=False)]
-        _run(restore, green, timeout, "restoring blue's schema into green")
-
-
-def _run(cmd: list[str], db: DatabaseConfig, timeout: float, what: str) -> None:
-    env = {**os.environ, **db.subprocess_env()}
-    try:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
-                              check=False)
-    except subprocess.TimeoutExpired as exc:
-        raise ExternalError(f"{what} did not finish within {timeout:.0f}s") from exc
-    if done.returncode != 0:
-        msg = scrub(done.stderr.strip())
-        hint = None
-        if "role" in msg and "does not exist" in msg:
-            hint = "create the roles blue's objects belong to on green first"
-        raise ExternalError(f"{what} failed: {msg[-800:]}", hint=hint)
+        try:
+            run_tool(restore, green, timeout=timeout, what="restoring blue's schema into green")
+        except ExternalError as exc:
+            if "role" in exc.message and "does not exist" in exc.message:
+                raise ExternalError(exc.message, hint="create the roles blue's objects "
+                                    "belong to on green first") from exc
+            raise

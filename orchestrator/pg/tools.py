@@ -12,7 +12,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.errors import PreflightError
+from orchestrator.config import DatabaseConfig
+from orchestrator.errors import ExternalError, PreflightError
+from orchestrator.logging import scrub
 
 
 @dataclass(frozen=True)
@@ -79,3 +81,22 @@ def find_tools(server_major: int, configured: Path | None = None) -> PgTools:
             hint=f"install client tools {server_major} or newer and set tools.pg_bindir",
         )
     return best
+
+
+def run_tool(cmd: list[str], db: DatabaseConfig, *, timeout: float, what: str,
+             timeout_hint: str | None = None) -> str:
+    """Run pg_dump/pg_restore/psql against ``db``; its stdout, or a readable error.
+
+    The password travels in the environment (``DatabaseConfig.subprocess_env``), never
+    on argv, and stderr is scrubbed before it reaches an error message.
+    """
+    env = {**os.environ, **db.subprocess_env()}
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                              check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise ExternalError(f"{what} did not finish within {timeout:.0f}s",
+                            hint=timeout_hint) from exc
+    if done.returncode != 0:
+        raise ExternalError(f"{what} failed: {scrub(done.stderr.strip())[-800:]}")
+    return done.stdout
