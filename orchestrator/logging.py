@@ -48,6 +48,10 @@ def choose_format() -> Literal["json", "console"]:
     return "console" if sys.stderr.isatty() else "json"
 
 
+def _stderr_logger(*_args: Any) -> structlog.PrintLogger:
+    return structlog.PrintLogger(file=sys.stderr)
+
+
 def configure(*, debug: bool = False, fmt: Literal["json", "console"] | None = None) -> None:
     fmt = fmt or choose_format()
     level = logging.DEBUG if debug else logging.INFO
@@ -64,7 +68,10 @@ def configure(*, debug: bool = False, fmt: Literal["json", "console"] | None = N
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # sys.stderr is looked up per logger, not bound once: whoever swaps it later
+        # (a test's capture, a daemon redirecting) must not leave logs pointing at a
+        # closed stream.
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
 
