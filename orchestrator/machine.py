@@ -51,7 +51,7 @@ from orchestrator.pg import (
     sequences,
 )
 from orchestrator.pg import validate as validation
-from orchestrator.pg.conn import connect
+from orchestrator.pg.conn import connect, server_major
 from orchestrator.pg.tools import find_tools
 from orchestrator.routers.base import TrafficRouter, WeightDriftError, Weights
 from orchestrator.store import ReleaseRow, StateStore
@@ -303,7 +303,7 @@ class Release:
             self._note("backup disabled in the config: no backup of blue was taken", "warning")
             return State.PROVISION
         with self._blue() as blue:
-            tools = find_tools(catalog_major(blue), self.cfg.tools.pg_bindir)
+            tools = find_tools(server_major(blue), self.cfg.tools.pg_bindir)
             tables = [t.qualified for t in self._tables(blue)]
         result = backup.backup(self.cfg.blue, tools, self.cfg.backup, release=self.name,
                                tables=tables, previous=self.facts.get("backup"))
@@ -315,7 +315,7 @@ class Release:
     def provision(self) -> State:
         with self._blue() as blue:
             settings = schema.database_settings(blue)
-            tools = find_tools(catalog_major(blue), self.cfg.tools.pg_bindir)
+            tools = find_tools(server_major(blue), self.cfg.tools.pg_bindir)
         created = schema.ensure_database(self.cfg.green, settings)
         with self._green() as green:
             if schema.is_provisioned(green, self.schema, self.name):
@@ -351,7 +351,7 @@ class Release:
         subscription's own initial sync), post-data rebuilt, streaming from the slot."""
         with self._blue() as blue:
             tables = self._tables(blue)
-            tools = find_tools(catalog_major(blue), self.cfg.tools.pg_bindir)
+            tools = find_tools(server_major(blue), self.cfg.tools.pg_bindir)
         labels = {"copy": "initial copy (bytes)", "post-data": "indexes and constraints"}
         report = initial_copy.initial_sync(
             self.cfg.blue, self.cfg.green, tables, names=self.fwd, tools=tools,
@@ -804,7 +804,3 @@ class _WindowOpen(OrchestrateError):
                          hint="run `orchestrate release` again after that to clean up, or "
                          "`orchestrate rollback` to go back to blue")
         self.remaining = remaining
-
-
-def catalog_major(conn: psycopg.Connection[Any]) -> int:
-    return int(conn.info.server_version) // 10000

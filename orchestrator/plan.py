@@ -16,7 +16,7 @@ from orchestrator.canary.analysis import format_window, render
 from orchestrator.config import ReleaseConfig
 from orchestrator.errors import OrchestrateError
 from orchestrator.pg import catalog, fence, migrations, replication, schema, validate
-from orchestrator.pg.conn import connect
+from orchestrator.pg.conn import connect, server_major
 
 
 @dataclass
@@ -42,7 +42,7 @@ def build(cfg: ReleaseConfig) -> tuple[list[Step], list[str]]:
             tables = catalog.user_tables(blue, exclude_schemas=(control,),
                                          exclude_tables=tuple(cfg.sync.exclude_tables))
             settings = schema.database_settings(blue)
-            blue_major = int(blue.info.server_version) // 10000
+            blue_major = server_major(blue)
     except OrchestrateError as exc:
         notes.append(f"blue not reachable ({exc.message}); table lists are placeholders")
     found = migrations.discover(cfg.migrations.dir)

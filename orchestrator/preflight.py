@@ -16,7 +16,7 @@ from orchestrator.canary.metrics import MetricsSource, MetricsUnavailable
 from orchestrator.config import DatabaseConfig, ReleaseConfig
 from orchestrator.errors import OrchestrateError, PreflightError
 from orchestrator.pg import catalog, migrations, schema
-from orchestrator.pg.conn import connect
+from orchestrator.pg.conn import connect, server_major
 from orchestrator.pg.tools import find_tools
 from orchestrator.routers.base import TrafficRouter
 
@@ -75,7 +75,7 @@ def run(cfg: ReleaseConfig, *, router: TrafficRouter, metrics: MetricsSource,
 
 def _check_blue(cfg: ReleaseConfig, blue: psycopg.Connection[Any], report: PreflightReport,
                 control: str) -> None:
-    major = int(blue.info.server_version) // 10000
+    major = server_major(blue)
     report.majors["blue"] = major
     if catalog.setting(blue, "wal_level") != "logical":
         report.problems.append(
@@ -119,7 +119,7 @@ def _check_blue(cfg: ReleaseConfig, blue: psycopg.Connection[Any], report: Prefl
 
 def _check_green_server(cfg: ReleaseConfig, green: psycopg.Connection[Any],
                         report: PreflightReport) -> None:
-    major = int(green.info.server_version) // 10000
+    major = server_major(green)
     report.majors["green"] = major
     if catalog.setting(green, "wal_level") != "logical":
         report.problems.append(

@@ -188,9 +188,3 @@ def referenced_roles(conn: psycopg.Connection[Any], exclude_schemas: tuple[str, 
         (skip, skip),
     ).fetchall()
     return {r[0] for r in rows}
-
-
-def current_lsn(conn: psycopg.Connection[Any]) -> str:
-    row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
-    assert row is not None
-    return str(row[0])

@@ -532,16 +532,6 @@ class TableResult:
     def differing_keys(self) -> int:
         return sum(d.count for d in self.diffs)
 
-    # The old report's fields, for callers not yet moved to ``ok``/``diffs``: equal
-    # markers when the table matches, different ones when it does not.
-    @property
-    def blue_sum(self) -> str:
-        return "same"
-
-    @property
-    def green_sum(self) -> str:
-        return "same" if self.ok else "different"
-
     @property
     def ok(self) -> bool:
         if self.error or self.unexplained or self.diffs:

@@ -76,14 +76,3 @@ def unfence(conn: psycopg.Connection[Any], role: str, *, wait: float = 5.0) -> i
         if not remaining or remaining[0] == 0 or force:
             return ended
         time.sleep(0.05)
-
-
-def is_fenced(conn: psycopg.Connection[Any], role: str) -> bool:
-    row = conn.execute(
-        "SELECT 1 FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole "
-        "JOIN pg_database d ON d.oid = s.setdatabase "
-        "WHERE r.rolname = %s AND d.datname = current_database() "
-        "AND 'default_transaction_read_only=on' = ANY(s.setconfig)",
-        (role,),
-    ).fetchone()
-    return row is not None

@@ -426,7 +426,7 @@ def exported_slot(db: DatabaseConfig, slot: str, *, timeout: float) -> Iterator[
     conn = psycopg.connect(db.conninfo(), replication="database", autocommit=True,
                            application_name=(COPY_APP_PREFIX + slot)[:63])
     try:
-        major = int(conn.info.server_version) // 10000
+        major = server_major(conn)
         ident = sql.Identifier(slot).as_string(conn)
         # The option list is PostgreSQL 15+ syntax; the bare keyword is older (and
         # still accepted by 15-18, but may not be forever).

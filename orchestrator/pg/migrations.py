@@ -325,24 +325,3 @@ def _mark_completed(conn: psycopg.Connection[Any], schema: str, mig_id: int,
         "UPDATE {}.migrations SET status = 'completed', applied_at = now(), "
         "execution_time = make_interval(secs => %s) WHERE id = %s").format(
             sql.Identifier(schema)), (elapsed, mig_id))
-
-
-def revert(conn: psycopg.Connection[Any], migrations: list[Migration], *, schema: str,
-           release: str) -> list[str]:
-    """Run the down scripts of this release's completed migrations, newest first."""
-    reverted: list[str] = []
-    rows = {r["migration_name"]: r for r in history(conn, schema)}
-    for m in reversed(migrations):
-        r = rows.get(m.migration_name)
-        if not r or r["status"] != "completed" or r["release"] != release:
-            continue
-        down = r["rollback_sql"]
-        if not down:
-            raise ReleaseFailed(f"migration {m.migration_name} has no down script")
-        with conn.transaction():
-            conn.execute(down.encode())
-            conn.execute(sql.SQL("UPDATE {}.migrations SET status = 'rolled_back' "
-                                 "WHERE migration_name = %s").format(sql.Identifier(schema)),
-                         (m.migration_name,))
-        reverted.append(m.migration_name)
-    return reverted
