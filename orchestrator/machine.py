@@ -529,50 +529,48 @@ class Release:
         if not switched:
             # Blue still takes writes: send users back first, then settle the data.
             self._route_to_blue()
-        green_conn = self._green_if_exists()
-        if green_conn is None and writable:
+        green = self._green_if_exists()
+        if green is None and writable:
             raise ReleaseFailed("green is unreachable, and it took writes that blue must get "
                                 "before the rollback can finish",
                                 hint="bring green back, then run `orchestrate rollback` again")
-        with self._blue() as blue:
-            green = green_conn
-            if writable and green is not None:
-                app_role = self.cfg.green.app_role
-                if app_role:
-                    ended = fence.fence(green, app_role)
-                    self._note("green fenced", sessions_ended=ended)
-                if replication.subscription_exists(blue, self.rev.subscription):
-                    waited = replication.wait_applied(
-                        green, blue, schema=self.schema, direction="rev",
-                        subscription=self.rev.subscription,
-                        timeout=self.cfg.sync.catchup_timeout)
-                    self._note("blue has every write green committed", catchup_s=round(waited, 3))
-                else:
-                    self._note("green took writes without reverse replication (risk accepted "
-                               "in the config): writes made on green are not on blue",
-                               "critical")
-                moves = sequences.sync_past(green, blue, margin=self.cfg.sync.sequence_margin,
-                                            exclude_schemas=(self.schema,))
-                self._note("blue's sequences moved past green's",
-                           moved=sum(1 for m in moves if m.moved))
-            if switched and self.cfg.blue.app_role:
-                fence.unfence(blue, self.cfg.blue.app_role)
-                self._note("blue unfenced")
-        if green_conn is not None:
-            green_conn.close()
-        if switched:
-            self._route_to_blue()
-        with self._blue() as blue:
-            green_conn = self._green_if_exists()
-            try:
-                self._drop_replication(blue, green_conn)
-            finally:
-                if green_conn is not None:
-                    green_conn.close()
+        try:
+            with self._blue() as blue:
+                if writable and green is not None:
+                    self._bring_green_writes_to_blue(blue, green)
+                if switched and self.cfg.blue.app_role:
+                    fence.unfence(blue, self.cfg.blue.app_role)
+                    self._note("blue unfenced")
+                if switched:
+                    # After a switchover the data moved first; users follow it now.
+                    self._route_to_blue()
+                self._drop_replication(blue, green)
+        finally:
+            if green is not None:
+                green.close()
         if self.cfg.rollback.drop_green_database:
             self._drop_green_database()
         self._fact(rolled_back_at=time.time())
         return State.ROLLED_BACK
+
+    def _bring_green_writes_to_blue(self, blue: psycopg.Connection[Any],
+                                    green: psycopg.Connection[Any]) -> None:
+        """Fence green, wait until blue applied green's last commit, move blue's
+        sequences past green's."""
+        if self.cfg.green.app_role:
+            ended = fence.fence(green, self.cfg.green.app_role)
+            self._note("green fenced", sessions_ended=ended)
+        if replication.subscription_exists(blue, self.rev.subscription):
+            waited = replication.wait_applied(
+                green, blue, schema=self.schema, direction="rev",
+                subscription=self.rev.subscription, timeout=self.cfg.sync.catchup_timeout)
+            self._note("blue has every write green committed", catchup_s=round(waited, 3))
+        else:
+            self._note("green took writes without reverse replication (risk accepted in the "
+                       "config): writes made on green are not on blue", "critical")
+        moves = sequences.sync_past(green, blue, margin=self.cfg.sync.sequence_margin,
+                                    exclude_schemas=(self.schema,))
+        self._note("blue's sequences moved past green's", moved=sum(1 for m in moves if m.moved))
 
     # ----------------------------------------------------------------- helpers
 
