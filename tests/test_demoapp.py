@@ -10,13 +10,11 @@ import http.client
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -28,120 +26,39 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator.sandbox import demodata
+from orchestrator.sandbox.pgcluster import PgCluster
 
 REPO = Path(__file__).resolve().parents[1]
 MIGRATIONS = REPO / "examples" / "demo" / "migrations"
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
-PASSWORD = "pw-Zq81-never-logged"  # a throwaway cluster's; the app must never log it
 
 
-# -- a throwaway PostgreSQL 15 --------------------------------------------------------
+# -- the module's PostgreSQL 15 -------------------------------------------------------
 
 
 class Pg:
-    def __init__(self, port: int) -> None:
-        self.port = port
+    """A sandbox cluster, with the few calls these tests make. Its superuser needs a
+    password (scram), so the app's log can be checked for never containing it."""
+
+    def __init__(self, cluster: PgCluster) -> None:
+        self.cluster = cluster
+        self.port = cluster.port
+        self.password = cluster.password
 
     def dsn(self, dbname: str) -> str:
-        return (
-            f"host=127.0.0.1 port={self.port} user=postgres password={PASSWORD} "
-            f"dbname={dbname} connect_timeout=5"
-        )
+        return self.cluster.conninfo(dbname)
 
     def connect(self, dbname: str) -> psycopg.Connection[Any]:
         return psycopg.connect(self.dsn(dbname), autocommit=True)
 
     def create_database(self, name: str) -> None:
-        with self.connect("postgres") as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _as_postgres(args: list[str]) -> list[str]:
-    # initdb refuses to run as root.
-    return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
+        self.cluster.create_database(name)
 
 
 @pytest.fixture(scope="module")
-def pg() -> Iterator[Pg]:
-    if not (PG_BIN / "postgres").exists():
-        pytest.skip("PostgreSQL 15 server binaries are not installed")
-    root = Path(tempfile.mkdtemp(prefix="demoapp-pg-"))
-    data = root / "data"
-    try:
-        root.chmod(0o755)
-        (root / "pw").write_text(PASSWORD + "\n")
-        if os.geteuid() == 0:
-            shutil.chown(root, "postgres")
-            shutil.chown(root / "pw", "postgres")
-        subprocess.run(
-            _as_postgres(
-                [
-                    str(PG_BIN / "initdb"),
-                    "-D",
-                    str(data),
-                    "-U",
-                    "postgres",
-                    "--auth-local=trust",
-                    "--auth-host=scram-sha-256",
-                    f"--pwfile={root / 'pw'}",
-                    "-E",
-                    "UTF8",
-                    "--locale=C.UTF-8",
-                ]
-            ),
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-        started = None
-        for _ in range(3):  # the free port may be taken between the probe and the start
-            port = _free_port()
-            options = (
-                f"-c listen_addresses=127.0.0.1 -p {port} -k {root} "
-                "-c fsync=off -c full_page_writes=off -c max_connections=60"
-            )
-            result = subprocess.run(
-                _as_postgres(
-                    [
-                        str(PG_BIN / "pg_ctl"),
-                        "-D",
-                        str(data),
-                        "-l",
-                        str(root / "log"),
-                        "-o",
-                        options,
-                        "-w",
-                        "-t",
-                        "30",
-                        "start",
-                    ]
-                ),
-                capture_output=True,
-                check=False,
-                timeout=60,
-            )
-            if result.returncode == 0:
-                started = port
-                break
-        if started is None:
-            log = (root / "log").read_text() if (root / "log").exists() else ""
-            pytest.fail(f"PostgreSQL did not start:\n{log[-2000:]}")
-        yield Pg(started)
-    finally:
-        if (data / "postmaster.pid").exists():
-            subprocess.run(
-                _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
-                capture_output=True,
-                check=False,
-                timeout=60,
-            )
-        shutil.rmtree(root, ignore_errors=True)
+def pg(module_sandbox_dir: Path) -> Iterator[Pg]:
+    settings = {"fsync": "off", "full_page_writes": "off", "max_connections": "60"}
+    with PgCluster("demoapp", 15, module_sandbox_dir, settings=settings) as cluster:
+        yield Pg(cluster)
 
 
 # -- the demo app as a subprocess -----------------------------------------------------
@@ -428,7 +345,7 @@ def test_app_serves_healthz_before_its_database_exists_and_recovers_without_rest
     events = [json.loads(line) for line in lines]  # every line is JSON
     assert {"database unavailable", "database available"} <= {e["event"] for e in events}
     assert all(e["colour"] == "blue" for e in events)
-    assert not any(PASSWORD in line for line in lines)
+    assert not any(pg.password in line for line in lines)
 
 
 def test_orders_are_written_durably_and_read_back(blue: App, pg: Pg) -> None:

@@ -5,12 +5,10 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -22,66 +20,24 @@ import pytest
 
 from orchestrator.sandbox import demodata
 from orchestrator.sandbox.loadgen import LoadGenerator, LoadReport
+from orchestrator.sandbox.pgcluster import PgCluster
+from orchestrator.sandbox.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
 
-# -- a throwaway PostgreSQL 15 and the demo app on it -----------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _as_postgres(args: list[str]) -> list[str]:
-    # initdb refuses to run as root.
-    return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
+# -- a PostgreSQL 15 and the demo app on it --------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def dsn() -> Iterator[str]:
-    """A loaded demo database on a cluster of its own (trust auth: no secret here)."""
-    if not (PG_BIN / "postgres").exists():
-        pytest.skip("PostgreSQL 15 server binaries are not installed")
-    root = Path(tempfile.mkdtemp(prefix="loadgen-pg-"))
-    data = root / "data"
-    pg_ctl = [str(PG_BIN / "pg_ctl"), "-D", str(data)]
-    try:
-        root.chmod(0o755)
-        if os.geteuid() == 0:
-            shutil.chown(root, "postgres")
-        initdb = [str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"]
-        subprocess.run(_as_postgres(initdb), check=True, capture_output=True, timeout=120)
-        port = None
-        for _ in range(3):  # the free port may be taken between the probe and the start
-            candidate = _free_port()
-            options = (
-                f"-c listen_addresses=127.0.0.1 -p {candidate} -k {root} "
-                "-c fsync=off -c full_page_writes=off"
-            )
-            start = [*pg_ctl, "-l", str(root / "log"), "-o", options, "-w", "-t", "30", "start"]
-            result = subprocess.run(
-                _as_postgres(start), capture_output=True, check=False, timeout=60
-            )
-            if result.returncode == 0:
-                port = candidate
-                break
-        if port is None:
-            pytest.fail(f"PostgreSQL did not start:\n{(root / 'log').read_text()[-2000:]}")
-        admin = f"host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=5"
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute("CREATE DATABASE shop")
-        shop = admin.replace("dbname=postgres", "dbname=shop")
+def dsn(module_sandbox_dir: Path) -> Iterator[str]:
+    """A loaded demo database on a cluster of its own."""
+    settings = {"fsync": "off", "full_page_writes": "off"}
+    with PgCluster("loadgen", 15, module_sandbox_dir, settings=settings) as cluster:
+        cluster.create_database("shop")
+        shop = cluster.conninfo("shop")
         demodata.load(shop)
         yield shop
-    finally:
-        if (data / "postmaster.pid").exists():
-            stop = [*pg_ctl, "-m", "immediate", "stop"]
-            subprocess.run(_as_postgres(stop), capture_output=True, check=False, timeout=60)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 class App:
@@ -214,7 +170,7 @@ def test_a_slow_server_is_reported_not_hidden(healthy: App) -> None:
 
 
 def test_an_unreachable_server_gives_errors_not_exceptions() -> None:
-    generator = LoadGenerator(f"http://127.0.0.1:{_free_port()}", rate=40, seed=5)
+    generator = LoadGenerator(f"http://127.0.0.1:{free_port()}", rate=40, seed=5)
     generator.start()
     time.sleep(0.5)
     started = time.monotonic()
