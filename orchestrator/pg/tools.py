@@ -5,6 +5,7 @@ pg_dump refuses a server newer than itself, so the newest available client wins.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -26,6 +27,9 @@ class PgTools:
         return str(self.bindir / tool)
 
 
+# Each state that needs the tools looks them up again (a resumed run may start at any
+# state); the binaries do not change during a run, so each folder is probed once.
+@functools.lru_cache(maxsize=32)
 def _version_of(bindir: Path) -> int | None:
     exe = bindir / "pg_dump"
     if not exe.is_file():
