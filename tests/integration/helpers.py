@@ -112,26 +112,28 @@ def set_green_fault(sb: Sandbox, fail_rate: float = 0.0, extra_latency: float = 
         assert resp.status == 200
 
 
+def _drop_subscriptions(conn: psycopg.Connection[Any]) -> None:
+    """Detached from their slots first: the slots are dropped separately."""
+    for (sub,) in conn.execute("SELECT subname FROM pg_subscription").fetchall():
+        conn.execute(f'ALTER SUBSCRIPTION "{sub}" DISABLE')
+        conn.execute(f'ALTER SUBSCRIPTION "{sub}" SET (slot_name = NONE)')
+        conn.execute(f'DROP SUBSCRIPTION "{sub}"')
+
+
 def reset(sb: Sandbox) -> None:
     """Back to the starting line: traffic on blue, no green database, no leftovers."""
     r = router(sb)
     r.set_weights(Weights.green_at(0))
     set_green_fault(sb)
     with psycopg.connect(sb.green.conninfo("postgres"), autocommit=True) as conn:
-        for (sub,) in conn.execute("SELECT subname FROM pg_subscription").fetchall():
-            conn.execute(f'ALTER SUBSCRIPTION "{sub}" DISABLE')
-            conn.execute(f'ALTER SUBSCRIPTION "{sub}" SET (slot_name = NONE)')
-            conn.execute(f'DROP SUBSCRIPTION "{sub}"')
+        _drop_subscriptions(conn)
         conn.execute(f"DROP DATABASE IF EXISTS {APP_DATABASE} WITH (FORCE)")
         for (slot,) in conn.execute("SELECT slot_name FROM pg_replication_slots").fetchall():
             conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
     with blue_conn(sb) as conn:
         conn.execute(f"ALTER ROLE {APP_ROLE} IN DATABASE {APP_DATABASE} "
                      "RESET default_transaction_read_only")
-        for (sub,) in conn.execute("SELECT subname FROM pg_subscription").fetchall():
-            conn.execute(f'ALTER SUBSCRIPTION "{sub}" DISABLE')
-            conn.execute(f'ALTER SUBSCRIPTION "{sub}" SET (slot_name = NONE)')
-            conn.execute(f'DROP SUBSCRIPTION "{sub}"')
+        _drop_subscriptions(conn)
         for (pub,) in conn.execute("SELECT pubname FROM pg_publication").fetchall():
             conn.execute(f'DROP PUBLICATION "{pub}"')
         for (slot,) in conn.execute("SELECT slot_name FROM pg_replication_slots").fetchall():
