@@ -18,11 +18,9 @@ import click
 
 from orchestrator import logging as logs
 from orchestrator import plan as planner
-from orchestrator.canary.metrics import PrometheusMetrics
 from orchestrator.config import ReleaseConfig, load_config
 from orchestrator.errors import LockedError, OrchestrateError
-from orchestrator.machine import Release, State
-from orchestrator.routers import build_router
+from orchestrator.machine import Release, State, release_for
 from orchestrator.store import StateStore
 from orchestrator.ui import make_display
 
@@ -38,13 +36,11 @@ def _load(ctx: click.Context, path: Path) -> ReleaseConfig:
 
 
 def _store(cfg: ReleaseConfig) -> StateStore:
-    return StateStore(cfg.state_db, cfg.state.schema_name)
+    return StateStore.for_config(cfg)
 
 
 def _release(ctx: click.Context, cfg: ReleaseConfig, **kw: Any) -> Release:
-    return Release(cfg, store=_store(cfg), router=build_router(cfg.router),
-                   metrics=PrometheusMetrics(cfg.prometheus),
-                   display=make_display(ctx.obj["fmt"]), **kw)
+    return release_for(cfg, display=make_display(ctx.obj["fmt"]), **kw)
 
 
 def _echo_outcome(outcome: Any) -> None:

@@ -794,6 +794,17 @@ class Release:
             self.sleep(1.0)
 
 
+def release_for(cfg: ReleaseConfig, *, store: StateStore | None = None, **kw: Any) -> Release:
+    """A Release wired to the real backends the config names (router, Prometheus)."""
+    # Imported here: the state machine itself depends only on the interfaces.
+    from orchestrator.canary.metrics import PrometheusMetrics
+    from orchestrator.routers import build_router
+
+    return Release(cfg, store=store or StateStore.for_config(cfg),
+                   router=build_router(cfg.router), metrics=PrometheusMetrics(cfg.prometheus),
+                   **kw)
+
+
 class _WindowOpen(OrchestrateError):
     """Not a failure: the rollback window is still open."""
 

@@ -486,7 +486,7 @@ def resolve_token(alerts: AlertsConfig, *, host: str, insecure: bool) -> str | N
 
 def _lock_probe(cfg: ReleaseConfig) -> Callable[[], bool]:
     def lock_is_free() -> bool:
-        probe = StateStore(cfg.state_db, cfg.state.schema_name)
+        probe = StateStore.for_config(cfg)
         try:
             probe.acquire_lock()
         except LockedError:
@@ -501,14 +501,11 @@ def _rollback_runner(cfg: ReleaseConfig) -> Callable[[str], None]:
     def run(reason: str) -> None:
         # Imported here: the machine pulls in every backend, which the HTTP side of the
         # receiver does not need.
-        from orchestrator.canary.metrics import PrometheusMetrics
-        from orchestrator.machine import Release
-        from orchestrator.routers import build_router
+        from orchestrator.machine import release_for
 
-        store = StateStore(cfg.state_db, cfg.state.schema_name)
+        store = StateStore.for_config(cfg)
         try:
-            outcome = Release(cfg, store=store, router=build_router(cfg.router),
-                              metrics=PrometheusMetrics(cfg.prometheus)).run(rollback=reason)
+            outcome = release_for(cfg, store=store).run(rollback=reason)
             log.warning("rollback performed by the receiver", release=outcome.name,
                         state=outcome.state, status=outcome.status)
         finally:
@@ -520,7 +517,7 @@ def serve(cfg: ReleaseConfig, *, host: str, port: int, insecure: bool = False,
           ready: Callable[[str, int], None] | None = None) -> None:
     """Serve until SIGTERM/SIGINT. Blocking."""
     token = resolve_token(cfg.alerts, host=host, insecure=insecure)
-    store = StateStore(cfg.state_db, cfg.state.schema_name)
+    store = StateStore.for_config(cfg)
     receiver = AlertReceiver(cfg, store=store, token=token, lock_is_free=_lock_probe(cfg),
                              run_rollback=_rollback_runner(cfg))
     try:

@@ -29,7 +29,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from orchestrator.config import DatabaseConfig
+from orchestrator.config import DatabaseConfig, ReleaseConfig
 from orchestrator.errors import LockedError
 from orchestrator.pg.conn import connect
 
@@ -118,6 +118,10 @@ class StateStore:
         self.schema = schema
         self._conn: psycopg.Connection[Any] | None = None
         self._lock_conn: psycopg.Connection[Any] | None = None
+
+    @classmethod
+    def for_config(cls, cfg: ReleaseConfig) -> StateStore:
+        return cls(cfg.state_db, cfg.state.schema_name)
 
     # connection management -------------------------------------------------
     @property
