@@ -76,15 +76,24 @@ class SecretRef(_Model):
                     f"the environment variable {self.env} is not set",
                     hint=f"export {self.env}=... before running orchestrate",
                 )
-            return value
-        assert self.file is not None
-        try:
-            return self.file.read_text().rstrip("\n")
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot read the secret file {self.file}: {exc.strerror}",
-                hint="check the path and that this user may read it",
-            ) from exc
+            where = f"the environment variable {self.env}"
+        else:
+            assert self.file is not None
+            try:
+                value = self.file.read_text().rstrip("\n")
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot read the secret file {self.file}: {exc.strerror}",
+                    hint="check the path and that this user may read it",
+                ) from exc
+            where = f"the secret file {self.file}"
+        if not value:
+            # An empty secret is a deployment mistake (a Secret key not mounted, a
+            # variable exported empty), never a password: say so before any server
+            # sees a login attempt.
+            raise ConfigError(f"{where} is empty",
+                              hint="put the secret there, or fix the reference in the config")
+        return value
 
 
 class DatabaseConfig(_Model):

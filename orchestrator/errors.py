@@ -55,3 +55,16 @@ class ExternalError(OrchestrateError):
     """An external system (PostgreSQL, Prometheus, Kubernetes, a router) failed."""
 
     exit_code = 1
+
+
+class ConnectError(ExternalError):
+    """A server could not be reached or refused us, before this command changed anything.
+
+    Exit code 2 like a bad config: blue, green and the state database are treated
+    alike (inside a running release the state machine catches it and rolls back)."""
+
+    exit_code = 2
+
+
+class AuthenticationError(ConnectError):
+    """The server answered and refused the credentials: permanent, never retried."""

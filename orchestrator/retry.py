@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -17,14 +18,39 @@ from tenacity import (
 T = TypeVar("T")
 
 
+# A server that answered and said no: retrying cannot change its mind, and repeated
+# failed logins can lock the role out (fail2ban, pgaudit alarms). libpq reports these
+# as text only (no SQLSTATE before the session exists), so they are matched here, once.
+_REFUSED = re.compile(
+    r"password authentication failed|no password supplied|authentication failed"
+    r"|pg_hba\.conf rejects|no pg_hba\.conf entry|role \"[^\"]*\" does not exist"
+    r"|database \"[^\"]*\" does not exist",
+    re.I)
+_CREDENTIALS = re.compile(r"password|authentication|pg_hba|role \"", re.I)
+
+
+def refused_by_server(exc: BaseException) -> str | None:
+    """``"credentials"`` or ``"missing"`` when a connection attempt was refused for a
+    reason that will not go away by itself; None when it may be transient."""
+    if isinstance(exc, psycopg.errors.InvalidPassword
+                  | psycopg.errors.InvalidAuthorizationSpecification):
+        return "credentials"
+    if not isinstance(exc, psycopg.OperationalError):
+        return None
+    text = str(exc)
+    if not _REFUSED.search(text):
+        return None
+    return "credentials" if _CREDENTIALS.search(text) else "missing"
+
+
 def _transient_pg(exc: BaseException) -> bool:
     # OperationalError covers refused/dropped connections and server shutdowns;
     # a serialization failure or deadlock is safe to retry for idempotent steps.
     if isinstance(exc, psycopg.errors.SerializationFailure | psycopg.errors.DeadlockDetected):
         return True
-    return isinstance(exc, psycopg.OperationalError) and not isinstance(
-        exc, psycopg.errors.InsufficientPrivilege | psycopg.errors.InvalidPassword
-    )
+    return (isinstance(exc, psycopg.OperationalError)
+            and not isinstance(exc, psycopg.errors.InsufficientPrivilege)
+            and refused_by_server(exc) is None)
 
 
 def pg_retrying(attempts: int = 5, max_delay: float = 30.0) -> Retrying:

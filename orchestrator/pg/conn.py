@@ -10,9 +10,9 @@ import psycopg
 from psycopg import sql
 
 from orchestrator.config import DatabaseConfig
-from orchestrator.errors import ExternalError
+from orchestrator.errors import AuthenticationError, ConnectError
 from orchestrator.logging import scrub
-from orchestrator.retry import call_with_retry, pg_retrying
+from orchestrator.retry import call_with_retry, pg_retrying, refused_by_server
 
 APPLICATION_NAME = "orchestrate"
 
@@ -45,7 +45,15 @@ def connect(
         return call_with_retry(_open, policy=pg_retrying(attempts=attempts))
     except psycopg.Error as exc:
         where = db.describe() if dbname is None else f"{db.user}@{db.host}:{db.port}/{dbname}"
-        raise ExternalError(
+        what = f"{role} database" if role in {"blue", "green"} else "database"
+        refused = refused_by_server(exc)
+        if refused == "credentials":
+            raise AuthenticationError(
+                f"{where} refused the login: {scrub(str(exc)).strip()}",
+                hint=f"check the user and the password source of the {what} in the config "
+                "(an empty or unset password is refused too); not retried, to keep the "
+                "role from being locked out") from exc
+        raise ConnectError(
             f"cannot connect to {where}: {scrub(str(exc)).strip()}",
             hint="check host, port, database, user and the password source in the config",
         ) from exc
