@@ -104,25 +104,51 @@ def abort(ctx: click.Context, config_path: Path, reason: str) -> None:
 
 
 def _rollback(ctx: click.Context, cfg: ReleaseConfig, reason: str, timeout: float) -> int:
-    try:
-        outcome = _release(ctx, cfg).run(rollback=reason)
-    except LockedError:
-        # Another process runs the release: ask it to roll back, and wait for it.
-        store = _store(cfg)
-        store.request_rollback(cfg.release.name, reason)
-        click.echo(f"rollback requested from the running orchestrator ({reason}); waiting")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            row = store.get(cfg.release.name)
-            if row and row.status != "running":
-                click.echo(f"release {row.name}: {row.status} ({row.state})")
-                return 0 if row.status == "rolled_back" else 1
+    """Roll back here, or, while another process holds the release, ask it to and wait.
+
+    The lock is tried again on every poll: when the holder exits without acting (it
+    was past its last look at the request, or it crashed), this process does the
+    rollback itself instead of waiting for nobody."""
+    deadline = time.monotonic() + timeout
+    requested = False
+    machine = _release(ctx, cfg)
+    while True:
+        try:
+            outcome = machine.run(rollback=reason)
+        except LockedError:
+            if not requested:
+                requested = True
+                _ask_running_orchestrator(cfg, reason)
+            if time.monotonic() >= deadline:
+                click.echo("the running orchestrator has not finished the rollback yet; see "
+                           "`orchestrate status`")
+                return 1
             time.sleep(1.0)
-        click.echo("the running orchestrator has not finished the rollback yet; see "
-                   "`orchestrate status`")
-        return 1
-    _echo_outcome(outcome)
-    return 0 if outcome.status == "rolled_back" else 1
+            continue
+        _echo_outcome(outcome)
+        return 0 if outcome.status == "rolled_back" else 1
+
+
+def _ask_running_orchestrator(cfg: ReleaseConfig, reason: str) -> None:
+    store = _store(cfg)
+    try:
+        if store.request_rollback(cfg.release.name, reason):
+            click.echo(f"rollback requested from the running orchestrator ({reason}); "
+                       "waiting")
+            return
+        row = store.get(cfg.release.name)
+    finally:
+        store.close()
+    if row is not None and row.rollback_requested:
+        click.echo(f"a rollback was already requested ({row.rollback_requested}); waiting")
+    elif row is not None and row.state == State.ROLLBACK:
+        click.echo("the running orchestrator is already rolling back; waiting")
+    else:
+        state = row.state if row else "not started"
+        raise OrchestrateError(f"release {cfg.release.name} cannot be rolled back: it is "
+                               f"{state}",
+                               hint="a release past its rollback window rolls forward with "
+                               "a new release")
 
 
 @cli.command()

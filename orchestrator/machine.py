@@ -80,6 +80,9 @@ class State(StrEnum):
 TERMINAL = {State.DONE, State.ROLLED_BACK, State.FAILED}
 # States whose failure leaves the release promoted: retry them, never roll back.
 AFTER_PROMOTION = {State.WINDOW, State.CLEANUP}
+# How often a waiting orchestrator (rollback window, approval gate) looks for a
+# rollback request made by another process: the promise is "within one poll".
+REQUEST_POLL_S = 1.0
 
 
 class CanaryFailed(ReleaseFailed):
@@ -161,6 +164,11 @@ class Release:
                                            "roll back")
                 row = self._start()
             elif State(row.state) in TERMINAL:
+                if rollback and row.state != State.ROLLED_BACK:
+                    raise OrchestrateError(
+                        f"release {self.name} is {row.state}: past its rollback window, "
+                        "nothing to roll back",
+                        hint="roll forward with a new release instead")
                 return self._outcome(row)
             else:
                 self._resume_checks(row)
@@ -211,7 +219,9 @@ class Release:
         while state not in TERMINAL:
             row = self.store.get(self.name)
             assert row is not None
-            if row.rollback_requested and state not in {State.ROLLBACK, *AFTER_PROMOTION}:
+            # A request made while promoted (the window) is honoured too; only cleanup
+            # (past the window) and the rollback itself ignore it.
+            if row.rollback_requested and state not in {State.ROLLBACK, State.CLEANUP}:
                 state = self._enter_rollback(state, row.rollback_requested)
             handler = self._handlers[state]
             started = time.monotonic()
@@ -510,7 +520,7 @@ class Release:
                 if reason:
                     self._enter_rollback(State.WINDOW, reason)
                     return State.ROLLBACK
-                self.sleep(min(5.0, remaining))
+                self.sleep(min(REQUEST_POLL_S, remaining))
                 remaining = closes - time.time()
         if remaining > 0:
             raise _WindowOpen(remaining)
@@ -526,7 +536,11 @@ class Release:
         """Traffic back to blue with every acknowledged write on blue. Idempotent."""
         writable = bool(self.facts.get("green_writable"))
         switched = bool(self.facts.get("switched_over"))
-        if not switched:
+        # Recorded before the fence (older records only know switched_over): a
+        # switchover that failed half-way left blue read-only, and the rollback must
+        # lift that whatever step it failed at.
+        fenced = switched or bool(self.facts.get("blue_fenced"))
+        if not fenced:
             # Blue still takes writes: send users back first, then settle the data.
             self._route_to_blue()
         green = self._green_if_exists()
@@ -538,11 +552,12 @@ class Release:
             with self._blue() as blue:
                 if writable and green is not None:
                     self._bring_green_writes_to_blue(blue, green)
-                if switched and self.cfg.blue.app_role:
+                if fenced and self.cfg.blue.app_role:
                     fence.unfence(blue, self.cfg.blue.app_role)
+                    self._fact(blue_fenced=False)
                     self._note("blue unfenced")
-                if switched:
-                    # After a switchover the data moved first; users follow it now.
+                if fenced:
+                    # After a (partial) switchover the data moved first; users follow.
                     self._route_to_blue()
                 self._drop_replication(blue, green)
         finally:
@@ -602,6 +617,9 @@ class Release:
         started = time.monotonic()
         with self._blue() as blue, self._green() as green:
             if self.cfg.blue.app_role:
+                # Recorded before the fence: a failure at any later step (or a crash)
+                # rolls back with blue unfenced.
+                self._fact(blue_fenced=True)
                 fence.fence(blue, self.cfg.blue.app_role)
             waited = replication.wait_applied(
                 blue, green, schema=self.schema, direction="fwd",
@@ -615,6 +633,9 @@ class Release:
                 replication.drop_slot(blue, self.fwd.slot)
                 self._fact(forward_dropped=True)
             self._start_reverse(blue, green)
+            # Before the router moves: a crash between the two must roll back as if
+            # green took writes (the reverse path brings them to blue).
+            self._fact(green_writable=True)
         self._set_weights(Weights.green_at(100))
         pause = time.monotonic() - started
         self._fact(switched_over=True, green_writable=True, switchover_pause_s=round(pause, 3))
@@ -791,7 +812,7 @@ class Release:
                 self._note(f"waiting for approval of stage {stage + 1}: run `orchestrate "
                            f"promote --release {self.name}` (or `orchestrate abort`)", "warning")
                 announced = True
-            self.sleep(1.0)
+            self.sleep(REQUEST_POLL_S)
 
 
 def release_for(cfg: ReleaseConfig, *, store: StateStore | None = None, **kw: Any) -> Release:

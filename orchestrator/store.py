@@ -88,6 +88,8 @@ INSERT INTO {schema}.schema_version (version) VALUES ({version}) ON CONFLICT DO 
 """
 
 ACTIVE = "running"
+# States from which no rollback can start: past the window, or already over.
+NO_ROLLBACK_FROM = ("cleanup", "done", "rolled_back", "failed")
 
 
 @dataclass
@@ -260,12 +262,17 @@ class StateStore:
         return dict(row[0]) if row else {}
 
     def request_rollback(self, name: str, reason: str) -> bool:
-        """Ask the process running ``name`` to roll back. True if the request was new."""
+        """Ask the process running ``name`` to roll back. True if the request was new.
+
+        A promoted release in its rollback window can still be rolled back, so the
+        request is taken in every state from which a rollback is possible, not only
+        while the status is ``running`` (cleanup, done and the terminal states refuse:
+        the caller reads the row to say why)."""
         row = self.conn.execute(
             self._q("UPDATE {schema}.releases SET rollback_requested = %s, updated_at = now() "
-                    "WHERE name = %s AND status = 'running' AND rollback_requested IS NULL "
-                    "RETURNING name"),
-            (reason, name),
+                    "WHERE name = %s AND rollback_requested IS NULL "
+                    "AND state <> ALL(%s) RETURNING name"),
+            (reason, name, list(NO_ROLLBACK_FROM)),
         ).fetchone()
         return row is not None
 
