@@ -108,6 +108,18 @@ class DatabaseConfig(_Model):
         "prefer"
     )
     connect_timeout: Duration = 10.0
+    # A server that stops answering without closing its connections (a paused VM, a
+    # blackholed path) is invisible without deadlines. Keepalives and
+    # tcp_user_timeout let the kernel drop a dead network path (also for the
+    # subscription's and pg_dump/psql's connections, which get them through the
+    # conninfo); a paused server's kernel still answers TCP, so every statement the
+    # orchestrator waits on has a client-side deadline too (``statement_deadline``),
+    # after which the connection is dropped and the step fails or retries.
+    keepalives_idle: Duration = 10.0
+    keepalives_interval: Duration = 5.0
+    keepalives_count: int = Field(default=3, ge=1, le=100)
+    tcp_user_timeout: Duration = 30.0
+    statement_deadline: Duration = 60.0
     # The address the peer cluster uses for replication (a Service name in Kubernetes,
     # for instance); defaults to host/port.
     peer_host: str | None = None
@@ -127,6 +139,11 @@ class DatabaseConfig(_Model):
             "user": self.user,
             "sslmode": self.sslmode,
             "connect_timeout": str(max(1, int(self.connect_timeout))),
+            "keepalives": "1",
+            "keepalives_idle": str(max(1, int(self.keepalives_idle))),
+            "keepalives_interval": str(max(1, int(self.keepalives_interval))),
+            "keepalives_count": str(self.keepalives_count),
+            "tcp_user_timeout": str(max(1000, int(self.tcp_user_timeout * 1000))),
         }
         if with_password and self.password is not None:
             parts["password"] = self.password.resolve()

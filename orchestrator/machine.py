@@ -346,7 +346,8 @@ class Release:
         found = migrations.discover(self.cfg.migrations.dir)
         with self._blue() as blue:
             inherited = migrations.history(blue, self.schema)
-        with self._green(lock_timeout_ms=60_000) as green:
+        # Migrations may legitimately run long (a backfill): no client deadline.
+        with self._green(lock_timeout_ms=60_000, deadline=None) as green:
             migrations.ensure_tracking(green, self.schema)
             migrations.inherit_history(green, inherited, self.schema)
             applied = migrations.apply_all(green, found, schema=self.schema, release=self.name)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import psycopg
 from psycopg import sql
+from psycopg.abc import PQGen
+from psycopg.rows import TupleRow
 
 from orchestrator.config import DatabaseConfig
 from orchestrator.errors import AuthenticationError, ConnectError
@@ -15,6 +17,41 @@ from orchestrator.logging import scrub
 from orchestrator.retry import call_with_retry, pg_retrying, refused_by_server
 
 APPLICATION_NAME = "orchestrate"
+RV = TypeVar("RV")
+
+
+class StatementDeadline(psycopg.OperationalError):
+    """No answer within the connection's deadline: the server is paused or the network
+    path is gone. The connection is closed (its state is unknown); an OperationalError,
+    so the retry policy and the state machine treat it as a broken connection."""
+
+
+class DeadlineConnection(psycopg.Connection[TupleRow]):
+    """A connection whose every wait on the server ends by ``deadline`` seconds.
+
+    A server whose processes are stopped (SIGSTOP, a paused VM) keeps its sockets: the
+    kernel completes TCP handshakes and acknowledges data, so neither keepalives nor
+    ``tcp_user_timeout`` fire, and ``statement_timeout`` is enforced by the very
+    process that is stopped. Only the client can give up: psycopg's own wait takes a
+    timeout, applied here to every statement, commit and COPY on the connection.
+    """
+
+    deadline: float | None = None
+    peer: str = "the server"
+
+    def wait(self, gen: PQGen[RV], interval: float = 0.1,
+             timeout: float | None = None) -> RV:
+        limit = timeout if timeout is not None else self.deadline
+        try:
+            return super().wait(gen, interval=interval, timeout=limit)
+        except psycopg.errors._WaitTimeout:  # psycopg's only timeout signal
+            if timeout is not None:
+                raise
+            # Mid-protocol: the connection can never be used again.
+            self.pgconn.finish()
+            raise StatementDeadline(
+                f"no answer from {self.peer} within {limit:g}s (the server is paused, "
+                "overloaded or unreachable)") from None
 
 
 def connect(
@@ -26,20 +63,26 @@ def connect(
     lock_timeout_ms: int = 10_000,
     statement_timeout_ms: int = 0,
     attempts: int = 5,
+    deadline: float | Literal["default"] | None = "default",
 ) -> psycopg.Connection[Any]:
     """Connect with retries on transient failures.
 
     lock_timeout keeps a DDL statement from queueing behind a long transaction and
-    blocking every query behind it (the classic migration outage).
+    blocking every query behind it (the classic migration outage). ``deadline``
+    (seconds; the database's ``statement_deadline`` by default, None for work that
+    may legitimately take long, such as a migration) bounds every wait on the server.
     """
     options = f"-c lock_timeout={lock_timeout_ms} -c statement_timeout={statement_timeout_ms}"
     conninfo = db.conninfo(dbname=dbname)
     name = f"{APPLICATION_NAME}{'-' + role if role else ''}"
 
     def _open() -> psycopg.Connection[Any]:
-        return psycopg.connect(
+        conn = DeadlineConnection.connect(
             conninfo, autocommit=autocommit, application_name=name, options=options
         )
+        conn.deadline = db.statement_deadline if deadline == "default" else deadline
+        conn.peer = f"{role or 'the'} database {db.describe()}".strip()
+        return conn
 
     try:
         return call_with_retry(_open, policy=pg_retrying(attempts=attempts))

@@ -120,8 +120,11 @@ def constant(*parts: int) -> int:
 
 
 def open_session(db: DatabaseConfig, cfg: ValidateConfig, role: str) -> Conn:
+    # The server enforces statement_timeout while it runs; the client deadline a bit
+    # later catches a server that stopped running at all.
     conn = connect(db, role=role, statement_timeout_ms=int(cfg.statement_timeout * 1000),
-                   lock_timeout_ms=int(cfg.lock_timeout * 1000))
+                   lock_timeout_ms=int(cfg.lock_timeout * 1000),
+                   deadline=cfg.statement_timeout + 30.0)
     # Custom plans for every range: a generic plan cannot see how wide a range is.
     conn.prepare_threshold = None
     conn.execute(sql.SQL("SELECT {}").format(sql.SQL(", ").join(

@@ -1,0 +1,1 @@
+"""Faults on real paths for the tests: a frozen cluster, a proxy that blackholes."""

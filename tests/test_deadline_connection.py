@@ -1,0 +1,88 @@
+"""Every wait on a server has a deadline: a frozen PostgreSQL (SIGSTOP, sockets open)
+ends a statement with StatementDeadline instead of hanging, on every major."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from orchestrator.config import DatabaseConfig, SecretRef
+from orchestrator.errors import ConnectError
+from orchestrator.pg.conn import StatementDeadline, connect
+from orchestrator.sandbox.pgcluster import PgCluster
+from tests.conftest import short_tmpdir
+from tests.faults.freeze import frozen
+
+
+@pytest.fixture(scope="module", params=[15, 18])
+def cluster(request: pytest.FixtureRequest) -> Iterator[PgCluster]:
+    with short_tmpdir("orch-dl-") as base:
+        pg = PgCluster("dl", request.param, base)
+        pg.start()
+        try:
+            yield pg
+        finally:
+            pg.stop()
+
+
+def _db(pg: PgCluster, monkeypatch: pytest.MonkeyPatch, **kw: object) -> DatabaseConfig:
+    monkeypatch.setenv("ORCH_DL_PW", pg.password)
+    return DatabaseConfig(host=pg.host, port=pg.port, dbname="postgres", user=pg.superuser,
+                          password=SecretRef(env="ORCH_DL_PW"), sslmode="disable", **kw)
+
+
+def test_a_statement_on_a_frozen_server_ends_at_its_deadline(
+        cluster: PgCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = _db(cluster, monkeypatch, statement_deadline=1.5)
+    conn = connect(db, role="blue")
+    assert conn.execute("SELECT 1").fetchone() == (1,)
+    with frozen(cluster):
+        started = time.monotonic()
+        with pytest.raises(StatementDeadline, match=r"no answer from blue database .* 1\.5s"):
+            conn.execute("SELECT 1")
+        waited = time.monotonic() - started
+        assert conn.closed
+    assert 1.4 <= waited < 10.0
+    # The error is an OperationalError: retried as a broken connection, caught by
+    # the state machine like any lost connection.
+    assert issubclass(StatementDeadline, psycopg.OperationalError)
+    with connect(db, role="blue") as again:
+        assert again.execute("SELECT 2").fetchone() == (2,)
+
+
+def test_connecting_to_a_frozen_server_ends_at_connect_timeout(
+        cluster: PgCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = _db(cluster, monkeypatch, connect_timeout=2)
+    with frozen(cluster):
+        started = time.monotonic()
+        with pytest.raises(ConnectError, match="cannot connect"):
+            connect(db, role="green", attempts=1)
+        assert time.monotonic() - started < 10.0
+
+
+def test_no_deadline_for_work_that_may_take_long(
+        cluster: PgCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = _db(cluster, monkeypatch, statement_deadline=0.5)
+    with connect(db, role="green", deadline=None) as conn:
+        assert conn.execute("SELECT pg_sleep(1.0), 1").fetchone() == ("", 1)
+
+
+def test_keepalives_and_user_timeout_are_set_on_the_socket(
+        cluster: PgCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = _db(cluster, monkeypatch, keepalives_idle=7, keepalives_interval=3,
+             keepalives_count=4, tcp_user_timeout=12)
+    with connect(db, role="blue") as conn:
+        sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
+        try:
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 7
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 3
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 4
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 12000
+        finally:
+            sock.close()
