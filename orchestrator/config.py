@@ -473,6 +473,19 @@ def _default_stages() -> list[CanaryStage]:
     ]
 
 
+class ProbeConfig(_Model):
+    """The other side's health, a check of its own (``orchestrator/pg/probe.py``): a
+    statement on green (and on blue until promotion) every ``interval`` (the canary's
+    analysis interval by default), through every stage and the rollback window."""
+
+    # Per probe: connecting and answering ``SELECT 1``. A paused server answers
+    # neither; a loaded one answers well within this.
+    timeout: Duration = 5.0
+    interval: Duration | None = None
+    # Consecutive failed probes that fail the stage (or, in the window, roll back).
+    failure_limit: int = Field(default=3, ge=1)
+
+
 class CanaryConfig(_Model):
     interval: Duration = 10.0
     window: Duration = 30.0
@@ -484,6 +497,7 @@ class CanaryConfig(_Model):
     checks: list[MetricCheck] = Field(default_factory=list, validate_default=True)
     # What too many inconclusive evaluations (no data, Prometheus down) do.
     on_inconclusive: Literal["rollback", "pause"] = "rollback"
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
 
     @field_validator("stages")
     @classmethod

@@ -27,7 +27,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -52,6 +53,7 @@ from orchestrator.pg import (
 )
 from orchestrator.pg import validate as validation
 from orchestrator.pg.conn import connect, server_major
+from orchestrator.pg.probe import SideProbe
 from orchestrator.pg.tools import find_tools
 from orchestrator.routers.base import TrafficRouter, WeightDriftError, Weights
 from orchestrator.store import ReleaseRow, StateStore
@@ -137,6 +139,8 @@ class Release:
         self.fwd = replication.forward(self.name)
         self.rev = replication.reverse(self.name)
         self.facts: dict[str, Any] = {}
+        # Worker errors of each subscription when a stage's first check saw it.
+        self._apply_errors: dict[tuple[int, str], int] = {}
         self._handlers: dict[State, Callable[[], State]] = {
             State.BACKUP: self.backup,
             State.PROVISION: self.provision,
@@ -472,11 +476,12 @@ class Release:
             checks = canary.checks_for(stage) if stage.weight > 0 else []
             # run_stage asks for a rollback request every ~0.5 s while it waits, so an
             # alert or `orchestrate abort` acts within a second, not an interval.
-            outcome = run_stage(
-                checks, self.metrics, labels, duration=stage.duration,
-                interval=interval, record=record,
-                should_abort=self._stage_guard(index, stage.weight, interval),
-                sleep=self.sleep)
+            with self._probes(interval, blue_too=True) as probes:
+                outcome = run_stage(
+                    checks, self.metrics, labels, duration=stage.duration,
+                    interval=interval, record=record,
+                    should_abort=self._stage_guard(index, stage.weight, interval, probes),
+                    sleep=self.sleep)
             if outcome.verdict == "fail":
                 raise CanaryFailed(f"stage {stage.weight}%: {outcome.reason}")
             if outcome.verdict == "aborted":
@@ -516,13 +521,16 @@ class Release:
         remaining = closes - time.time()
         if remaining > 0 and self.wait_window:
             self._note(f"rollback window open for {remaining:.0f}s more; waiting")
-            while remaining > 0:
-                reason = self._rollback_requested()
-                if reason:
-                    self._enter_rollback(State.WINDOW, reason)
-                    return State.ROLLBACK
-                self.sleep(min(REQUEST_POLL_S, remaining))
-                remaining = closes - time.time()
+            stage = len(self.cfg.canary.stages)
+            with self._probes(self.cfg.canary.interval, blue_too=False) as probes:
+                while remaining > 0:
+                    reason = self._rollback_requested() or self._probe_problem(
+                        probes, stage, 100)
+                    if reason:
+                        self._enter_rollback(State.WINDOW, reason)
+                        return State.ROLLBACK
+                    self.sleep(min(REQUEST_POLL_S, remaining))
+                    remaining = closes - time.time()
         if remaining > 0:
             raise _WindowOpen(remaining)
         return State.CLEANUP
@@ -577,6 +585,9 @@ class Release:
             ended = fence.fence(green, self.cfg.green.app_role)
             self._note("green fenced", sessions_ended=ended)
         if replication.subscription_exists(blue, self.rev.subscription):
+            if replication.ensure_enabled(blue, self.rev.subscription):
+                self._note("reverse subscription was disabled; enabled again to bring "
+                           "green's writes to blue", "warning")
             waited = replication.wait_applied(
                 green, blue, schema=self.schema, direction="rev",
                 subscription=self.rev.subscription, timeout=self.cfg.sync.catchup_timeout)
@@ -622,6 +633,9 @@ class Release:
                 # rolls back with blue unfenced.
                 self._fact(blue_fenced=True)
                 fence.fence(blue, self.cfg.blue.app_role)
+            if replication.ensure_enabled(green, self.fwd.subscription):
+                self._note("forward subscription was disabled; enabled again to catch up",
+                           "warning")
             waited = replication.wait_applied(
                 blue, green, schema=self.schema, direction="fwd",
                 subscription=self.fwd.subscription, timeout=self.cfg.sync.catchup_timeout)
@@ -708,7 +722,9 @@ class Release:
     def _green_if_exists(self) -> psycopg.Connection[Any] | None:
         """Green's database, or None when it was never created or cannot be reached."""
         try:
-            return self._green(attempts=2)
+            # Short: a paused green must not hold up sending users back to blue.
+            timeout = self.cfg.canary.probe.timeout
+            return self._green(attempts=2, connect_timeout=timeout, deadline=timeout * 2)
         except OrchestrateError as exc:
             self._note(f"green not reachable: {exc.message}", "warning")
             return None
@@ -746,32 +762,70 @@ class Release:
                 sql.Identifier(self.cfg.green.dbname)))
         self._note("green database dropped")
 
-    def _stage_guard(self, index: int, weight: int, interval: float
-                     ) -> Callable[[], str | None]:
+    @contextmanager
+    def _probes(self, interval: float, *, blue_too: bool) -> Iterator[list[SideProbe]]:
+        """Green's (and blue's) own health, probed in the background for a stage or
+        the window: a paused server is invisible to Prometheus."""
+        cfg = self.cfg.canary.probe
+        sides = [(self.cfg.green, "green")] + ([(self.cfg.blue, "blue")] if blue_too else [])
+        probes = [SideProbe(db, side, interval=cfg.interval or interval, timeout=cfg.timeout,
+                            failure_limit=cfg.failure_limit) for db, side in sides]
+        with ExitStack() as stack:
+            for probe in probes:
+                stack.enter_context(probe)
+            yield probes
+
+    def _probe_problem(self, probes: list[SideProbe], index: int, weight: int) -> str | None:
+        for probe in probes:
+            for result in probe.drain():
+                self.store.record_measurement(
+                    self.name, stage=index, weight=weight, check=f"probe:{result.side}",
+                    value=round(result.seconds, 4), baseline=self.cfg.canary.probe.timeout,
+                    verdict="pass" if result.ok else "fail", detail=result.detail)
+                if not result.ok:
+                    self._note(f"{result.side} probe failed: {result.detail}", "warning")
+            problem = probe.problem()
+            if problem:
+                return problem
+        return None
+
+    def _stage_guard(self, index: int, weight: int, interval: float,
+                     probes: list[SideProbe]) -> Callable[[], str | None]:
         """What can end a stage besides its metrics: a rollback request (checked on
-        every call) and, once per interval, the data path itself. Argo Rollouts and
-        Flagger cannot see it: a subscription that stopped applying makes green drift
-        from blue and a later rollback slow or lossy, however good the HTTP metrics."""
+        every call), a side that stopped answering (its probe), and, once per
+        interval, the data path itself. Argo Rollouts and Flagger cannot see it: a
+        subscription that stopped applying makes green drift from blue and a later
+        rollback slow or lossy, however good the HTTP metrics."""
         last = [float("-inf")]
 
         def guard() -> str | None:
             reason = self._rollback_requested()
             if reason:
                 return reason
+            problem = self._probe_problem(probes, index, weight)
+            if problem:
+                return problem
             now = time.monotonic()
             if now - last[0] < interval:
                 return None
             last[0] = now
+            if any(p.failing for p in probes):
+                # Its probe judges a side that does not answer; the replication check
+                # would only block on it.
+                return None
             return self._replication_problem(index, weight)
 
         return guard
 
     def _replication_problem(self, index: int, weight: int) -> str | None:
+        deadline = self.cfg.canary.probe.timeout
         try:
-            blue, green = self._blue(attempts=2), self._green(attempts=2)
+            blue = self._blue(attempts=1, deadline=deadline)
+            green = self._green(attempts=1, deadline=deadline)
         except OrchestrateError as exc:
-            # A blip is not a verdict on green; the metrics decide. Say it, though.
-            self._note(f"replication check skipped: {exc.message}", "warning")
+            # One blip is not a verdict: the probes count failures against their
+            # limit and fail the stage; this check waits for the next interval.
+            self._note(f"replication check postponed: {exc.message}", "warning")
             return None
         with blue, green:
             paths = []
@@ -780,8 +834,10 @@ class Release:
             if replication.subscription_exists(blue, self.rev.subscription):
                 paths.append(("reverse", blue, self.rev.subscription, green, self.rev.slot))
             for what, sub, subscription, pub, slot in paths:
+                before = self._apply_errors.setdefault(
+                    (index, subscription), replication.error_count(sub, subscription))
                 try:
-                    replication.check_healthy(sub, subscription)
+                    replication.check_healthy(sub, subscription, errors_before=before)
                 except ReleaseFailed as exc:
                     return f"{what} replication stopped: {exc.message}"
                 lag = replication.lag_bytes(pub, slot)

@@ -64,6 +64,7 @@ def connect(
     statement_timeout_ms: int = 0,
     attempts: int = 5,
     deadline: float | Literal["default"] | None = "default",
+    connect_timeout: float | None = None,
 ) -> psycopg.Connection[Any]:
     """Connect with retries on transient failures.
 
@@ -73,6 +74,9 @@ def connect(
     may legitimately take long, such as a migration) bounds every wait on the server.
     """
     options = f"-c lock_timeout={lock_timeout_ms} -c statement_timeout={statement_timeout_ms}"
+    if connect_timeout is not None:
+        # libpq counts whole seconds and takes 2 as its minimum.
+        db = db.model_copy(update={"connect_timeout": max(2.0, connect_timeout)})
     conninfo = db.conninfo(dbname=dbname)
     name = f"{APPLICATION_NAME}{'-' + role if role else ''}"
 

@@ -162,9 +162,14 @@ class SubscriptionOptions:
     origin_none: bool = False
     binary: bool = False
     streaming: str = "on"  # "on", "off" or (16+) "parallel"
-    # PostgreSQL 15+: an apply error disables the subscription instead of retrying in a
-    # loop forever; the orchestrator sees it and fails with the error.
-    disable_on_error: bool = True
+    # Off: PostgreSQL counts a peer that stopped answering (wal_receiver_timeout, a
+    # lost connection) as an apply error too, and with disable_on_error a stall of
+    # more than a minute disabled the subscription for good: blue stopped being a
+    # rollback target and green's writes stayed on green. Without it the worker
+    # restarts by itself when the peer answers again; a real apply error (it
+    # repeats every wal_retrieve_retry_interval) is caught by ``check_healthy``
+    # from the growth of apply_error_count. See docs/sync.md.
+    disable_on_error: bool = False
 
 
 def subscription_sql(name: str, publisher_conninfo: str, publication: str,
@@ -232,8 +237,38 @@ def subscription_state(conn: psycopg.Connection[Any], name: str) -> str:
            f"{workers} worker(s)"
 
 
-def check_healthy(conn: psycopg.Connection[Any], name: str) -> None:
-    """Raise when the subscription was disabled by an apply error."""
+def error_count(conn: psycopg.Connection[Any], name: str) -> int:
+    """Apply and initial-copy errors the subscription's workers reported so far."""
+    return int(scalar(conn, """
+        SELECT coalesce(st.apply_error_count, 0) + coalesce(st.sync_error_count, 0)
+        FROM pg_subscription s LEFT JOIN pg_stat_subscription_stats st ON st.subid = s.oid
+        WHERE s.subname = %s""", name) or 0)
+
+
+def ensure_enabled(conn: psycopg.Connection[Any], name: str) -> bool:
+    """Enable a subscription that was disabled (by disable_on_error in a release
+    started before it was turned off, or by a person). True when it was disabled.
+    If the cause was a real apply error it fails again, and the catch-up that follows
+    says so; if it was a stall, changes flow again."""
+    row = conn.execute("SELECT subenabled FROM pg_subscription WHERE subname = %s",
+                       (name,)).fetchone()
+    if row is None or row[0]:
+        return False
+    conn.execute(sql.SQL("ALTER SUBSCRIPTION {} ENABLE").format(sql.Identifier(name)))
+    conn.execute(sql.SQL("ALTER SUBSCRIPTION {} SET (disable_on_error = false)").format(
+        sql.Identifier(name)))
+    return True
+
+
+# Errors in one stage that make a subscription unhealthy. A stall costs one (the
+# worker's timeout); an apply error repeats every few seconds.
+REPEATED_ERRORS = 3
+
+
+def check_healthy(conn: psycopg.Connection[Any], name: str,
+                  errors_before: int | None = None) -> None:
+    """Raise when the subscription was disabled, or (given the count at the start of
+    the stage) its workers keep failing."""
     row = conn.execute(
         """
         SELECT s.subenabled, coalesce(st.apply_error_count, 0), coalesce(st.sync_error_count, 0)
@@ -245,6 +280,13 @@ def check_healthy(conn: psycopg.Connection[Any], name: str) -> None:
     if row is None:
         raise ReleaseFailed(f"subscription {name} is missing on {conn.info.host}")
     enabled, apply_errors, sync_errors = row
+    if errors_before is not None and apply_errors + sync_errors - errors_before \
+            >= REPEATED_ERRORS:
+        raise ReleaseFailed(
+            f"subscription {name} keeps failing: {apply_errors + sync_errors - errors_before} "
+            "worker errors since the stage began",
+            hint="read the subscriber's server log (logical replication worker errors); a "
+            "migration that dropped or renamed a replicated column is the usual cause")
     if not enabled:
         raise ReleaseFailed(
             f"subscription {name} was disabled after {apply_errors} apply and {sync_errors} "

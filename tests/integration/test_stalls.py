@@ -1,0 +1,162 @@
+"""A server that stops answering without closing its connections (every process of
+the cluster SIGSTOPped, as a paused VM is): no hang, no lost write, and a rollback
+that finishes once the server answers again. Each freeze outlasts
+``wal_receiver_timeout`` (lowered to 5 s here, so the tests take seconds, not
+minutes), which is what used to disable the subscriptions for good."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from orchestrator.routers.base import Weights
+from orchestrator.sandbox.loadgen import LoadGenerator
+from orchestrator.sandbox.pgcluster import PgCluster
+from orchestrator.sandbox.stack import APP_DATABASE, APP_ROLE, Sandbox
+from tests.faults.freeze import frozen
+from tests.integration.helpers import (
+    blue_conn,
+    order_ids,
+    release_row,
+    replication_leftovers,
+    reset,
+    router,
+    run_cli,
+    spawn_cli,
+    wait_for,
+    write_config,
+)
+
+pytestmark = pytest.mark.slow
+
+RECEIVER_TIMEOUT_S = 5
+FREEZE_S = 3 * RECEIVER_TIMEOUT_S
+# Probes every second, 2 s each, 2 failures: a frozen side fails the stage in ~6 s.
+PROBE = {"timeout": "2s", "failure_limit": 2}
+
+
+def _set_timeouts(cluster: PgCluster, seconds: int | None) -> None:
+    for name in ("wal_receiver_timeout", "wal_sender_timeout"):
+        if seconds is None:
+            cluster.execute(f"ALTER SYSTEM RESET {name}")
+        else:
+            cluster.execute(f"ALTER SYSTEM SET {name} = '{seconds}s'")
+    cluster.execute("SELECT pg_reload_conf()")
+
+
+@pytest.fixture
+def short_timeouts(sandbox_16_17: Sandbox) -> Iterator[Sandbox]:
+    sb = sandbox_16_17
+    reset(sb)
+    for cluster in (sb.blue, sb.green):
+        _set_timeouts(cluster, RECEIVER_TIMEOUT_S)
+    try:
+        yield sb
+    finally:
+        for cluster in (sb.blue, sb.green):
+            _set_timeouts(cluster, None)
+
+
+def _blue_fenced(sb: Sandbox) -> bool:
+    with blue_conn(sb) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole "
+            "JOIN pg_database d ON d.oid = s.setdatabase WHERE r.rolname = %s "
+            "AND d.datname = %s AND 'default_transaction_read_only=on' = ANY(s.setconfig)",
+            (APP_ROLE, APP_DATABASE)).fetchone()
+    return bool(row and row[0])
+
+
+def test_green_frozen_during_a_stage_fails_it_and_the_rollback_finishes_after(
+        short_timeouts: Sandbox) -> None:
+    sb = short_timeouts
+    stages = {"interval": "1s", "window": "10s", "checks": [], "probe": PROBE, "stages": [
+        {"weight": 0, "duration": "1s"}, {"weight": 20, "duration": "120s"},
+        {"weight": 100, "duration": "1s"}]}
+    cfg = write_config(sb, "green-frozen", canary=stages)
+    log = sb.base_dir / "green-frozen.log"
+    load = LoadGenerator(sb.haproxy.url, rate=60.0, write_ratio=0.5)
+    load.start()
+    proc = spawn_cli(sb, "release", "--config", str(cfg), log=log)
+    try:
+        def green_takes_writes() -> bool:
+            row = release_row(sb, "green-frozen")
+            at_20 = bool(row and (row["facts"].get("weights") or {}).get("green") == 20)
+            return at_20 and load.report().acked_by_colour.get("green", 0) > 10
+
+        assert wait_for(green_takes_writes, timeout=180), log.read_text()[-3000:]
+        with frozen(sb.green):
+            started = time.monotonic()
+            # The release does not wait for the freeze to end: the probe fails the
+            # stage, traffic goes back to blue, and the rollback stops, saying why
+            # (green holds writes blue has not got yet).
+            code = proc.wait(timeout=FREEZE_S + 30)
+            reacted = time.monotonic() - started
+            assert code == 1, log.read_text()[-3000:]
+            assert router(sb).current() == Weights.green_at(0)
+            row = release_row(sb, "green-frozen")
+            assert row is not None and row["state"] == "rollback"
+            assert "green does not answer" in log.read_text()
+            assert "green is unreachable" in (row["error"] or "")
+            time.sleep(max(0.0, FREEZE_S - reacted))
+        # Green answers again: the rerun completes the rollback with green's writes.
+        back = run_cli(sb, "rollback", "--config", str(cfg))
+        assert back.code == 0, back.out + back.err[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        report = load.stop()
+    assert reacted < 20.0
+    row = release_row(sb, "green-frozen")
+    assert row is not None and row["status"] == "rolled_back"
+    assert router(sb).current() == Weights.green_at(0)
+    assert not _blue_fenced(sb)
+    assert replication_leftovers(sb) == []
+    assert report.acked_by_colour.get("green", 0) > 0
+    with blue_conn(sb) as b:
+        missing = set(report.acked_order_ids) - order_ids(b)
+    assert missing == set(), f"{len(missing)} acknowledged writes missing on blue"
+
+
+def test_blue_frozen_longer_than_the_receiver_timeout_loses_no_write(
+        short_timeouts: Sandbox) -> None:
+    """Blue (also the state database) stalls while both sides take writes; after it
+    answers again the subscriptions resume by themselves (no disable_on_error), and
+    an abort rolls back with every write on blue."""
+    sb = short_timeouts
+    stages = {"interval": "1s", "window": "10s", "checks": [],
+              "probe": {"timeout": "2s", "failure_limit": 100}, "stages": [
+                  {"weight": 0, "duration": "1s"}, {"weight": 20, "duration": "240s"},
+                  {"weight": 100, "duration": "1s"}]}
+    cfg = write_config(sb, "blue-frozen", canary=stages)
+    log = sb.base_dir / "blue-frozen.log"
+    load = LoadGenerator(sb.haproxy.url, rate=60.0, write_ratio=0.5)
+    load.start()
+    proc = spawn_cli(sb, "release", "--config", str(cfg), log=log)
+    try:
+        def green_takes_writes() -> bool:
+            row = release_row(sb, "blue-frozen")
+            at_20 = bool(row and (row["facts"].get("weights") or {}).get("green") == 20)
+            return at_20 and load.report().acked_by_colour.get("green", 0) > 10
+
+        assert wait_for(green_takes_writes, timeout=180), log.read_text()[-3000:]
+        with frozen(sb.blue):
+            time.sleep(FREEZE_S)
+        assert wait_for(lambda: load.report().acked_by_colour.get("blue", 0) > 0, timeout=30)
+        aborted = run_cli(sb, "abort", "--config", str(cfg), "--reason", "after the stall")
+        assert aborted.code == 0, aborted.out + aborted.err[-3000:] + log.read_text()[-3000:]
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        report = load.stop()
+    row = release_row(sb, "blue-frozen")
+    assert row is not None and row["status"] == "rolled_back", row
+    assert router(sb).current() == Weights.green_at(0)
+    assert not _blue_fenced(sb)
+    assert replication_leftovers(sb) == []
+    with blue_conn(sb) as b:
+        missing = set(report.acked_order_ids) - order_ids(b)
+    assert missing == set(), f"{len(missing)} acknowledged writes missing on blue"
