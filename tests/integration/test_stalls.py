@@ -160,3 +160,49 @@ def test_blue_frozen_longer_than_the_receiver_timeout_loses_no_write(
     with blue_conn(sb) as b:
         missing = set(report.acked_order_ids) - order_ids(b)
     assert missing == set(), f"{len(missing)} acknowledged writes missing on blue"
+
+
+def test_green_frozen_in_the_window_rolls_back_once_it_answers(
+        short_timeouts: Sandbox) -> None:
+    """Promoted, waiting in the window: nothing used to notice a paused green. The
+    probe does; the rollback cannot finish while green holds writes blue lacks, says
+    so, and the rerun after the freeze brings every write to blue."""
+    sb = short_timeouts
+    stages = {"interval": "1s", "window": "10s", "checks": [], "probe": PROBE, "stages": [
+        {"weight": 0, "duration": "1s"}, {"weight": 100, "duration": "1s"}]}
+    cfg = write_config(sb, "window-frozen", canary=stages)
+    log = sb.base_dir / "window-frozen.log"
+    load = LoadGenerator(sb.haproxy.url, rate=60.0, write_ratio=0.5)
+    load.start()
+    proc = spawn_cli(sb, "release", "--config", str(cfg), "--wait-window", log=log)
+    try:
+        def promoted_with_green_writes() -> bool:
+            row = release_row(sb, "window-frozen")
+            return bool(row and row["state"] == "window"
+                        and load.report().acked_by_colour.get("green", 0) > 10)
+
+        assert wait_for(promoted_with_green_writes, timeout=180), log.read_text()[-3000:]
+        with frozen(sb.green):
+            started = time.monotonic()
+            code = proc.wait(timeout=FREEZE_S + 30)
+            reacted = time.monotonic() - started
+            assert code == 1, log.read_text()[-3000:]
+            row = release_row(sb, "window-frozen")
+            assert row is not None and row["state"] == "rollback", row
+            assert "green does not answer" in (row["error"] or "") + log.read_text()
+            time.sleep(max(0.0, FREEZE_S - reacted))
+        back = run_cli(sb, "rollback", "--config", str(cfg))
+        assert back.code == 0, back.out + back.err[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        report = load.stop()
+    assert reacted < 20.0
+    row = release_row(sb, "window-frozen")
+    assert row is not None and row["status"] == "rolled_back"
+    assert router(sb).current() == Weights.green_at(0)
+    assert not _blue_fenced(sb)
+    assert replication_leftovers(sb) == []
+    with blue_conn(sb) as b:
+        missing = set(report.acked_order_ids) - order_ids(b)
+    assert missing == set(), f"{len(missing)} acknowledged writes missing on blue"
