@@ -226,6 +226,11 @@ class InitialCopyConfig(_Model):
     analyze: bool = True
     # Creating the slot waits for transactions running on blue to end.
     slot_timeout: Duration = 600.0
+    # A copy pipe that moves no byte for this long fails the copy, naming the table:
+    # a paused server (blue or green) otherwise holds the copy until
+    # initial_copy_timeout (hours). Generous: a large sort on blue moves nothing for
+    # a while only with an ORDER BY, which the copy never uses.
+    stall_timeout: Duration = 120.0
 
 
 class SyncConfig(_Model):

@@ -85,6 +85,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any, Literal
 
 import psycopg
@@ -523,7 +524,7 @@ class _Pipe:
 class _Copier:
     def __init__(self, blue: DatabaseConfig, green: DatabaseConfig, tools: PgTools, *,
                  snapshot: str, slot: str, encoding: str, replica_role: bool,
-                 deadline: float) -> None:
+                 deadline: float, stall_timeout: float = 120.0) -> None:
         app = (COPY_APP_PREFIX + slot)[:63]
         self.psql = tools.path("psql")
         self.blue_conninfo = blue.conninfo(with_password=False)
@@ -535,6 +536,7 @@ class _Copier:
         self.green_env = _env(green, app, green_opts, encoding)
         self.snapshot = snapshot
         self.deadline = deadline
+        self.stall_timeout = stall_timeout
         self.cancelled = threading.Event()
         self._lock = threading.Lock()
         self._pipes: set[_Pipe] = set()
@@ -614,14 +616,14 @@ class _Copier:
         try:
             with contextlib.suppress(BrokenPipeError):
                 os.write(write_fd, self.green_script(task).encode())
-            blue_rc = self._wait(blue)
+            blue_rc = self._wait(blue, watch=blue, task=task)
             if blue_rc == 0:
                 # Only now may green commit: see the module docstring.
                 with contextlib.suppress(BrokenPipeError):
                     os.write(write_fd, b"COMMIT;\n")
             os.close(write_fd)
             pipe.control = -1
-            green_rc = self._wait(green)
+            green_rc = self._wait(green, watch=green, task=task)
             if blue_rc != 0 or green_rc != 0:
                 if self.cancelled.is_set():
                     raise ReleaseFailed("copy cancelled")
@@ -641,9 +643,15 @@ class _Copier:
             with self._lock:
                 self._pipes.discard(pipe)
 
-    def _wait(self, proc: subprocess.Popen[bytes]) -> int:
+    def _wait(self, proc: subprocess.Popen[bytes], *, watch: subprocess.Popen[bytes],
+              task: CopyTask) -> int:
+        """Wait for ``proc``, watching that ``watch`` moves bytes: the data goes from
+        one psql to the other without passing through this process, so progress is
+        read from the kernel's I/O counters of the child."""
+        moved, moved_at = _io_bytes(watch.pid), time.monotonic()
         while True:
-            remaining = self.deadline - time.monotonic()
+            now = time.monotonic()
+            remaining = self.deadline - now
             if remaining <= 0:
                 raise ReleaseFailed("the initial copy did not finish in time",
                                     hint="raise sync.initial_copy_timeout")
@@ -652,6 +660,15 @@ class _Copier:
             except subprocess.TimeoutExpired:
                 if self.cancelled.is_set():
                     proc.kill()
+            now_moved = _io_bytes(watch.pid)
+            if now_moved != moved:
+                moved, moved_at = now_moved, time.monotonic()
+            elif moved is not None and time.monotonic() - moved_at > self.stall_timeout:
+                raise ReleaseFailed(
+                    f"copying {task.label}: no byte moved for {self.stall_timeout:g}s (blue "
+                    "or green stopped answering)",
+                    hint="check both servers; the rerun resumes the copy (raise "
+                    "sync.initial_copy.stall_timeout if the servers are only slow)")
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -661,6 +678,16 @@ class _Copier:
             for proc in (pipe.blue, pipe.green):
                 if proc.poll() is None:
                     proc.kill()
+
+
+def _io_bytes(pid: int) -> int | None:
+    """Bytes the process read and wrote so far (Linux /proc), None where unknown."""
+    try:
+        text = Path(f"/proc/{pid}/io").read_text()
+    except OSError:
+        return None
+    fields = dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
+    return int(fields.get("rchar", 0)) + int(fields.get("wchar", 0))
 
 
 def _read(f: IO[bytes]) -> bytes:
@@ -791,7 +818,7 @@ def copy_initial(
             stats.consistent_point = slot.consistent_point
             copier = _Copier(blue, green, tools, snapshot=slot.snapshot, slot=slot_name,
                              encoding=encoding, replica_role=replica_role,
-                             deadline=started + timeout)
+                             deadline=started + timeout, stall_timeout=cfg.stall_timeout)
 
             def copies_done() -> None:
                 nonlocal copied

@@ -6,11 +6,13 @@ minutes), which is what used to disable the subscriptions for good."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 
 import pytest
 
+from orchestrator.pg.initial_copy import COPY_APP_PREFIX
 from orchestrator.routers.base import Weights
 from orchestrator.sandbox.loadgen import LoadGenerator
 from orchestrator.sandbox.pgcluster import PgCluster
@@ -206,3 +208,47 @@ def test_green_frozen_in_the_window_rolls_back_once_it_answers(
     with blue_conn(sb) as b:
         missing = set(report.acked_order_ids) - order_ids(b)
     assert missing == set(), f"{len(missing)} acknowledged writes missing on blue"
+
+
+def test_green_frozen_during_the_initial_copy_fails_the_copy_naming_the_table(
+        short_timeouts: Sandbox) -> None:
+    """No log line and no error for minutes used to be the answer: the copy pipes
+    waited on the frozen server. The watchdog sees no byte move and fails the copy."""
+    sb = short_timeouts
+    with blue_conn(sb) as conn:
+        conn.execute("CREATE TABLE public.big_copy (id bigint PRIMARY KEY, pad text)")
+        conn.execute("INSERT INTO public.big_copy SELECT g, repeat(md5(g::text), 6) "
+                     "FROM generate_series(1, 1500000) g")
+    try:
+        cfg = write_config(sb, "copy-frozen", backup={"enabled": False},
+                           sync={"initial_copy": {"stall_timeout": "3s"}})
+        log = sb.base_dir / "copy-frozen.log"
+        proc = spawn_cli(sb, "release", "--config", str(cfg), log=log)
+        try:
+            def copying() -> bool:
+                with blue_conn(sb) as conn:
+                    row = conn.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name "
+                        "LIKE %s AND query ILIKE 'COPY%%big_copy%%'",
+                        (f"{COPY_APP_PREFIX}%",)).fetchone()
+                return bool(row and row[0])
+
+            assert wait_for(copying, timeout=180, interval=0.05), log.read_text()[-3000:]
+            with frozen(sb.green):
+                started = time.monotonic()
+                code = proc.wait(timeout=60)
+                reacted = time.monotonic() - started
+                assert code == 1, log.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        row = release_row(sb, "copy-frozen")
+        assert row is not None and row["status"] == "rolled_back", row
+        # Every pipe stalls at once; the first to hit the limit names its table.
+        assert re.search(r"copying public\.\w+: no byte moved for 3s", row["error"] or "")
+        assert reacted < 3 + 20
+        assert router(sb).current() == Weights.green_at(0)
+        assert not _blue_fenced(sb)
+    finally:
+        with blue_conn(sb) as conn:
+            conn.execute("DROP TABLE public.big_copy")
