@@ -68,3 +68,8 @@ class ConnectError(ExternalError):
 
 class AuthenticationError(ConnectError):
     """The server answered and refused the credentials: permanent, never retried."""
+
+
+class StateUnavailable(ExternalError):
+    """The control schema's database stopped answering mid-release. Nothing more can
+    be recorded; the release stops in its last recorded state and resumes on rerun."""

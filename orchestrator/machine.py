@@ -39,7 +39,12 @@ from orchestrator import preflight
 from orchestrator.canary.analysis import Evaluation, format_window, run_stage
 from orchestrator.canary.metrics import MetricsSource
 from orchestrator.config import ReleaseConfig
-from orchestrator.errors import OrchestrateError, PreflightError, ReleaseFailed
+from orchestrator.errors import (
+    OrchestrateError,
+    PreflightError,
+    ReleaseFailed,
+    StateUnavailable,
+)
 from orchestrator.logging import get_logger, scrub
 from orchestrator.pg import (
     backup,
@@ -235,6 +240,13 @@ class Release:
             except _WindowOpen as open_window:
                 self._note(open_window.message)
                 break
+            except StateUnavailable as lost:
+                # Nothing can be recorded, so nothing is decided: no rollback starts
+                # on a side we cannot even write the decision to. The rerun resumes.
+                log.error("state database lost", release=self.name,  # noqa: TRY400
+                          state=state.value,
+                          error=lost.message)
+                raise
             except OrchestrateError as exc:
                 state = self._on_failure(state, exc)
                 continue

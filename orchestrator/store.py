@@ -17,12 +17,14 @@ next one.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -30,7 +32,8 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from orchestrator.config import DatabaseConfig, ReleaseConfig
-from orchestrator.errors import LockedError
+from orchestrator.errors import ConnectError, LockedError, StateUnavailable
+from orchestrator.logging import scrub
 from orchestrator.pg.conn import connect
 
 SCHEMA_VERSION = 1
@@ -108,6 +111,35 @@ class ReleaseRow:
     finished_at: datetime | None = None
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _state_call(method: F) -> F:
+    """A call on the control schema that lost its server becomes StateUnavailable.
+
+    Without it a paused state database (blue, by default) surfaced as an unexpected
+    psycopg error, or, worse, the failure handler tried to log the failure to the
+    same frozen server. The connection is dropped, so the next call reconnects."""
+
+    @functools.wraps(method)
+    def wrapper(self: StateStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (psycopg.OperationalError, ConnectError) as exc:
+            if self._conn is not None and not self._conn.closed:
+                self._conn.close()
+            self._conn = None
+            text = exc.message if isinstance(exc, ConnectError) else str(exc)
+            raise StateUnavailable(
+                f"the release state database {self.db.describe()} does not answer: "
+                f"{scrub(text).strip()}",
+                hint="the release stopped where its last recorded state says (`orchestrate "
+                "status`); when the database answers again, run the same command to "
+                "resume") from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
 def _owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -141,6 +173,7 @@ class StateStore:
     def _q(self, template: str) -> sql.Composed:
         return sql.SQL(template).format(schema=sql.Identifier(self.schema))
 
+    @_state_call
     def ensure_schema(self) -> None:
         # Several orchestrators may bootstrap at once; serialise on a transaction lock
         # so CREATE TYPE/TABLE IF NOT EXISTS do not race each other.
@@ -150,6 +183,7 @@ class StateStore:
             ddl = _DDL.replace("{version}", str(SCHEMA_VERSION))
             self.conn.execute(self._q(ddl))
 
+    @_state_call
     def exists(self) -> bool:
         row = self.conn.execute(
             "SELECT to_regclass(%s) IS NOT NULL", (f"{self.schema}.releases",)
@@ -191,6 +225,7 @@ class StateStore:
         self._lock_conn = None
 
     # releases ----------------------------------------------------------------
+    @_state_call
     def get(self, name: str) -> ReleaseRow | None:
         if not self.exists():
             return None
@@ -206,6 +241,7 @@ class StateStore:
             row = cur.fetchone()
         return ReleaseRow(**row) if row else None
 
+    @_state_call
     def latest(self) -> ReleaseRow | None:
         if not self.exists():
             return None
@@ -214,6 +250,7 @@ class StateStore:
         ).fetchone()
         return self.get(row[0]) if row else None
 
+    @_state_call
     def active_other_than(self, name: str) -> ReleaseRow | None:
         if not self.exists():
             return None
@@ -224,6 +261,7 @@ class StateStore:
         ).fetchone()
         return self.get(row[0]) if row else None
 
+    @_state_call
     def create(self, name: str, state: str, config_sha256: str, config: dict[str, Any]) -> None:
         self.conn.execute(
             self._q(
@@ -233,12 +271,14 @@ class StateStore:
             (name, state, config_sha256, Jsonb(config), _owner()),
         )
 
+    @_state_call
     def claim(self, name: str) -> None:
         self.conn.execute(
             self._q("UPDATE {schema}.releases SET owner = %s, updated_at = now() WHERE name = %s"),
             (_owner(), name),
         )
 
+    @_state_call
     def set_state(self, name: str, state: str, *, status: str | None = None,
                   error: str | None = None, clear_error: bool = False) -> None:
         finished = status is not None and status != ACTIVE
@@ -253,6 +293,7 @@ class StateStore:
             (state, status, clear_error, error, finished, name),
         )
 
+    @_state_call
     def merge_facts(self, name: str, facts: dict[str, Any]) -> dict[str, Any]:
         row = self.conn.execute(
             self._q("UPDATE {schema}.releases SET facts = facts || %s, updated_at = now() "
@@ -261,6 +302,7 @@ class StateStore:
         ).fetchone()
         return dict(row[0]) if row else {}
 
+    @_state_call
     def request_rollback(self, name: str, reason: str) -> bool:
         """Ask the process running ``name`` to roll back. True if the request was new.
 
@@ -276,6 +318,7 @@ class StateStore:
         ).fetchone()
         return row is not None
 
+    @_state_call
     def approve_stage(self, name: str, stage: int) -> None:
         self.conn.execute(
             self._q("UPDATE {schema}.releases SET approved_stage = greatest(coalesce("
@@ -284,6 +327,7 @@ class StateStore:
         )
 
     # log and measurements -------------------------------------------------------
+    @_state_call
     def log(self, name: str, level: str, message: str, *, state: str | None = None,
             details: dict[str, Any] | None = None, duration_s: float | None = None) -> None:
         self.conn.execute(
@@ -296,6 +340,7 @@ class StateStore:
              duration_s),
         )
 
+    @_state_call
     def log_entries(self, name: str, limit: int = 50) -> list[dict[str, Any]]:
         with self.conn.cursor(row_factory=dict_row) as cur:
             cur.execute(
@@ -309,6 +354,7 @@ class StateStore:
             )
             return list(cur.fetchall())
 
+    @_state_call
     def record_measurement(self, name: str, *, stage: int, weight: int, check: str,
                            value: float | None, baseline: float | None, verdict: str,
                            detail: str | None = None) -> None:
@@ -320,6 +366,7 @@ class StateStore:
             (name, stage, weight, check, value, baseline, verdict, detail),
         )
 
+    @_state_call
     def measurements(self, name: str) -> list[dict[str, Any]]:
         with self.conn.cursor(row_factory=dict_row) as cur:
             cur.execute(

@@ -252,3 +252,50 @@ def test_green_frozen_during_the_initial_copy_fails_the_copy_naming_the_table(
     finally:
         with blue_conn(sb) as conn:
             conn.execute("DROP TABLE public.big_copy")
+
+
+def test_blue_frozen_with_the_state_stops_the_release_and_the_rerun_resumes(
+        short_timeouts: Sandbox) -> None:
+    """Blue holds the release's state: when it stops answering nothing can be
+    recorded, so the release decides nothing, says so and stops; the rerun after
+    the freeze resumes from the recorded state and finishes."""
+    sb = short_timeouts
+    stages = {"interval": "1s", "window": "10s", "checks": [], "probe": PROBE, "stages": [
+        {"weight": 0, "duration": "1s"}, {"weight": 20, "duration": "20s"},
+        {"weight": 100, "duration": "1s"}]}
+    cfg = write_config(sb, "state-frozen", canary=stages, blue={"statement_deadline": "4s",
+                                                                "connect_timeout": "2s"})
+    log = sb.base_dir / "state-frozen.log"
+    load = LoadGenerator(sb.haproxy.url, rate=60.0, write_ratio=0.5)
+    load.start()
+    proc = spawn_cli(sb, "release", "--config", str(cfg), log=log)
+    try:
+        def at_20() -> bool:
+            row = release_row(sb, "state-frozen")
+            return bool(row and (row["facts"].get("weights") or {}).get("green") == 20)
+
+        assert wait_for(at_20, timeout=180), log.read_text()[-3000:]
+        with frozen(sb.blue):
+            started = time.monotonic()
+            code = proc.wait(timeout=120)
+            reacted = time.monotonic() - started
+            assert code == 1, log.read_text()[-3000:]
+            assert "does not answer" in log.read_text()
+            time.sleep(max(0.0, FREEZE_S - reacted))
+        row = release_row(sb, "state-frozen")
+        assert row is not None and row["status"] == "running" and row["state"] == "canary"
+        again = run_cli(sb, "release", "--config", str(cfg))
+        assert again.code == 0, again.out + again.err[-3000:]
+        back = run_cli(sb, "rollback", "--config", str(cfg))
+        assert back.code == 0, back.out + back.err[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        report = load.stop()
+    assert reacted < 60.0
+    assert router(sb).current() == Weights.green_at(0)
+    assert not _blue_fenced(sb)
+    assert replication_leftovers(sb) == []
+    with blue_conn(sb) as b:
+        missing = set(report.acked_order_ids) - order_ids(b)
+    assert missing == set(), f"{len(missing)} acknowledged writes missing on blue"
