@@ -9,6 +9,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from email.message import Message
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,13 @@ from orchestrator.server import (
     AlertReceiver,
     Matchers,
     PayloadError,
-    _Server,
+    ReceiverHTTP,
     parse_payload,
     resolve_token,
 )
 from orchestrator.store import ReleaseRow
 
-TOKEN = "test-token-0123456789abcdef"
+TOKEN = "test-token-0123456789abcdef-0123456789"
 
 
 def cfg(**alerts: Any) -> ReleaseConfig:
@@ -151,7 +152,8 @@ class Harness:
         self.release = threading.Event()
         if not rollback_blocks:
             self.release.set()
-        self.receiver = AlertReceiver(cfg(), store=self.store, token=TOKEN,
+        self.receiver_cfg = cfg()
+        self.receiver = AlertReceiver(self.receiver_cfg, store=self.store, token=TOKEN,
                                       lock_is_free=lambda: self.lock_free,
                                       run_rollback=self._rollback)
 
@@ -261,25 +263,23 @@ def test_state_database_down_answers_503_so_alertmanager_retries() -> None:
 @pytest.fixture
 def http_receiver() -> Iterator[tuple[str, Harness]]:
     h = Harness(running())
-    server = _Server(("127.0.0.1", 0), h.receiver)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", h
-    server.shutdown()
-    server.server_close()
+    server = ReceiverHTTP(h.receiver, h.receiver_cfg.alerts, host="127.0.0.1", port=0).start()
+    yield server.url, h
+    server.stop()
 
 
 def call(url: str, body: bytes | None = None, token: str | None = TOKEN,
-         headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+         headers: dict[str, str] | None = None) -> tuple[int, Message, bytes]:
     req = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET",
                                  headers=headers or {})
     if token is not None:
         req.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(req, timeout=5) as resp:
-            return resp.status, dict(resp.headers), resp.read()
+            # A Message: header names are case-insensitive (h11 sends them lower-case).
+            return resp.status, resp.headers, resp.read()
     except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), exc.read()
+        return exc.code, exc.headers, exc.read()
 
 
 def test_http_token_is_required_and_compared(http_receiver: tuple[str, Harness],
