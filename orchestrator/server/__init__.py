@@ -47,6 +47,7 @@ from orchestrator.server.receiver import (
 from orchestrator.server.run import (
     MIN_TOKEN_CHARS,
     ReceiverHTTP,
+    build_receiver,
     check_transport,
     is_loopback,
     parse_listen,
@@ -58,7 +59,7 @@ from orchestrator.server.state import ReceiverStateStore, connection_params
 __all__ = [
     "ALERT_PATH", "MAX_BODY_BYTES", "MIN_TOKEN_CHARS", "REFUSED", "Alert", "AlertReceiver",
     "AlertSelector", "AlertsConfig", "Decision", "Matchers", "PayloadError", "ReceiverHTTP",
-    "ReceiverStateStore", "ReceiverStore", "StoreUnavailable", "Ticket", "check_transport",
-    "connection_params", "create_app", "is_loopback", "parse_listen", "parse_payload",
-    "resolve_token", "serve",
+    "ReceiverStateStore", "ReceiverStore", "StoreUnavailable", "Ticket", "build_receiver",
+    "check_transport", "connection_params", "create_app", "is_loopback", "parse_listen",
+    "parse_payload", "resolve_token", "serve",
 ]

@@ -264,9 +264,10 @@ class AlertReceiver:
                                        | psycopg.errors.LockNotAvailable))
                 if final:
                     message = exc.message if isinstance(exc, OrchestrateError) else str(exc)
+                    # The first line: PostgreSQL's LINE/caret context is noise here.
+                    first = (scrub(message).strip().splitlines() or [""])[0]
                     raise StoreUnavailable(
-                        f"the release state database is unreachable: "
-                        f"{scrub(message).strip()}") from exc
+                        f"the release state database is unreachable: {first}") from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     def close(self) -> None:

@@ -185,14 +185,21 @@ class ReceiverHTTP:
             self._thread.join(15)
 
 
+def build_receiver(cfg: ReleaseConfig, token: str | None, *,
+                   run_rollback: Callable[[str], None] | None = None) -> AlertReceiver:
+    """The receiver on the real state database, its connections short-timed."""
+    return AlertReceiver(cfg, store=ReceiverStateStore.for_receiver(cfg), token=token,
+                         lock_is_free=lock_probe(cfg),
+                         run_rollback=run_rollback or rollback_runner(cfg),
+                         store_factory=lambda: ReceiverStateStore.for_receiver(cfg))
+
+
 def serve(cfg: ReleaseConfig, *, host: str, port: int, insecure: bool = False,
           ready: Callable[[str, int], None] | None = None) -> None:
     """Serve until SIGTERM/SIGINT. Blocking."""
     token = resolve_token(cfg.alerts, host=host, insecure=insecure)
     check_transport(cfg.alerts, host=host)
-    receiver = AlertReceiver(cfg, store=ReceiverStateStore.for_receiver(cfg), token=token,
-                             lock_is_free=lock_probe(cfg), run_rollback=rollback_runner(cfg),
-                             store_factory=lambda: ReceiverStateStore.for_receiver(cfg))
+    receiver = build_receiver(cfg, token)
     http = ReceiverHTTP(receiver, cfg.alerts, host=host, port=port)
     log.info("listening for Alertmanager", url=f"{http.url}{ALERT_PATH}",
              release=receiver.name, alerts=receiver.selector.describe(),
