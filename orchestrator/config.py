@@ -532,6 +532,19 @@ class AlertsTLSConfig(_Model):
 class AlertsConfig(_Model):
     """``orchestrate serve``: the Alertmanager webhook receiver (orchestrator/server/).
 
+    Which firing alerts roll the release back: with no ``matchers`` (the default),
+    only an alert whose ``release_label`` label equals the release name; with
+    ``matchers``, an alert satisfying every one ("v" equals, "~re" fully matches,
+    "!v" / "!~re" negate; values are templates: $service, $namespace, $version,
+    $release). Never an alert naming another release, and never one whose
+    ``startsAt`` is before the release started (it is about the previous version).
+    ``token``: off a loopback address at least 32 characters (``openssl rand -hex
+    32``), or the receiver refuses to start. Without ``tls`` it speaks plain HTTP
+    and warns off loopback. A request must arrive within ``request_timeout``; the
+    state database must answer within ``state_timeout`` or the answer is 503
+    (Alertmanager retries). ``max_connections`` open at once (beyond: 503),
+    ``backlog`` queued connects.
+
     Kept here rather than in the server package: the server imports this module, and
     ReleaseConfig needs the class, so the other way round would be an import cycle.
     """
