@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
+import signal
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -106,6 +109,25 @@ def check_transport(alerts: AlertsConfig, *, host: str) -> None:
             "by this user") from exc
 
 
+class _UvicornToStructlog(logging.Handler):
+    """uvicorn logs with the standard library ("Exceeded concurrency limit.", "Invalid
+    HTTP request received."): through structlog, so they are JSON lines like the rest
+    and pass the scrubber."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = record.levelname.lower()
+        method = getattr(log, level if level in {"debug", "info", "warning", "error"}
+                         else "warning")
+        method(record.getMessage(), source=record.name)
+
+
+def _route_uvicorn_logs() -> None:
+    uvicorn_log = logging.getLogger("uvicorn")
+    if not any(isinstance(h, _UvicornToStructlog) for h in uvicorn_log.handlers):
+        uvicorn_log.addHandler(_UvicornToStructlog())
+    uvicorn_log.propagate = False
+
+
 def _bind(host: str, port: int, backlog: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -145,6 +167,7 @@ class ReceiverHTTP:
             lifespan="off", access_log=False, log_config=None, server_header=False,
             log_level="warning")
         self.server = uvicorn.Server(self.config)
+        _route_uvicorn_logs()
         self._thread: threading.Thread | None = None
 
     @property
@@ -207,9 +230,19 @@ def serve(cfg: ReleaseConfig, *, host: str, port: int, insecure: bool = False,
     if ready is not None:
         ready(http.host, http.port)
     started = time.monotonic()
+
+    def stopped(signum: int, _frame: FrameType | None) -> None:
+        log.info("stopping", signal=signal.Signals(signum).name)
+
+    # uvicorn handles SIGTERM/SIGINT (stop accepting, finish the answers in flight) and
+    # then re-raises the signal to the handler it found: this one, so that the process
+    # lives on to wait for a rollback in progress instead of dying there.
+    previous = {s: signal.signal(s, stopped) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        http.run()  # uvicorn handles SIGTERM/SIGINT: stop accepting, finish answers
+        http.run()
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if receiver.rollback_running():
             log.warning("waiting for the rollback in progress to finish")
         receiver.wait()

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -283,3 +286,38 @@ def test_a_hung_decision_answers_503_within_the_state_timeout() -> None:
         gate.set()
     assert code == 503 and "did not answer within 1s" in body["error"], body
     assert took < 2.0
+
+
+def test_sigterm_stops_cleanly_and_says_so(tmp_path: Path) -> None:
+    """uvicorn re-raises the signal it handled; `serve` must live on past it (to wait for
+    a rollback in progress), log "stopped" and exit 0. A subprocess: signals are the
+    point."""
+    config = tmp_path / "release.yaml"
+    config.write_text(json.dumps({
+        "release": {"name": "shop-r1", "service": "shop"},
+        "blue": {"host": "127.0.0.1", "port": 1, "dbname": "shop", "user": "u"},
+        "green": {"port": 5433, "dbname": "shop", "user": "u"}, "router": {"kind": "fake"}}))
+    port = socket.create_server(("127.0.0.1", 0))
+    number = port.getsockname()[1]
+    port.close()
+    env = {**os.environ, "ORCHESTRATE_WEBHOOK_TOKEN": TOKEN, "ORCHESTRATE_LOG_FORMAT": "json",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from orchestrator.cli import main; main()", "serve",
+         "--config", str(config), "--listen", f"127.0.0.1:{number}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with suppress(OSError), socket.create_connection(("127.0.0.1", number), 0.5):
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = out.decode()
+    assert proc.returncode == 0, text
+    assert '"event": "stopping"' in text and '"event": "stopped"' in text
