@@ -159,6 +159,8 @@ def test_a_stopped_backend_gives_503_within_5s_and_frees_its_worker(
             code, body, again = post(server)
             assert code == 200 and "already requested" in body["reason"], body
             assert again < 2.0
+            # The abandoned call is counted once, by the side that answered.
+            assert server.receiver.snapshot()["store_unavailable"] == 1
         finally:
             for pid in stopped:
                 os.kill(pid, signal.SIGCONT)

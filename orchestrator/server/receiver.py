@@ -162,6 +162,9 @@ class AlertReceiver:
             finally:
                 self._checkin(store, ticket)
         except StoreUnavailable as exc:
+            if ticket.aborted:
+                # The HTTP side already answered 503 and counted it.
+                return Decision(503, {"action": "none", "error": str(exc)})
             return self.unavailable(str(exc))
 
     def _decide(self, store: ReceiverStore, concerned: list[Alert], ticket: Ticket) -> Decision:
