@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from orchestrator.errors import ConfigError
+from orchestrator.matchers import parse_matcher
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -566,33 +567,68 @@ class CanaryConfig(_Model):
         return stage.interval if stage.interval is not None else self.interval
 
 
-class AlertsConfig(_Model):
-    """``orchestrate serve``: the Alertmanager webhook receiver (orchestrator/server.py).
+class AlertsTLSConfig(_Model):
+    """HTTPS for ``orchestrate serve``: PEM files, read at start."""
 
-    Kept here rather than in server.py: the server imports this module, and
+    cert_file: Path
+    key_file: Path
+
+
+class AlertsConfig(_Model):
+    """``orchestrate serve``: the Alertmanager webhook receiver (orchestrator/server/).
+
+    Which firing alerts roll the release back: with no ``matchers`` (the default),
+    only an alert whose ``release_label`` label equals the release name; with
+    ``matchers``, an alert satisfying every one ("v" equals, "~re" fully matches,
+    "!v" / "!~re" negate; values are templates: $service, $namespace, $version,
+    $release). Never an alert naming another release, and never one whose
+    ``startsAt`` is before the release started (it is about the previous version).
+    ``token``: off a loopback address at least 32 characters (``openssl rand -hex
+    32``), or the receiver refuses to start. Without ``tls`` it speaks plain HTTP
+    and warns off loopback. A request must arrive within ``request_timeout``; the
+    state database must answer within ``state_timeout`` or the answer is 503
+    (Alertmanager retries). ``max_connections`` open at once (beyond: 503),
+    ``backlog`` queued connects.
+
+    Kept here rather than in the server package: the server imports this module, and
     ReleaseConfig needs the class, so the other way round would be an import cycle.
     """
 
-    # Every matcher must hold for a firing alert to roll the release back: "v" equals,
-    # "~re" fully matches a regex, "!v" / "!~re" negate. Values are templates
-    # ($service, $namespace, $version, $release).
-    matchers: dict[str, str] = Field(default_factory=lambda: {"service": "$service"})
+    # Which firing alerts roll the release back. With no matchers (the default) only an
+    # alert whose `release_label` names this release; with matchers, every one must
+    # hold: "v" equals, "~re" fully matches a regex, "!v" / "!~re" negate; values are
+    # templates ($service, $namespace, $version, $release). An alert naming another
+    # release never matches, and one that started before the release is ignored.
+    matchers: dict[str, str] = Field(default_factory=dict)
+    release_label: str = "release"
     # Alertmanager sends it as ``Authorization: Bearer <token>`` (http_config.authorization).
+    # Off a loopback address it must be at least 32 characters (`openssl rand -hex 32`).
     token: SecretRef = Field(default_factory=lambda: SecretRef(env="ORCHESTRATE_WEBHOOK_TOKEN"))
     listen: str = "127.0.0.1:8080"
+    # Without it, plain HTTP: the token crosses the network in clear text.
+    tls: AlertsTLSConfig | None = None
+    # A request (headers and body) must arrive within this, or the connection is closed.
+    request_timeout: Duration = 10.0
+    # Answer 503 (Alertmanager retries) when the state database has not answered in this.
+    state_timeout: Duration = Field(default=4.0, gt=0, le=30)
+    # Open connections at once; beyond it new requests get 503 until others finish.
+    max_connections: int = Field(default=1000, ge=16)
+    # The listen queue: a burst of connects must not push Alertmanager's own out.
+    backlog: int = Field(default=1024, ge=128)
 
     @field_validator("matchers")
     @classmethod
     def _valid_regexes(cls, matchers: dict[str, str]) -> dict[str, str]:
         for label, value in matchers.items():
-            body = value.removeprefix("!")
-            if body.startswith("~"):
-                try:
-                    re.compile(body[1:])
-                except re.error as exc:
-                    raise ValueError(f"matcher {label}: {body[1:]!r} is not a valid regular "
-                                     f"expression ({exc})") from None
+            parse_matcher(label, value)
         return matchers
+
+    @field_validator("request_timeout")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if not 0 < value <= 300:
+            raise ValueError("request_timeout must be more than 0 and at most 5m")
+        return value
 
     @field_validator("listen")
     @classmethod
@@ -776,9 +812,14 @@ def _resolve_paths(cfg: ReleaseConfig, base: Path) -> ReleaseConfig:
     def fix(p: Path) -> Path:
         return p if p.is_absolute() else (base / p).resolve()
 
+    tls = cfg.alerts.tls
+    alerts = cfg.alerts if tls is None else cfg.alerts.model_copy(update={
+        "tls": tls.model_copy(update={"cert_file": fix(tls.cert_file),
+                                      "key_file": fix(tls.key_file)})})
     return cfg.model_copy(
         update={
             "migrations": cfg.migrations.model_copy(update={"dir": fix(cfg.migrations.dir)}),
             "backup": cfg.backup.model_copy(update={"dir": fix(cfg.backup.dir)}),
+            "alerts": alerts,
         }
     )

@@ -1,7 +1,10 @@
 """structlog set-up: JSON for machines (CI, Kubernetes, pipes), console for a person.
 
-Secrets never reach a log line: keys that name a secret are masked, and libpq
-conninfo/URI passwords inside any string value are scrubbed.
+Secrets never reach a log line: keys that name a secret are masked; libpq
+conninfo/URI passwords, Authorization header values, credentials after "Bearer" that
+look like a credential, and every secret value registered with ``register_secret``
+are scrubbed from any string value. Prose is left alone: "missing or wrong bearer
+token" stays searchable.
 """
 
 from __future__ import annotations
@@ -18,13 +21,34 @@ import structlog
 _SECRET_KEYS = re.compile(r"pass(word)?|secret|token|conninfo|dsn|authorization", re.I)
 _CONNINFO_PW = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.I)
 _URI_PW = re.compile(r"(postgres(?:ql)?://[^:/@\s]+:)([^@\s]+)(@)", re.I)
-_BEARER = re.compile(r"(bearer\s+)[A-Za-z0-9._~+/=-]+", re.I)
+# An Authorization header as logged: "Authorization: <scheme> <value>", a header dict's
+# repr or JSON ("'authorization': '...'"), or authorization=... in key=value text.
+_AUTH_HEADER = re.compile(
+    r"""(authorization["']?\s*[:=]\s*["']?)(?:[A-Za-z][A-Za-z0-9-]*\s+)?[^\s"',;]+""", re.I)
+# "Bearer <credential>" elsewhere: only when what follows looks like a credential
+# (a digit or token punctuation in it, or 20+ characters), not an English word.
+_BEARER = re.compile(
+    r"(\bbearer\s+)(?=[A-Za-z0-9._~+/=-]*[0-9._~+/=-]|[A-Za-z0-9._~+/=-]{20})"
+    r"[A-Za-z0-9._~+/=-]+", re.I)
+# Secrets worth masking wherever they appear; shorter values would mask common words.
+_MIN_REGISTERED = 8
+_registered: set[str] = set()
+
+
+def register_secret(value: str) -> None:
+    """Mask this exact value in every later log line (a token the process holds)."""
+    if len(value) >= _MIN_REGISTERED:
+        _registered.add(value)
 
 
 def scrub(text: str) -> str:
     """Remove passwords and tokens from free text (error messages, SQL, commands)."""
+    for secret in _registered:
+        if secret in text:
+            text = text.replace(secret, "***")
     text = _CONNINFO_PW.sub(r"\1***", text)
     text = _URI_PW.sub(r"\1***\3", text)
+    text = _AUTH_HEADER.sub(r"\1***", text)
     return _BEARER.sub(r"\1***", text)
 
 

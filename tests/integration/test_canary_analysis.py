@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -371,7 +372,9 @@ class Receiver:
             "groupKey": "{}", "truncatedAlerts": 0,
             "alerts": [{"status": status, "labels": labels,
                         "annotations": {"summary": "green is failing"},
-                        "startsAt": "2026-11-24T10:00:00Z", "endsAt": "0001-01-01T00:00:00Z",
+                        # Now: the receiver ignores alerts older than the release.
+                        "startsAt": datetime.now(UTC).isoformat(),
+                        "endsAt": "0001-01-01T00:00:00Z",
                         "generatorURL": "http://prometheus", "fingerprint": "f00d"}],
         }).encode()
         req = urllib.request.Request(f"{self.url}/alertmanager", data=body, method="POST",

@@ -1,0 +1,328 @@
+"""The receiver's decisions, without HTTP (tested with a fake store).
+
+Blocking: ``handle`` runs on a worker thread. Every wait in it is bounded, so a
+stalled state database turns into a 503 (Alertmanager retries) instead of a request
+that never answers: a state connection is checked out of a small pool with a
+timeout, and the HTTP side aborts a call that overruns ``alerts.state_timeout``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+import psycopg
+
+from orchestrator.config import ReleaseConfig
+from orchestrator.errors import LockedError, OrchestrateError
+from orchestrator.logging import get_logger, register_secret, scrub
+from orchestrator.matchers import AlertSelector, Matchers
+from orchestrator.server.payload import Alert
+from orchestrator.store import ReleaseRow
+
+log = get_logger("orchestrate.serve")
+
+# The documented refusal, logged verbatim (operators search their logs for it).
+REFUSED = "alert refused: missing or wrong bearer token"
+
+
+@dataclass
+class Decision:
+    code: int
+    body: dict[str, Any]
+
+
+class ReceiverStore(Protocol):
+    """What the receiver needs of ``StateStore``."""
+
+    def get(self, name: str) -> ReleaseRow | None: ...
+
+    def request_rollback(self, name: str, reason: str) -> bool: ...
+
+    def log(self, name: str, level: str, message: str, *, state: str | None = None,
+            details: dict[str, Any] | None = None, duration_s: float | None = None) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class StoreUnavailable(Exception):
+    """The control schema could not be read or written in time."""
+
+
+class Ticket:
+    """One call of ``handle``: lets the HTTP side abort it when it overruns."""
+
+    def __init__(self) -> None:
+        self.store: ReceiverStore | None = None
+        self.aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
+        # A store stuck in a read (a stopped backend answers nothing, and the kernel
+        # still acknowledges keepalives) is freed by shutting its socket down.
+        abort = getattr(self.store, "abort", None)
+        if callable(abort):
+            abort()
+
+
+def _utc(at: datetime) -> str:
+    return at.strftime("%Y-%m-%dT%H:%M:%SZ") if at.utcoffset() is not None else at.isoformat()
+
+
+class AlertReceiver:
+    def __init__(
+        self,
+        cfg: ReleaseConfig,
+        *,
+        store: ReceiverStore,
+        token: str | None,
+        lock_is_free: Callable[[], bool],
+        run_rollback: Callable[[str], None],
+        store_factory: Callable[[], ReceiverStore] | None = None,
+        max_stores: int = 4,
+    ) -> None:
+        self.name = cfg.release.name
+        variables = {"service": cfg.release.service, "namespace": cfg.release.namespace,
+                     "version": cfg.release.version, "release": cfg.release.name,
+                     **cfg.prometheus.labels}
+        self.matchers = Matchers(cfg.alerts.matchers, variables)
+        self.selector = AlertSelector(self.name, cfg.alerts.release_label, self.matchers)
+        self.state_timeout = cfg.alerts.state_timeout
+        if token is not None:
+            register_secret(token)
+        self._token = token.encode() if token is not None else None
+        # A pool, not one connection behind one lock: an alert stuck on a stalled
+        # connection must not hold every later alert behind it.
+        self._idle: queue.LifoQueue[ReceiverStore] = queue.LifoQueue()
+        self._idle.put(store)
+        self._stores = [store]
+        self._factory = store_factory
+        self._max_stores = max_stores
+        self._pool_lock = threading.Lock()
+        self._lock_is_free = lock_is_free
+        self._run_rollback = run_rollback
+        self._worker: threading.Thread | None = None
+        self._worker_lock = threading.Lock()
+        self.counters: dict[str, int] = {}
+        self._counter_lock = threading.Lock()
+
+    # -- authentication ----------------------------------------------------------
+
+    def authorized(self, header: str | None) -> bool:
+        if self._token is None:
+            return True  # --insecure on loopback: the operator chose this
+        scheme, _, given = (header or "").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        # Constant time: a timing difference must not reveal the token's prefix.
+        return hmac.compare_digest(given.strip().encode(), self._token)
+
+    def count(self, outcome: str) -> None:
+        with self._counter_lock:
+            self.counters[outcome] = self.counters.get(outcome, 0) + 1
+
+    def snapshot(self) -> dict[str, int]:
+        with self._counter_lock:
+            return dict(self.counters)
+
+    def unavailable(self, error: str) -> Decision:
+        self.count("store_unavailable")
+        log.warning("state database unavailable: answering 503", release=self.name,
+                    error=error)
+        # 503: Alertmanager retries, and the next attempt may find the database back.
+        return Decision(503, {"action": "none", "error": error})
+
+    # -- decisions ----------------------------------------------------------------
+
+    def handle(self, alerts: list[Alert], ticket: Ticket | None = None) -> Decision:
+        ticket = ticket or Ticket()
+        firing = [a for a in alerts if a.status == "firing"]
+        concerned, refused = [], []
+        for a in firing:
+            why = self.selector.why_not(a.labels)
+            if why is None:
+                concerned.append(a)
+            else:
+                refused.append(f"{a.name}: {why}")
+        if not concerned:
+            reason = ("no alert is firing" if not firing else
+                      f"no firing alert matches ({self.selector.describe()}): " + "; ".join(
+                          refused[:3]) + (f"; and {len(refused) - 3} more"
+                                          if len(refused) > 3 else ""))
+            return self._ignored(reason)
+        try:
+            store = self._checkout(ticket)
+            try:
+                return self._decide(store, concerned, ticket)
+            finally:
+                self._checkin(store, ticket)
+        except StoreUnavailable as exc:
+            if ticket.aborted:
+                # The HTTP side already answered 503 and counted it.
+                return Decision(503, {"action": "none", "error": str(exc)})
+            return self.unavailable(str(exc))
+
+    def _decide(self, store: ReceiverStore, concerned: list[Alert], ticket: Ticket) -> Decision:
+        row: ReleaseRow | None = self._with_store(store, ticket, lambda: store.get(self.name))
+        if row is None:
+            return self._ignored(f"release {self.name} has not started")
+        if row.status != "running":
+            return self._ignored(f"release {self.name} is {row.status} (state "
+                                 f"{row.state}); only a running release is rolled back")
+        if row.started_at is not None:
+            begun = row.started_at
+            current = [a for a in concerned if a.started is None or a.started >= begun]
+            if not current:
+                old = concerned[0]
+                assert old.started is not None
+                return self._ignored(
+                    f"alert {old.name} started at {_utc(old.started)}, before release "
+                    f"{self.name} started at {_utc(begun)}: it is about the version "
+                    "before this release")
+            concerned = current
+        alert = concerned[0]
+        reason = alert.describe()
+        new = False
+        if row.state != "rollback" and not row.rollback_requested:
+            new = self._with_store(store, ticket,
+                                   lambda: store.request_rollback(self.name, reason))
+            if new:
+                self._with_store(store, ticket, lambda: store.log(
+                    self.name, "warning", f"rollback requested by Alertmanager: {reason}",
+                    state=row.state, details={
+                        "alertname": alert.name, "labels": alert.labels,
+                        "fingerprint": alert.fingerprint, "starts_at": alert.starts_at,
+                        "matching_alerts": len(concerned)}))
+        pending = row.rollback_requested or row.error or reason
+        started = self._ensure_executor(reason if new else pending)
+        executor = "receiver" if self.rollback_running() else "orchestrator"
+        body = {"release": self.name, "reason": reason, "executor": executor,
+                "state": row.state, "matching_alerts": len(concerned)}
+        if new:
+            self.count("rollback_requested")
+            log.warning("rollback requested", release=self.name, reason=reason,
+                        alertname=alert.name, executor=executor)
+            return Decision(202, {"action": "rollback_requested", **body})
+        if started:
+            self.count("rollback_started")
+            return Decision(202, {"action": "rollback_started", **body, "reason": pending})
+        self.count("already_requested")
+        return Decision(200, {"action": "none", **body, "reason": (
+            "a rollback is already under way" if row.state == "rollback" else
+            f"a rollback was already requested: {pending}")})
+
+    def _ignored(self, reason: str) -> Decision:
+        self.count("ignored")
+        log.info("alert ignored", release=self.name, reason=reason)
+        return Decision(200, {"action": "ignored", "release": self.name, "reason": reason})
+
+    # -- the state connections ------------------------------------------------------
+
+    def _checkout(self, ticket: Ticket) -> ReceiverStore:
+        try:
+            store = self._idle.get_nowait()
+        except queue.Empty:
+            store = self._new_store() or self._wait_for_store()
+        ticket.store = store
+        return store
+
+    def _new_store(self) -> ReceiverStore | None:
+        with self._pool_lock:
+            if self._factory is None or len(self._stores) >= self._max_stores:
+                return None
+            store = self._factory()
+            self._stores.append(store)
+            return store
+
+    def _wait_for_store(self) -> ReceiverStore:
+        try:
+            return self._idle.get(timeout=self.state_timeout)
+        except queue.Empty:
+            raise StoreUnavailable(
+                f"every state database connection has been busy for {self.state_timeout:g}s "
+                "with earlier alerts (is the database stalled?)") from None
+
+    def _checkin(self, store: ReceiverStore, ticket: Ticket) -> None:
+        if ticket.aborted:
+            store.close()  # its socket was shut down: reconnect on next use
+        self._idle.put(store)
+
+    def _with_store(self, store: ReceiverStore, ticket: Ticket, call: Callable[[], Any]) -> Any:
+        """One call to the store; one reconnect when the connection broke (a database
+        restart must not turn every later alert into a 503)."""
+        for attempt in range(2):
+            try:
+                return call()
+            except (psycopg.OperationalError, OrchestrateError) as exc:
+                store.close()
+                # A statement timeout is the database answering "stalled": retrying
+                # would only double the wait Alertmanager sees.
+                final = (attempt == 1 or ticket.aborted
+                         or isinstance(exc, psycopg.errors.QueryCanceled
+                                       | psycopg.errors.LockNotAvailable))
+                if final:
+                    message = exc.message if isinstance(exc, OrchestrateError) else str(exc)
+                    # The first line: PostgreSQL's LINE/caret context is noise here.
+                    first = (scrub(message).strip().splitlines() or [""])[0]
+                    raise StoreUnavailable(
+                        f"the release state database is unreachable: {first}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def close(self) -> None:
+        with self._pool_lock:
+            for store in self._stores:
+                store.close()
+
+    # -- rollback by the receiver -------------------------------------------------
+
+    def rollback_running(self) -> bool:
+        return self._worker is not None and self._worker.is_alive()
+
+    def _ensure_executor(self, reason: str) -> bool:
+        """Start a rollback here when nobody runs the release. True if started."""
+        with self._worker_lock:
+            if self.rollback_running():
+                return False
+            try:
+                free = self._lock_is_free()
+            except OrchestrateError as exc:
+                log.warning("cannot tell whether an orchestrator runs the release",
+                            error=exc.message)
+                return False
+            if not free:
+                return False  # the running orchestrator acts on the request
+            log.warning("no orchestrator holds the release: rolling back from here",
+                        release=self.name, reason=reason)
+            # Not a daemon: a process asked to stop waits for the rollback to finish.
+            self._worker = threading.Thread(target=self._rollback, args=(reason,),
+                                            name="orchestrate-rollback", daemon=False)
+            self._worker.start()
+            return True
+
+    def _rollback(self, reason: str) -> None:
+        try:
+            self._run_rollback(reason)
+        except LockedError:
+            log.info("an orchestrator took the release over; it performs the rollback",
+                     release=self.name)
+        except OrchestrateError as exc:
+            self.count("rollback_failed")
+            # An error meant for a person: its message says it all, no traceback.
+            log.error("rollback from the receiver failed", release=self.name,  # noqa: TRY400
+                      error=exc.message, hint=exc.hint)
+        except Exception as exc:
+            # A thread that dies silently would leave the release half rolled back
+            # with nobody saying so.
+            self.count("rollback_failed")
+            log.exception("rollback from the receiver failed", release=self.name,
+                          error=scrub(str(exc)))
+
+    def wait(self, timeout: float | None = None) -> None:
+        worker = self._worker
+        if worker is not None:
+            worker.join(timeout)
