@@ -349,9 +349,11 @@ class Release:
     def sync(self) -> State:
         """Green caught up and indexed: snapshot-consistent parallel copy (or the
         subscription's own initial sync), post-data rebuilt, streaming from the slot."""
-        with self._blue() as blue:
+        with self._blue() as blue, self._green() as green:
             tables = self._tables(blue)
             tools = find_tools(server_major(blue), self.cfg.tools.pg_bindir)
+            # Found now, not when green is about to take writes.
+            replication.reverse_column_lists(green, tables, self._tables(green))
         labels = {"copy": "initial copy (bytes)", "post-data": "indexes and constraints"}
         report = initial_copy.initial_sync(
             self.cfg.blue, self.cfg.green, tables, names=self.fwd, tools=tools,
@@ -627,11 +629,8 @@ class Release:
         """Green -> blue, only the columns blue has (green may have new ones)."""
         blue_tables = {t.qualified: t for t in self._tables(blue)}
         green_tables = [t for t in self._tables(green) if t.qualified in blue_tables]
-        columns = {}
-        for t in green_tables:
-            blue_cols = {c.name for c in blue_tables[t.qualified].columns if not c.generated}
-            columns[t.qualified] = [c.name for c in t.columns
-                                    if c.name in blue_cols and not c.generated]
+        columns = replication.reverse_column_lists(green, list(blue_tables.values()),
+                                                   green_tables)
         heartbeat = catalog.Table(self.schema, replication.HEARTBEAT_TABLE, ["direction"])
         replication.ensure_publication(green, self.rev.publication, [*green_tables, heartbeat],
                                        columns)
