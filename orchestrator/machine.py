@@ -45,6 +45,7 @@ from orchestrator.pg import (
     catalog,
     fence,
     initial_copy,
+    matviews,
     migrations,
     replication,
     schema,
@@ -369,6 +370,7 @@ class Release:
         self._fact(sync=summary)
         self._note("green caught up and indexed",
                    **{k: v for k, v in summary.items() if k.endswith("_s")})
+        self._refresh_matviews()
         return State.VALIDATE
 
     def validate(self) -> State:
@@ -644,6 +646,18 @@ class Release:
         replication.wait_applied(green, blue, schema=self.schema, direction="rev",
                                  subscription=self.rev.subscription,
                                  timeout=self.cfg.sync.catchup_timeout)
+
+    def _refresh_matviews(self) -> None:
+        """Replication does not carry their contents: fill them from the copied rows."""
+        with self._blue() as blue, self._green() as green:
+            on_blue = {m.qualified for m in matviews.matviews(blue, exclude_schemas=(
+                self.schema,)) if m.populated}
+            done = matviews.refresh_all(green, exclude_schemas=(self.schema,),
+                                        populated_on_blue=on_blue,
+                                        timeout=self.cfg.sync.initial_copy_timeout)
+        if done:
+            self._fact(matviews_refreshed=[d.as_dict() for d in done])
+            self._note("materialized views refreshed on green", count=len(done))
 
     def _set_weights(self, target: Weights) -> None:
         last = self.facts.get("weights")
