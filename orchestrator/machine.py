@@ -44,6 +44,7 @@ from orchestrator.pg import (
     backup,
     catalog,
     fence,
+    fingerprint,
     initial_copy,
     matviews,
     migrations,
@@ -317,6 +318,7 @@ class Release:
         with self._blue() as blue:
             settings = schema.database_settings(blue)
             tools = find_tools(server_major(blue), self.cfg.tools.pg_bindir)
+            self._record_blue_schema(blue)
         created = schema.ensure_database(self.cfg.green, settings)
         with self._green() as green:
             if schema.is_provisioned(green, self.schema, self.name):
@@ -353,6 +355,7 @@ class Release:
         with self._blue() as blue, self._green() as green:
             tables = self._tables(blue)
             tools = find_tools(server_major(blue), self.cfg.tools.pg_bindir)
+            self._record_blue_schema(blue)
             # Found now, not when green is about to take writes.
             replication.reverse_column_lists(green, tables, self._tables(green))
         labels = {"copy": "initial copy (bytes)", "post-data": "indexes and constraints"}
@@ -375,6 +378,7 @@ class Release:
 
     def validate(self) -> State:
         with self._blue() as blue, self._green() as green:
+            self._verify_blue_schema(blue, "at validation")
             def catch_up() -> None:
                 replication.wait_applied(
                     blue, green, schema=self.schema, direction="fwd",
@@ -406,6 +410,8 @@ class Release:
         }
         for index in range(int(self.facts.get("stage", 0)), len(stages)):
             stage = stages[index]
+            with self._blue() as blue:
+                self._verify_blue_schema(blue, f"before canary stage {index + 1}")
             if self.facts.get("awaiting_approval") == index:
                 # Resumed while paused after an inconclusive stage: still paused.
                 self._wait_for_approval(index)
@@ -605,6 +611,7 @@ class Release:
             return
         started = time.monotonic()
         with self._blue() as blue, self._green() as green:
+            self._verify_blue_schema(blue, "before the switchover")
             if self.cfg.blue.app_role:
                 fence.fence(blue, self.cfg.blue.app_role)
             waited = replication.wait_applied(
@@ -646,6 +653,19 @@ class Release:
         replication.wait_applied(green, blue, schema=self.schema, direction="rev",
                                  subscription=self.rev.subscription,
                                  timeout=self.cfg.sync.catchup_timeout)
+
+    def _record_blue_schema(self, blue: psycopg.Connection[Any]) -> None:
+        """Once, before green is built from blue's schema (kept on resume)."""
+        if "blue_fingerprint" not in self.facts:
+            self._fact(blue_fingerprint=fingerprint.schema_fingerprint(
+                blue, exclude_schemas=(self.schema,),
+                exclude_tables=tuple(self.cfg.sync.exclude_tables)))
+
+    def _verify_blue_schema(self, blue: psycopg.Connection[Any], when: str) -> None:
+        if "blue_fingerprint" in self.facts:
+            fingerprint.verify(blue, self.facts["blue_fingerprint"], when=when,
+                               exclude_schemas=(self.schema,),
+                               exclude_tables=tuple(self.cfg.sync.exclude_tables))
 
     def _refresh_matviews(self) -> None:
         """Replication does not carry their contents: fill them from the copied rows."""
