@@ -50,7 +50,9 @@ from orchestrator.pg import (
     backup,
     catalog,
     fence,
+    fingerprint,
     initial_copy,
+    matviews,
     migrations,
     replication,
     schema,
@@ -342,6 +344,7 @@ class Release:
         with self._blue() as blue:
             settings = schema.database_settings(blue)
             tools = find_tools(server_major(blue), self.cfg.tools.pg_bindir)
+            self._record_blue_schema(blue)
         created = schema.ensure_database(self.cfg.green, settings)
         with self._green() as green:
             if schema.is_provisioned(green, self.schema, self.name):
@@ -376,9 +379,12 @@ class Release:
     def sync(self) -> State:
         """Green caught up and indexed: snapshot-consistent parallel copy (or the
         subscription's own initial sync), post-data rebuilt, streaming from the slot."""
-        with self._blue() as blue:
+        with self._blue() as blue, self._green() as green:
             tables = self._tables(blue)
             tools = find_tools(server_major(blue), self.cfg.tools.pg_bindir)
+            self._record_blue_schema(blue)
+            # Found now, not when green is about to take writes.
+            replication.reverse_column_lists(green, tables, self._tables(green))
         labels = {"copy": "initial copy (bytes)", "post-data": "indexes and constraints"}
         report = initial_copy.initial_sync(
             self.cfg.blue, self.cfg.green, tables, names=self.fwd, tools=tools,
@@ -394,10 +400,12 @@ class Release:
         self._fact(sync=summary)
         self._note("green caught up and indexed",
                    **{k: v for k, v in summary.items() if k.endswith("_s")})
+        self._refresh_matviews()
         return State.VALIDATE
 
     def validate(self) -> State:
         with self._blue() as blue, self._green() as green:
+            self._verify_blue_schema(blue, "at validation")
             def catch_up() -> None:
                 replication.wait_applied(
                     blue, green, schema=self.schema, direction="fwd",
@@ -429,6 +437,8 @@ class Release:
         }
         for index in range(int(self.facts.get("stage", 0)), len(stages)):
             stage = stages[index]
+            with self._blue() as blue:
+                self._verify_blue_schema(blue, f"before canary stage {index + 1}")
             if self.facts.get("awaiting_approval") == index:
                 # Resumed while paused after an inconclusive stage: still paused.
                 self._wait_for_approval(index)
@@ -640,6 +650,7 @@ class Release:
             return
         started = time.monotonic()
         with self._blue() as blue, self._green() as green:
+            self._verify_blue_schema(blue, "before the switchover")
             if self.cfg.blue.app_role:
                 # Recorded before the fence: a failure at any later step (or a crash)
                 # rolls back with blue unfenced.
@@ -675,11 +686,8 @@ class Release:
         """Green -> blue, only the columns blue has (green may have new ones)."""
         blue_tables = {t.qualified: t for t in self._tables(blue)}
         green_tables = [t for t in self._tables(green) if t.qualified in blue_tables]
-        columns = {}
-        for t in green_tables:
-            blue_cols = {c.name for c in blue_tables[t.qualified].columns if not c.generated}
-            columns[t.qualified] = [c.name for c in t.columns
-                                    if c.name in blue_cols and not c.generated]
+        columns = replication.reverse_column_lists(green, list(blue_tables.values()),
+                                                   green_tables)
         heartbeat = catalog.Table(self.schema, replication.HEARTBEAT_TABLE, ["direction"])
         replication.ensure_publication(green, self.rev.publication, [*green_tables, heartbeat],
                                        columns)
@@ -693,6 +701,31 @@ class Release:
         replication.wait_applied(green, blue, schema=self.schema, direction="rev",
                                  subscription=self.rev.subscription,
                                  timeout=self.cfg.sync.catchup_timeout)
+
+    def _record_blue_schema(self, blue: psycopg.Connection[Any]) -> None:
+        """Once, before green is built from blue's schema (kept on resume)."""
+        if "blue_fingerprint" not in self.facts:
+            self._fact(blue_fingerprint=fingerprint.schema_fingerprint(
+                blue, exclude_schemas=(self.schema,),
+                exclude_tables=tuple(self.cfg.sync.exclude_tables)))
+
+    def _verify_blue_schema(self, blue: psycopg.Connection[Any], when: str) -> None:
+        if "blue_fingerprint" in self.facts:
+            fingerprint.verify(blue, self.facts["blue_fingerprint"], when=when,
+                               exclude_schemas=(self.schema,),
+                               exclude_tables=tuple(self.cfg.sync.exclude_tables))
+
+    def _refresh_matviews(self) -> None:
+        """Replication does not carry their contents: fill them from the copied rows."""
+        with self._blue() as blue, self._green() as green:
+            on_blue = {m.qualified for m in matviews.matviews(blue, exclude_schemas=(
+                self.schema,)) if m.populated}
+            done = matviews.refresh_all(green, exclude_schemas=(self.schema,),
+                                        populated_on_blue=on_blue,
+                                        timeout=self.cfg.sync.initial_copy_timeout)
+        if done:
+            self._fact(matviews_refreshed=[d.as_dict() for d in done])
+            self._note("materialized views refreshed on green", count=len(done))
 
     def _set_weights(self, target: Weights) -> None:
         last = self.facts.get("weights")

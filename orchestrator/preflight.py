@@ -16,12 +16,13 @@ from orchestrator.canary.metrics import MetricsSource, MetricsUnavailable
 from orchestrator.config import DatabaseConfig, ReleaseConfig
 from orchestrator.errors import OrchestrateError, PreflightError
 from orchestrator.pg import catalog, migrations, schema
-from orchestrator.pg.conn import connect, server_major
+from orchestrator.pg.conn import connect, scalar, server_major
 from orchestrator.pg.tools import find_tools
 from orchestrator.routers.base import TrafficRouter
 
 # origin = none (loop-free replication in both directions) arrived in PostgreSQL 16.
 BIDIRECTIONAL_MIN_MAJOR = 16
+_SYSTEM_SCHEMAS = ("pg_catalog", "information_schema", "pg_toast")
 
 
 @dataclass
@@ -105,6 +106,7 @@ def _check_blue(cfg: ReleaseConfig, blue: psycopg.Connection[Any], report: Prefl
                                    "UPDATE/DELETE scans the table on green")
     if not tables:
         report.warnings.append("blue has no user tables: only the schema will be carried")
+    _check_uncarried(cfg, blue, report, control)
     for app_role in filter(None, [cfg.blue.app_role]):
         if not catalog.role_exists(blue, app_role):
             report.problems.append(f"blue: blue.app_role {app_role} does not exist")
@@ -115,6 +117,54 @@ def _check_blue(cfg: ReleaseConfig, blue: psycopg.Connection[Any], report: Prefl
         find_tools(major, cfg.tools.pg_bindir)
     except PreflightError as exc:
         report.problems.append(f"tools: {exc.message} ({exc.hint})")
+
+
+def _check_uncarried(cfg: ReleaseConfig, blue: psycopg.Connection[Any],
+                     report: PreflightReport, control: str) -> None:
+    """What logical replication cannot carry (docs/sync.md, "What replication does not
+    carry"): refused when green would silently lack it, warned when orchestrate fills
+    it in itself."""
+    large_objects = int(scalar(blue, "SELECT count(*) FROM pg_largeobject_metadata"))
+    if large_objects:
+        report.problems.append(
+            f"blue: the database holds {large_objects} large object(s) (pg_largeobject); "
+            "logical replication does not carry them, so green would lack them and writes to "
+            "them during the release would be lost. Move their contents into bytea columns "
+            "(lo_get) or delete unused ones (vacuumlo, lo_unlink) before releasing")
+    skip = [*_SYSTEM_SCHEMAS, control]
+    excluded = set(cfg.sync.exclude_tables)
+    for qualified, root in blue.execute(
+        """
+        SELECT format('%%s.%%s', n.nspname, c.relname),
+               (SELECT rn.nspname || '.' || rc.relname FROM pg_class rc
+                JOIN pg_namespace rn ON rn.oid = rc.relnamespace
+                WHERE rc.oid = coalesce(pg_partition_root(c.oid), c.oid))
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'u' AND n.nspname <> ALL(%s)
+          AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                          WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                            AND d.deptype = 'e')
+        ORDER BY 1
+        """, (skip,)).fetchall():
+        if root in excluded:
+            continue
+        report.problems.append(
+            f"blue: table {qualified} is UNLOGGED; logical replication does not carry "
+            f"unlogged tables. Run ALTER TABLE {qualified} SET LOGGED on blue (rewrites the "
+            f"table into WAL), or list {root} in sync.exclude_tables if green may start "
+            "without its rows")
+    populated = [r[0] for r in blue.execute(
+        "SELECT format('%%s.%%s', n.nspname, c.relname) FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relkind = 'm' AND c.relispopulated AND n.nspname <> ALL(%s) ORDER BY 1",
+        (skip,)).fetchall()]
+    if populated:
+        report.warnings.append(
+            f"materialized views ({', '.join(populated[:5])}"
+            f"{', ...' if len(populated) > 5 else ''}): replication does not carry their "
+            "contents; orchestrate refreshes them on green once after the initial copy, and "
+            "from then on green's are as fresh as the application's own refresh schedule "
+            "makes them")
 
 
 def _check_green_server(cfg: ReleaseConfig, green: psycopg.Connection[Any],

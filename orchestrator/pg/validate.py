@@ -27,7 +27,7 @@ import psycopg
 from psycopg import sql
 
 from orchestrator.config import DatabaseConfig, ValidateConfig
-from orchestrator.pg import catalog, diff, schema_check
+from orchestrator.pg import catalog, diff, matviews, schema_check
 from orchestrator.pg.conn import connection, qualified
 from orchestrator.pg.diff import Progress, RowDiff, TablePlan, TableResult
 from orchestrator.pg.schema_check import Finding, SequenceResult, Side
@@ -43,6 +43,7 @@ class ValidationReport:
     notes: list[str] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     sequences: list[SequenceResult] = field(default_factory=list)
+    matviews: list[dict[str, str]] = field(default_factory=list)
     under_writes: bool = False
     max_reported_keys: int = 20
     seconds: float = 0.0
@@ -60,6 +61,7 @@ class ValidationReport:
             "seconds": round(self.seconds, 3),
             "tables": [t.as_dict(self.max_reported_keys) for t in self.tables],
             "sequences": [s.as_dict() for s in self.sequences],
+            "matviews": self.matviews,
             "findings": [f.as_dict() for f in self.findings],
         }
 
@@ -128,6 +130,7 @@ def validate(
             blue, green, exclude_schemas=exclude, exclude_tables=exclude_tables,
             expect_ahead=expect_sequences_ahead)
         report.findings += found
+        _compare_matviews(report, blue, green, exclude)
     report.tables = diff.compare_tables(blue_db, green_db, cfg, plans, catch_up=catch_up,
                                         publisher=publisher, progress=progress)
     for f in report.findings:
@@ -158,6 +161,62 @@ def _plan(blue: psycopg.Connection[Any], green: psycopg.Connection[Any], table: 
             "of rows), not in key ranges"))
     rows, pages = diff.estimate(blue, name)
     return TablePlan(name, pairs, key, green_only, rows, pages), found
+
+
+# ------------------------------------------------------- materialized views
+# Replication does not carry their contents; the release refreshes them on green once
+# (matviews.refresh_all). Their rows change only when refreshed, so blue's and green's
+# can be compared exactly whatever replication is doing: equal, or green's equal to
+# what blue's query gives now (blue's view is older than its tables), is a match.
+
+
+def _compare_matviews(report: ValidationReport, blue: psycopg.Connection[Any],
+                      green: psycopg.Connection[Any], exclude: tuple[str, ...]) -> None:
+    on_green = {m.qualified: m for m in matviews.matviews(green, exclude_schemas=exclude)}
+    for mv in matviews.matviews(blue, exclude_schemas=exclude):
+        name = mv.qualified
+        row = {"matview": name, "blue": "", "green": "", "verdict": "ok"}
+        report.matviews.append(row)
+        gmv = on_green.get(name)
+        if gmv is None:
+            row["verdict"] = "missing on green"
+            report.problems.append(f"materialized view {name} is missing on green")
+            continue
+        if not mv.populated:
+            row["verdict"] = "not compared (unpopulated on blue)"
+            report.notes.append(f"materialized view {name} is not populated on blue; not "
+                                "compared")
+            continue
+        if not gmv.populated:
+            row["verdict"] = "unpopulated on green"
+            report.problems.append(
+                f"materialized view {name} is not populated on green: reading it fails "
+                "there (REFRESH MATERIALIZED VIEW it on green)")
+            continue
+        g = matviews.contents(green, gmv)
+        b = matviews.contents(blue, mv)
+        row["blue"], row["green"] = str(b), str(g)
+        if g == b:
+            continue
+        stored, current = matviews.contents_and_definition(blue, mv)
+        if g == current:
+            row["verdict"] = "ok (current)"
+            report.notes.append(
+                f"materialized view {name}: blue's is older than its tables ({stored}; its "
+                f"query gives {current} now, as green's holds); the application's refresh "
+                "schedule decides when blue's catches up")
+            continue
+        if report.under_writes and not (g.rows == 0 and current.rows > 0):
+            row["verdict"] = "unconfirmed"
+            report.notes.append(
+                f"materialized view {name}: green's ({g}) was refreshed once before traffic "
+                f"and the tables it reads changed since; blue's holds {b}, its query gives "
+                f"{current} now")
+            continue
+        row["verdict"] = "DIFFERS"
+        report.problems.append(
+            f"materialized view {name} differs: blue {b}, blue's query now {current}, "
+            f"green {g}")
 
 
 def _show(value: str | None, width: int = 60) -> str:
@@ -230,6 +289,7 @@ def render_text(report: ValidationReport) -> str:
     if behind:
         lines += ["", f"{'sequence':<40} {'blue':>14} {'green':>14}  status"]
         lines += [f"{s.sequence:<40} {s.blue!s:>14} {s.green!s:>14}  {s.status}" for s in behind]
+    lines += _render_matviews(report)
     differing = [t for t in report.tables if t.diffs]
     for t in differing:
         shown = t.diffs[: report.max_reported_keys]
@@ -245,3 +305,12 @@ def render_text(report: ValidationReport) -> str:
     lines += ["", f"{'OK: green matches blue' if report.ok else 'FAILED: green differs'} "
                   f"({report.seconds:.1f}s)"]
     return "\n".join(lines)
+
+
+def _render_matviews(report: ValidationReport) -> list[str]:
+    if not report.matviews:
+        return []
+    lines = ["", f"{'materialized view':<40} {'blue':>28} {'green':>28}  verdict"]
+    lines += [f"{m['matview']:<40} {m['blue']:>28} {m['green']:>28}  {m['verdict']}"
+              for m in report.matviews]
+    return lines
