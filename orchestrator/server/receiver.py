@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import psycopg
 
 from orchestrator.config import ReleaseConfig
-from orchestrator.errors import LockedError, OrchestrateError
+from orchestrator.errors import LockedError, OrchestrateError, StateUnavailable
 from orchestrator.logging import get_logger, register_secret, scrub
 from orchestrator.matchers import AlertSelector, Matchers
 from orchestrator.server.payload import Alert
@@ -262,8 +262,10 @@ class AlertReceiver:
                 store.close()
                 # A statement timeout is the database answering "stalled": retrying
                 # would only double the wait Alertmanager sees.
+                # The store wraps a lost server in StateUnavailable: look at its cause.
+                answer = exc.__cause__ if isinstance(exc, StateUnavailable) else exc
                 final = (attempt == 1 or ticket.aborted
-                         or isinstance(exc, psycopg.errors.QueryCanceled
+                         or isinstance(answer, psycopg.errors.QueryCanceled
                                        | psycopg.errors.LockNotAvailable))
                 if final:
                     message = exc.message if isinstance(exc, OrchestrateError) else str(exc)
