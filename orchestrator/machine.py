@@ -332,7 +332,7 @@ class Release:
             return State.PROVISION
         with self._blue() as blue:
             tools = find_tools(server_major(blue), self.cfg.tools.pg_bindir)
-            tables = [t.qualified for t in self._tables(blue)]
+            tables = backup.expected_data(blue, self._tables(blue))
         result = backup.backup(self.cfg.blue, tools, self.cfg.backup, release=self.name,
                                tables=tables, previous=self.facts.get("backup"))
         self._fact(backup=result.as_fact())

@@ -1,24 +1,58 @@
-"""Backing up blue: pg_dump in a restorable format, checksummed, verified.
+"""Backing up blue: pg_dump in a restorable format, checksummed, verified, private.
 
-The file is written under a temporary name and renamed only once pg_restore has
-listed it and every table's data is in its table of contents, so a file with the
-final name is always a complete, readable backup. The checksum recorded with the
-release lets a resumed run trust the file instead of dumping again.
+The dump is written under a temporary name in the backup folder and renamed only
+once pg_restore has listed it and the data of every table the release copies is in
+its table of contents, so a file with the final name is always a complete, readable
+backup. A dump that fails or is interrupted is deleted; one left by a killed run is
+deleted by the next before it dumps again. The checksum recorded with the release
+lets a resumed run trust the file instead of dumping again.
+
+A backup is a full copy of blue, so nobody else on the machine may read it:
+
+- the folder is created 0700; an existing folder of ours that is open to others is
+  tightened to 0700 (it is orchestrate's backup folder by configuration). A folder
+  we do not own cannot be tightened: that is how container volumes are mounted
+  (a root-owned emptyDir or claim with the pod's fsGroup), so it is used, with a
+  warning, because the dump itself is private;
+- the dump is created 0600 (a directory-format dump 0700, its files 0600) at
+  creation: the custom-format file is opened by orchestrate with O_EXCL and
+  O_NOFOLLOW and handed to pg_dump as its stdout, and pg_dump runs with umask 077.
+
+Verification is against blue's catalog, not against names parsed from text:
+``pg_restore --list`` prints names unquoted (``"c d"."a b"`` and ``c."d a b"``
+print the same line), but each ``TABLE DATA`` entry carries the table's OID
+(``<id>; 0 <oid> TABLE DATA ...``). A partitioned table holds no rows itself: its
+data is in its leaf partitions, each with an entry of its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import re
 import shutil
+import stat
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
+from psycopg import sql
+
 from orchestrator.config import BackupConfig, DatabaseConfig
 from orchestrator.errors import ReleaseFailed
+from orchestrator.logging import get_logger
+from orchestrator.pg.catalog import Table
 from orchestrator.pg.tools import PgTools, run_tool
+
+log = get_logger("orchestrate")
+
+# A TOC line; names and owners are printed with newlines turned into spaces, so
+# every entry is one line, and the OID is the table's.
+_TABLE_DATA = re.compile(r"^\d+; 0 (\d+) TABLE DATA ", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -35,6 +69,165 @@ class BackupResult:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class TableData:
+    """A relation whose rows the dump must hold: a table, or a leaf partition of one."""
+
+    oid: int
+    schema: str
+    name: str
+    table: tuple[str, str]  # the copied table it belongs to (itself if not partitioned)
+
+    def describe(self) -> str:
+        own = _show(self.schema, self.name)
+        if (self.schema, self.name) == self.table:
+            return own
+        return f"{own} (partition of {_show(*self.table)})"
+
+
+def _show(schema: str, name: str) -> str:
+    return sql.Identifier(schema, name).as_string(None)
+
+
+def expected_data(conn: psycopg.Connection[Any],
+                  tables: Iterable[Table | tuple[str, str]]) -> list[TableData]:
+    """What must have data in a dump of blue: each plain table the release copies, and
+    each leaf partition (at any depth, the default one included) of a partitioned one.
+
+    Foreign-table partitions are left out: pg_dump never dumps their rows.
+    """
+    names = [(t.schema, t.name) if isinstance(t, Table) else t for t in tables]
+    rows = conn.execute(
+        """
+        SELECT c.oid, n.nspname, c.relname, q.s, q.r
+        FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS q(s, r, ord)
+        JOIN pg_namespace qn ON qn.nspname = q.s
+        JOIN pg_class qc ON qc.relnamespace = qn.oid AND qc.relname = q.r
+        CROSS JOIN LATERAL (
+            SELECT qc.oid AS relid WHERE qc.relkind = 'r'
+            UNION ALL  -- pg_partition_tree() is empty for a table outside any tree
+            SELECT t.relid FROM pg_partition_tree(qc.oid) t
+            WHERE qc.relkind = 'p' AND t.isleaf) l
+        JOIN pg_class c ON c.oid = l.relid
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind = 'r'
+        ORDER BY q.ord, n.nspname, c.relname
+        """,
+        ([s for s, _ in names], [r for _, r in names]),
+    ).fetchall()
+    seen: dict[int, TableData] = {}
+    for oid, schema, name, root_schema, root_name in rows:
+        seen.setdefault(int(oid), TableData(int(oid), schema, name, (root_schema, root_name)))
+    return list(seen.values())
+
+
+def verify(path: Path, tools: PgTools, db: DatabaseConfig, expected: Sequence[TableData]
+           ) -> tuple[int, int]:
+    """pg_restore --list reads the whole table of contents; every expected relation
+    must have its TABLE DATA entry. Returns (TOC entries, TABLE DATA entries)."""
+    listing = run_tool([tools.path("pg_restore"), "--list", str(path)], db, timeout=300,
+                       what="pg_restore --list")
+    entries = [ln for ln in listing.splitlines() if ln and not ln.startswith(";")]
+    with_data = {int(oid) for oid in _TABLE_DATA.findall(listing)}
+    missing = [t for t in expected if t.oid not in with_data]
+    if missing:
+        shown = ", ".join(t.describe() for t in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ReleaseFailed(
+            f"the backup of {db.describe()} lacks the data of {shown}{more}",
+            # pg_dump fails outright on a table it may not read; a dump that
+            # succeeded without a table's rows was taken of a different set of
+            # tables than the release copies.
+            hint="pg_dump succeeded, so this is not a permission problem: those tables "
+            "were most likely created, dropped, attached or detached on blue while the "
+            "backup ran. Run the release again without schema changes on blue")
+    return len(entries), len(with_data)
+
+
+def _private_folder(folder: Path) -> None:
+    """The backup folder, readable by nobody else (see the module docstring)."""
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:  # a file of that name, or no right to create it
+        raise ReleaseFailed(f"cannot use {folder} as the backup folder: {exc.strerror}",
+                            hint="set backup.dir to a folder orchestrate may create or "
+                            "write") from exc
+    st = folder.stat()
+    mode = stat.S_IMODE(st.st_mode)
+    if mode == 0o700:
+        return
+    if st.st_uid == os.geteuid():
+        os.chmod(folder, 0o700)
+        if mode & 0o077:
+            log.warning("backup folder was open to other users: tightened", folder=str(folder),
+                        was=f"{mode:04o}", now="0700")
+        return
+    if mode & 0o077:
+        log.warning("backup folder is open to other users and not ours to tighten; the "
+                    "dump itself is private (0600)", folder=str(folder), mode=f"{mode:04o}",
+                    owner=st.st_uid)
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def backup(db: DatabaseConfig, tools: PgTools, cfg: BackupConfig, *, release: str,
+           tables: Sequence[TableData], previous: dict[str, Any] | None = None
+           ) -> BackupResult:
+    """Dump blue unless a verified backup of this release already exists."""
+    _private_folder(cfg.dir)
+    suffix = ".dump" if cfg.format == "custom" else ".dir"
+    final = cfg.dir / f"{release}-blue{suffix}"
+    if previous and Path(previous["path"]) == final and final.exists():
+        digest, size = _sha256(final)
+        if digest == previous["sha256"]:
+            return BackupResult(**{**previous, "seconds": 0.0})
+    tmp = cfg.dir / f".{release}-blue{suffix}.partial"
+    _remove(tmp)  # left by a run that was killed while dumping
+    started = time.monotonic()
+    try:
+        _dump(db, tools, cfg, tmp)
+        seconds = time.monotonic() - started
+        toc, with_data = verify(tmp, tools, db, tables)
+        if final.is_dir() or cfg.format == "directory":
+            _remove(final)  # a file replaces a file atomically, a folder cannot
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):  # the reason it failed matters more
+            _remove(tmp)
+        raise
+    _fsync_path(cfg.dir)  # the rename is durable only once the folder is synced
+    digest, size = _sha256(final)
+    return BackupResult(str(final), cfg.format, digest, size, round(seconds, 3), toc, with_data)
+
+
+def _dump(db: DatabaseConfig, tools: PgTools, cfg: BackupConfig, tmp: Path) -> None:
+    """pg_dump into ``tmp``, private from creation and on disk when this returns."""
+    cmd = [tools.path("pg_dump"), "--format", cfg.format,
+           "--dbname", db.conninfo(with_password=False), "--no-sync"]
+    what, hint = "pg_dump of blue", "raise backup.timeout"
+    # fsync by orchestrate after the dump: --no-sync saved time during it, but a backup
+    # that a power cut can truncate is not a backup.
+    if cfg.format == "directory":
+        cmd += ["--jobs", str(cfg.jobs), "--file", str(tmp)]
+        run_tool(cmd, db, timeout=cfg.timeout, what=what, timeout_hint=hint)
+        _fsync_tree(tmp)
+        return
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    try:
+        # A regular file as stdout is seekable, so the archive gets its data offsets
+        # (parallel pg_restore works) exactly as with --file.
+        run_tool(cmd, db, timeout=cfg.timeout, what=what, timeout_hint=hint, stdout=fd)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _sha256(path: Path) -> tuple[str, int]:
     digest = hashlib.sha256()
     total = 0
@@ -49,58 +242,18 @@ def _sha256(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), total
 
 
-def verify(path: Path, tools: PgTools, db: DatabaseConfig, tables: list[str]) -> tuple[int, int]:
-    """pg_restore --list reads the whole table of contents; every table must have data."""
-    listing = run_tool([tools.path("pg_restore"), "--list", str(path)], db, timeout=300,
-                       what="pg_restore --list")
-    entries = [ln for ln in listing.splitlines() if ln and not ln.startswith(";")]
-    with_data = {" ".join(ln.split()[-3:-1]) for ln in entries if " TABLE DATA " in ln}
-    missing = [t for t in tables if " ".join(t.split(".", 1)) not in with_data]
-    if missing:
-        raise ReleaseFailed(f"backup {path.name} lacks the data of {', '.join(missing[:5])}",
-                            hint="check pg_dump's permissions on those tables")
-    return len(entries), len(with_data)
-
-
-def backup(db: DatabaseConfig, tools: PgTools, cfg: BackupConfig, *, release: str,
-           tables: list[str], previous: dict[str, Any] | None = None) -> BackupResult:
-    """Dump blue unless a verified backup of this release already exists."""
-    cfg.dir.mkdir(parents=True, exist_ok=True)
-    suffix = ".dump" if cfg.format == "custom" else ".dir"
-    final = cfg.dir / f"{release}-blue{suffix}"
-    if previous and Path(previous["path"]) == final and final.exists():
-        digest, size = _sha256(final)
-        if digest == previous["sha256"]:
-            return BackupResult(**{**previous, "seconds": 0.0})
-    tmp = cfg.dir / f".{release}-blue{suffix}.partial"
-    if tmp.is_dir():
-        shutil.rmtree(tmp)
-    else:
-        tmp.unlink(missing_ok=True)
-    cmd = [tools.path("pg_dump"), "--format", cfg.format, "--file", str(tmp),
-           "--dbname", db.conninfo(with_password=False), "--no-sync"]
-    if cfg.format == "directory":
-        cmd += ["--jobs", str(cfg.jobs)]
-    started = time.monotonic()
-    run_tool(cmd, db, timeout=cfg.timeout, what="pg_dump of blue",
-             timeout_hint="raise backup.timeout")
-    seconds = time.monotonic() - started
-    toc, with_data = verify(tmp, tools, db, tables)
-    # fsync before the rename: --no-sync saved time during the dump, but a backup that a
-    # power cut can truncate is not a backup.
-    _fsync_tree(tmp)
-    if final.is_dir():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    digest, size = _sha256(final)
-    return BackupResult(str(final), cfg.format, digest, size, round(seconds, 3), toc, with_data)
-
-
 def _fsync_tree(path: Path) -> None:
     files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
     for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_path(f)
+    if path.is_dir():
+        _fsync_path(path)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+

@@ -94,7 +94,7 @@ from psycopg import pq, sql
 from orchestrator.config import DatabaseConfig, InitialCopyConfig
 from orchestrator.errors import ExternalError, ReleaseFailed
 from orchestrator.logging import get_logger, scrub
-from orchestrator.pg import replication, schema_sections
+from orchestrator.pg import children, replication, schema_sections
 from orchestrator.pg.catalog import Table
 from orchestrator.pg.conn import scalar, server_major
 from orchestrator.pg.tools import PgTools
@@ -590,7 +590,7 @@ class _Copier:
              ) -> int:
         read_fd, write_fd = os.pipe()
         try:
-            green = subprocess.Popen(
+            green = children.popen(
                 [self.psql, "-X", "-w", "-v", "ON_ERROR_STOP=1", "-d", self.green_conninfo,
                  "-f", f"/dev/fd/{read_fd}"],
                 stdin=subprocess.PIPE, stdout=out_g, stderr=errors_g, env=self.green_env,
@@ -601,8 +601,8 @@ class _Copier:
         finally:
             os.close(read_fd)
         try:
-            blue = subprocess.Popen(self.blue_cmd(task), stdin=subprocess.DEVNULL,
-                                    stdout=green.stdin, stderr=errors_b, env=self.blue_env)
+            blue = children.popen(self.blue_cmd(task), stdin=subprocess.DEVNULL,
+                                  stdout=green.stdin, stderr=errors_b, env=self.blue_env)
         except BaseException:
             green.kill()
             green.wait()

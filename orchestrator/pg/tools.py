@@ -16,6 +16,7 @@ from pathlib import Path
 from orchestrator.config import DatabaseConfig
 from orchestrator.errors import ExternalError, PreflightError
 from orchestrator.logging import scrub
+from orchestrator.pg import children
 
 
 @dataclass(frozen=True)
@@ -35,11 +36,12 @@ def _version_of(bindir: Path) -> int | None:
     if not exe.is_file():
         return None
     try:
-        out = subprocess.run(
-            [str(exe), "--version"], capture_output=True, text=True, timeout=10, check=True
-        ).stdout
+        rc, raw, _ = children.run([str(exe), "--version"], timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
+    if rc != 0:
+        return None
+    out = raw.decode(errors="replace")
     match = re.search(r"(\d+)(?:\.\d+)?", out)
     return int(match.group(1)) if match else None
 
@@ -88,19 +90,25 @@ def find_tools(server_major: int, configured: Path | None = None) -> PgTools:
 
 
 def run_tool(cmd: list[str], db: DatabaseConfig, *, timeout: float, what: str,
-             timeout_hint: str | None = None) -> str:
+             timeout_hint: str | None = None, stdout: int | None = None) -> str:
     """Run pg_dump/pg_restore/psql against ``db``; its stdout, or a readable error.
 
     The password travels in the environment (``DatabaseConfig.subprocess_env``), never
-    on argv, and stderr is scrubbed before it reaches an error message.
+    on argv, and stderr is scrubbed before it reaches an error message. ``stdout``, a
+    file descriptor, receives the output instead (and "" is returned). The child dies
+    with orchestrate (``children``).
     """
     env = {**os.environ, **db.subprocess_env()}
     try:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
-                              check=False)
+        rc, out, err = children.run(cmd, env=env, timeout=timeout,
+                                    stdout=subprocess.PIPE if stdout is None else stdout)
     except subprocess.TimeoutExpired as exc:
         raise ExternalError(f"{what} did not finish within {timeout:.0f}s",
                             hint=timeout_hint) from exc
-    if done.returncode != 0:
-        raise ExternalError(f"{what} failed: {scrub(done.stderr.strip())[-800:]}")
-    return done.stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise ExternalError(f"{what} could not be started: {exc}",
+                            hint="check tools.pg_bindir and that the client tools run") from exc
+    if rc != 0:
+        message = scrub(err.decode(errors="replace").strip())[-800:]
+        raise ExternalError(f"{what} failed: {message or f'exit status {rc}'}")
+    return out.decode(errors="replace")
