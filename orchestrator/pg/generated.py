@@ -46,7 +46,9 @@ _PROBE = "orch_expr_probe"
 
 def expressions(conn: psycopg.Connection[Any], schema: str, table: str) -> dict[str, str]:
     """{column: generation expression} of the generated columns of schema.table."""
-    with conn.transaction():
+    # Rolled back: the pinned path must not outlive the read, even in a caller's
+    # transaction (a savepoint released would keep it).
+    with conn.transaction(force_rollback=True):
         conn.execute(_PIN_PATH)
         row = conn.execute(
             "SELECT c.oid FROM pg_catalog.pg_class c "

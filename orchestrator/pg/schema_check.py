@@ -30,7 +30,7 @@ _SYSTEM_SCHEMAS = ["pg_catalog", "information_schema", "pg_toast"]
 @dataclass(frozen=True)
 class Finding:
     severity: Severity
-    kind: str  # table, column, not_null, index, constraint, sequence, extension, config
+    kind: str  # table, column, generated, not_null, index, constraint, sequence, extension, config
     object: str
     message: str
 
