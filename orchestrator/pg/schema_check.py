@@ -13,12 +13,13 @@ missing on green but an object with the same definition exists under another nam
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import psycopg
 
-from orchestrator.pg import catalog, sequences
+from orchestrator.pg import catalog, generated, sequences
 
 Severity = Literal["problem", "note"]
 Side = Literal["blue", "green"]
@@ -29,7 +30,7 @@ _SYSTEM_SCHEMAS = ["pg_catalog", "information_schema", "pg_toast"]
 @dataclass(frozen=True)
 class Finding:
     severity: Severity
-    kind: str  # table, column, not_null, index, constraint, sequence, extension, config
+    kind: str  # table, column, generated, not_null, index, constraint, sequence, extension, config
     object: str
     message: str
 
@@ -56,6 +57,8 @@ class ColumnInfo:
     base: str  # the built-in base type (domains resolved), '' for non-built-in types
     not_null: bool
     generated: bool
+    virtual: bool = False  # generated on read (PostgreSQL 18), not stored
+    expression: str = ""  # the generation expression, deparsed (generated.expressions)
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,7 @@ def column_info(conn: psycopg.Connection[Any], table: str) -> list[ColumnInfo]:
         """
         SELECT a.attname, format_type(a.atttypid, a.atttypmod),
                CASE WHEN bn.nspname = 'pg_catalog' THEN bt.typname::text ELSE '' END,
-               a.attnotnull, a.attgenerated <> ''
+               a.attnotnull, a.attgenerated <> '', a.attgenerated = 'v'
         FROM pg_class c
         JOIN pg_namespace n ON n.oid = c.relnamespace
         JOIN pg_attribute a ON a.attrelid = c.oid
@@ -98,7 +101,13 @@ def column_info(conn: psycopg.Connection[Any], table: str) -> list[ColumnInfo]:
         """,
         (schema, name),
     ).fetchall()
-    return [ColumnInfo(r[0], r[1], r[2], bool(r[3]), bool(r[4])) for r in rows]
+    exprs = generated.expressions(conn, schema, name) if any(r[4] for r in rows) else {}
+    return [ColumnInfo(r[0], r[1], r[2], bool(r[3]), bool(r[4]), bool(r[5]), exprs.get(r[0], ""))
+            for r in rows]
+
+
+# (green column, blue's generation expression, green's) -> do they compute the same?
+SameExpression = Callable[[str, str, str], bool]
 
 
 def pair_columns(
@@ -108,11 +117,16 @@ def pair_columns(
     *,
     mapping: dict[str, str],
     ignore: set[str],
+    same_expression: SameExpression | None = None,
 ) -> tuple[list[ColumnPair], list[str], list[Finding]]:
     """Which green column holds each blue column; (pairs, green-only columns, findings).
 
-    ``mapping`` is {green column: blue column} from validate.column_map. Generated
-    columns are skipped on both sides: each side computes them itself.
+    ``mapping`` is {green column: blue column} from validate.column_map. Stored
+    generated columns are paired like any other (their values are data the
+    application reads); virtual ones are not stored, so only their expressions are
+    compared (``_generation``). ``same_expression(green column, blue text, green
+    text)`` decides whether two generation expressions are the same; by default
+    their text, layout aside.
     """
     findings: list[Finding] = []
     blue_by = {c.name: c for c in blue_cols}
@@ -130,12 +144,16 @@ def pair_columns(
     taken_on_green = set(green_for.values())
     pairs: list[ColumnPair] = []
     used: set[str] = set()
+    same = same_expression or _same_text
     for b in blue_cols:
-        if b.name in ignore or b.generated:
-            continue
         g_name: str | None = green_for.get(b.name)
         if g_name is None and b.name in green_by and b.name not in taken_on_green:
             g_name = b.name
+        if b.name in ignore:
+            if g_name is not None:
+                used.add(g_name)
+                findings += _generation(table, b, green_by[g_name], same, ignored=True)
+            continue
         if g_name is None:
             findings.append(problem(
                 "column", f"{table}.{b.name}",
@@ -145,9 +163,8 @@ def pair_columns(
             continue
         g = green_by[g_name]
         used.add(g_name)
-        if g.generated:
-            findings.append(note("column", f"{table}.{g_name}",
-                                 f"{table}.{g_name} is generated on green: not compared"))
+        findings += _generation(table, b, g, same, ignored=False)
+        if b.virtual or g.virtual:
             continue
         same_type = b.type == g.type
         if not same_type:
@@ -170,6 +187,44 @@ def pair_columns(
                              f"{table}: columns only on green (new in this release, not "
                              f"compared): {', '.join(green_only)}"))
     return pairs, green_only, findings
+
+
+def _same_text(_column: str, blue: str, green: str) -> bool:
+    return generated.normalise(blue) == generated.normalise(green)
+
+
+def _how(c: ColumnInfo) -> str:
+    return "virtual generated" if c.virtual else "stored generated" if c.generated else \
+        "not generated"
+
+
+def _generation(table: str, b: ColumnInfo, g: ColumnInfo, same: SameExpression, *,
+                ignored: bool) -> list[Finding]:
+    """What differs in how a column is generated; nothing when both sides agree.
+
+    A different expression of a stored column is a note: its values are compared,
+    and the rows it computes differently are the problems. A virtual column's values
+    are not compared, so there the expression is all that is checked: a problem.
+    Columns in validate.ignore_columns (a migration changes them on purpose) get a
+    note either way, so an intended change is visible but does not fail.
+    """
+    obj = f"{table}.{g.name}"
+    out: list[Finding] = []
+    stored = not (b.virtual or g.virtual)
+    values = ("values not compared (in validate.ignore_columns)" if ignored else
+              "its stored values are compared" if stored else
+              "its values are computed on read and not compared")
+    if _how(b) != _how(g):
+        out.append(note("generated", obj, f"{obj} is {_how(b)} on blue, {_how(g)} on green; "
+                                          f"{values}"))
+    if b.generated and g.generated and not same(g.name, b.expression, g.expression):
+        hint = ("" if ignored else " (a migration that changes it on purpose: list the column "
+                "in validate.ignore_columns)")
+        message = (f"generation expression of {obj} differs: blue {b.expression!r}, green "
+                   f"{g.expression!r}; {values}{hint}")
+        out.append(note("generated", obj, message) if ignored or stored
+                   else problem("generated", obj, message))
+    return out
 
 
 # ---------------------------------------------------------------- tables

@@ -21,13 +21,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
 from orchestrator.config import DatabaseConfig, ValidateConfig
-from orchestrator.pg import catalog, diff, matviews, schema_check
+from orchestrator.pg import catalog, diff, generated, matviews, schema_check
 from orchestrator.pg.conn import connection, qualified
 from orchestrator.pg.diff import Progress, RowDiff, TablePlan, TableResult
 from orchestrator.pg.schema_check import Finding, SequenceResult, Side
@@ -146,7 +147,8 @@ def _plan(blue: psycopg.Connection[Any], green: psycopg.Connection[Any], table: 
     name = table.qualified
     pairs, green_only, found = schema_check.pair_columns(
         name, schema_check.column_info(blue, name), schema_check.column_info(green, name),
-        mapping=cfg.column_map.get(name, {}), ignore=set(cfg.ignore_columns.get(name, [])))
+        mapping=cfg.column_map.get(name, {}), ignore=set(cfg.ignore_columns.get(name, [])),
+        same_expression=partial(generated.same, green, name))
     by_blue = {p.blue: p for p in pairs}
     key = [by_blue[k] for k in table.key if k in by_blue]
     if table.key and len(key) != len(table.key):

@@ -171,6 +171,75 @@ def test_pair_columns_reports_a_bad_mapping() -> None:
     assert any(f.kind == "config" and "nope" in f.message for f in found)
 
 
+def _gen(name: str, expression: str, *, virtual: bool = False) -> ColumnInfo:
+    return ColumnInfo(name, "int4", "int4", False, True, virtual, expression)
+
+
+def test_stored_generated_columns_are_compared_and_on_both_sides() -> None:
+    # Regression: a generated column was skipped on blue, so its green namesake was
+    # listed as "only on green", and its values were never compared.
+    blue = [*_cols(("id", "int8", True), ("a", "int4", False)), _gen("g", "(a * 2)")]
+    green = [*_cols(("id", "int8", True), ("a", "int4", False)), _gen("g", "(a * 2)")]
+    pairs, green_only, found = pair_columns("public.t", blue, green, mapping={}, ignore=set())
+    assert [p.blue for p in pairs] == ["id", "a", "g"]
+    assert green_only == [] and found == []
+
+
+def test_a_changed_generation_expression_is_reported() -> None:
+    blue = [*_cols(("id", "int8", True)), _gen("g", "(a * 2)")]
+    green = [*_cols(("id", "int8", True)), _gen("g", "(a * 3)")]
+    pairs, _, found = pair_columns("public.t", blue, green, mapping={}, ignore=set())
+    assert [p.blue for p in pairs] == ["id", "g"]  # its values are compared: rows differ
+    assert [(f.severity, f.kind, f.object) for f in found] == [
+        ("note", "generated", "public.t.g")]
+    assert found[0].message == (
+        "generation expression of public.t.g differs: blue '(a * 2)', green '(a * 3)'; its "
+        "stored values are compared (a migration that changes it on purpose: list the column "
+        "in validate.ignore_columns)")
+    # an intended change (a migration), declared: a note, values not compared
+    pairs, green_only, found = pair_columns("public.t", blue, green, mapping={}, ignore={"g"})
+    assert [p.blue for p in pairs] == ["id"] and green_only == []
+    assert [(f.severity, f.kind) for f in found] == [("note", "generated")]
+    assert "values not compared (in validate.ignore_columns)" in found[0].message
+
+
+def test_expression_layout_is_not_a_difference() -> None:
+    case = "(COALESCE(a, 0) +\nCASE\n    WHEN (b IS NULL) THEN 1\n    ELSE 2\nEND)"
+    blue = [_gen("g", case)]
+    green = [_gen("g", case.replace("\n    ", " ").replace("\n", " "))]
+    assert pair_columns("public.t", blue, green, mapping={}, ignore=set())[2] == []
+    # ... but whitespace inside a literal is data
+    _, _, found = pair_columns("public.t", [_gen("g", "(b || 'x  y'::text)")],
+                               [_gen("g", "(b || 'x y'::text)")], mapping={}, ignore=set())
+    assert len(found) == 1
+
+
+def test_virtual_generated_columns_compare_expressions_not_values() -> None:
+    blue = [*_cols(("id", "int8", True)), _gen("v", "(a * 2)", virtual=True)]
+    same = [*_cols(("id", "int8", True)), _gen("v", "(a * 2)", virtual=True)]
+    pairs, green_only, found = pair_columns("public.t", blue, same, mapping={}, ignore=set())
+    assert [p.blue for p in pairs] == ["id"] and green_only == [] and found == []
+    changed = [*_cols(("id", "int8", True)), _gen("v", "(a * 3)", virtual=True)]
+    _, _, found = pair_columns("public.t", blue, changed, mapping={}, ignore=set())
+    # nothing else would catch it: its values are not compared
+    assert [(f.severity, f.kind) for f in found] == [("problem", "generated")]
+    assert "computed on read and not compared" in found[0].message
+
+
+def test_generated_on_one_side_only_names_the_side() -> None:
+    blue = _cols(("id", "int8", True), ("g", "int4", False))
+    green = [*_cols(("id", "int8", True)), _gen("g", "(id * 2)")]
+    pairs, green_only, found = pair_columns("public.t", blue, green, mapping={}, ignore=set())
+    assert [p.blue for p in pairs] == ["id", "g"] and green_only == []
+    assert [f.message for f in found] == [
+        "public.t.g is not generated on blue, stored generated on green; its stored values "
+        "are compared"]
+    _, _, found = pair_columns("public.t", green, blue, mapping={}, ignore=set())
+    assert [f.message for f in found] == [
+        "public.t.g is stored generated on blue, not generated on green; its stored values "
+        "are compared"]
+
+
 def test_checksum_sql_for_the_plan_command() -> None:
     text = checksum_sql("public.t", ["id", "v"], True).as_string(None)
     assert text.startswith("SELECT count(*), pg_catalog.sum(")
