@@ -304,7 +304,8 @@ class Release:
             return State.PROVISION
         with self._blue() as blue:
             tools = find_tools(server_major(blue), self.cfg.tools.pg_bindir)
-            tables = [t.qualified for t in self._tables(blue)]
+            # backup.verify matches pg_restore's listing: schema and name as text.
+            tables = [f"{t.schema}.{t.name}" for t in self._tables(blue)]
         result = backup.backup(self.cfg.blue, tools, self.cfg.backup, release=self.name,
                                tables=tables, previous=self.facts.get("backup"))
         self._fact(backup=result.as_fact())
@@ -625,12 +626,12 @@ class Release:
     def _start_reverse(self, blue: psycopg.Connection[Any], green: psycopg.Connection[Any]
                        ) -> None:
         """Green -> blue, only the columns blue has (green may have new ones)."""
-        blue_tables = {t.qualified: t for t in self._tables(blue)}
-        green_tables = [t for t in self._tables(green) if t.qualified in blue_tables]
+        blue_tables = {t.qname: t for t in self._tables(blue)}
+        green_tables = [t for t in self._tables(green) if t.qname in blue_tables]
         columns = {}
         for t in green_tables:
-            blue_cols = {c.name for c in blue_tables[t.qualified].columns if not c.generated}
-            columns[t.qualified] = [c.name for c in t.columns
+            blue_cols = {c.name for c in blue_tables[t.qname].columns if not c.generated}
+            columns[t.qname] = [c.name for c in t.columns
                                     if c.name in blue_cols and not c.generated]
         heartbeat = catalog.Table(self.schema, replication.HEARTBEAT_TABLE, ["direction"])
         replication.ensure_publication(green, self.rev.publication, [*green_tables, heartbeat],
@@ -710,10 +711,12 @@ class Release:
                                "warning", retained_bytes=slot.retained_bytes)
 
     def _slot_release(self, slot: str) -> ReleaseRow | None:
-        for direction in ("_fwd", "_rev"):
-            if slot.endswith(direction):
-                base = slot[len(replication.SLOT_PREFIX):-len(direction)]
-                return self.store.get(base) or self.store.get(base.replace("_", "-"))
+        # Slot names cannot always be turned back into release names (replication.Names
+        # hashes some): compare with the names of the release that may be running.
+        other = self.store.active_other_than(self.name)
+        if other is not None and slot in {replication.forward(other.name).slot,
+                                          replication.reverse(other.name).slot}:
+            return other
         return None
 
     def _drop_green_database(self) -> None:

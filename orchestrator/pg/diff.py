@@ -46,7 +46,8 @@ import psycopg
 from psycopg import sql
 
 from orchestrator.config import DatabaseConfig, ValidateConfig
-from orchestrator.pg.conn import connect, qualified
+from orchestrator.pg.conn import connect
+from orchestrator.pg.names import QualifiedName
 from orchestrator.pg.schema_check import ColumnPair, Side
 
 T = TypeVar("T")
@@ -130,13 +131,12 @@ def open_session(db: DatabaseConfig, cfg: ValidateConfig, role: str) -> Conn:
     return conn
 
 
-def estimate(conn: Conn, table: str) -> tuple[int, int]:
+def estimate(conn: Conn, table: QualifiedName) -> tuple[int, int]:
     """(rows, pages) of a table, partitions summed; rows from the planner's statistics.
 
     Never-analysed tables (reltuples -1) are guessed from their size: the estimate
     only sizes the chunks, it never decides what is compared.
     """
-    schema, _, name = table.partition(".")
     row = conn.execute(
         """
         WITH t AS (SELECT c.oid, c.relkind FROM pg_class c
@@ -152,7 +152,7 @@ def estimate(conn: Conn, table: str) -> tuple[int, int]:
                         WHERE p.isleaf
                         UNION ALL SELECT oid FROM t WHERE relkind <> 'p')
         """,
-        (schema, name),
+        (table.schema, table.name),
     ).fetchone()
     if row is None:
         return 0, 0
@@ -182,7 +182,7 @@ class KeyRange:
 
 @dataclass
 class TablePlan:
-    table: str  # schema.table, the same on both sides
+    table: QualifiedName  # the same on both sides
     columns: list[ColumnPair]  # compared, in blue's order
     key: list[ColumnPair]  # empty: no usable key, the table is compared whole
     green_only: list[str] = field(default_factory=list)
@@ -335,7 +335,7 @@ def checksum_query(plan: TablePlan, side: Side, rng: KeyRange, *, strong: bool,
         sums = [sql.SQL("pg_catalog.sum({})::pg_catalog.text").format(row_hash(plan, side, v))
                 for v in range(2 if strong else 1)]
     return sql.SQL("SELECT {} FROM {} WHERE {}").format(
-        sql.SQL(", ").join([sql.SQL("count(*)"), *sums]), qualified(plan.table), where), params
+        sql.SQL(", ").join([sql.SQL("count(*)"), *sums]), plan.table.ident, where), params
 
 
 def _part_of(target: sql.Composable, points: Sequence[Key], first: int,
@@ -365,7 +365,7 @@ def bucket_query(plan: TablePlan, side: Side, rng: KeyRange, points: Sequence[Ke
     sums = [sql.SQL("pg_catalog.sum({})::pg_catalog.text").format(row_hash(plan, side, v))
             for v in range(2 if strong else 1)]
     query = sql.SQL("SELECT {} AS orch_part, count(*), {} FROM {} WHERE {} GROUP BY 1").format(
-        bucket, sql.SQL(", ").join(sums), qualified(plan.table), where)
+        bucket, sql.SQL(", ").join(sums), plan.table.ident, where)
     return query, bucket_params + params
 
 
@@ -386,7 +386,7 @@ def fetch_query(plan: TablePlan, side: Side, where: sql.Composable, *, limit: in
     terms = [column_term(p, side, i) for i, p in enumerate(plan.columns)]
     texts = [sql.SQL("CAST({} AS pg_catalog.text)").format(c) for c in _ids(plan.columns, side)]
     query = sql.SQL("SELECT {} FROM {} WHERE {}").format(
-        _aliased([*key_text, *terms, *texts]), qualified(plan.table), where)
+        _aliased([*key_text, *terms, *texts]), plan.table.ident, where)
     if plan.key:
         query = sql.SQL("{} ORDER BY {}").format(query, sql.SQL(", ").join(_ids(plan.key, side)))
     if limit is not None:
@@ -511,7 +511,7 @@ def ranges_between(lo: Key | None, hi: Key | None, points: Sequence[Key]) -> lis
 
 @dataclass
 class TableResult:
-    table: str
+    table: QualifiedName
     blue_rows: int = 0
     green_rows: int = 0
     method: Literal["chunked", "whole-table", "counts"] = "chunked"
@@ -540,7 +540,7 @@ class TableResult:
 
     def as_dict(self, max_keys: int) -> dict[str, Any]:
         return {
-            "table": self.table, "blue_rows": self.blue_rows, "green_rows": self.green_rows,
+            "table": str(self.table), "blue_rows": self.blue_rows, "green_rows": self.green_rows,
             "ok": self.ok, "method": self.method, "chunks": self.chunks,
             "mismatched_chunks": self.mismatched_chunks,
             "ranges_compared": self.ranges_compared,
@@ -754,7 +754,7 @@ class Comparer:
         """min and max of an integer key: two index endpoint lookups."""
         col = _ids(plan.key, side)[0]
         row = conn.execute(sql.SQL("SELECT min({c})::pg_catalog.text, max({c})::pg_catalog.text "
-                                   "FROM {t}").format(c=col, t=qualified(plan.table))).fetchone()
+                                   "FROM {t}").format(c=col, t=plan.table.ident)).fetchone()
         if row is None or row[0] is None:
             return None
         return int(row[0]), int(row[1])
@@ -775,7 +775,7 @@ class Comparer:
             "FROM {} TABLESAMPLE SYSTEM ({}) REPEATABLE (7)").format(
             sql.SQL(", ").join(sql.SQL("{} AS {}").format(c, a)
                                for c, a in zip(cols, aliases, strict=True)),
-            sql.SQL(", ").join(cols), qualified(plan.table), sql.Placeholder())
+            sql.SQL(", ").join(cols), plan.table.ident, sql.Placeholder())
         query = sql.SQL("SELECT {} FROM ({}) s WHERE mod(s.orch_rn - 1, greatest(1, s.orch_n / {}))"
                         " = 0 ORDER BY s.orch_rn").format(
             sql.SQL(", ").join(sql.SQL("CAST(s.{} AS pg_catalog.text)").format(a)
@@ -933,7 +933,7 @@ class Comparer:
                         ).format(
             sql.SQL(", ").join(sql.SQL("{} AS {}").format(c, a)
                                for c, a in zip(cols, aliases, strict=True)),
-            sql.SQL(", ").join(cols), qualified(plan.table), where)
+            sql.SQL(", ").join(cols), plan.table.ident, where)
         query = sql.SQL("SELECT {} FROM ({}) s WHERE s.orch_rn > 1 AND "
                         "mod(s.orch_rn - 1, {}) = 0 ORDER BY s.orch_rn").format(
             sql.SQL(", ").join(sql.SQL("CAST(s.{} AS pg_catalog.text)").format(a)
@@ -1068,7 +1068,7 @@ class Comparer:
 
     def _hash_counts(self, plan: TablePlan, conn: Conn, side: Side) -> Counter[int]:
         query = sql.SQL("SELECT h, count(*) FROM (SELECT {} AS h FROM {}) s GROUP BY h").format(
-            row_hash(plan, side), qualified(plan.table))
+            row_hash(plan, side), plan.table.ident)
         return Counter({int(r[0]): int(r[1]) for r in conn.execute(query).fetchall()})
 
     def _rows_by_hash(self, plan: TablePlan, hashes: list[int], conn: Conn, side: Side
@@ -1077,7 +1077,7 @@ class Comparer:
                  for c in _ids(plan.columns, side)]
         h = row_hash(plan, side)
         query = sql.SQL("SELECT {}, {} FROM {} WHERE {} = ANY({}::pg_catalog.int8[])").format(
-            h, sql.SQL(", ").join(texts), qualified(plan.table), h, sql.Placeholder())
+            h, sql.SQL(", ").join(texts), plan.table.ident, h, sql.Placeholder())
         out: dict[int, tuple[str | None, ...]] = {}
         for r in conn.execute(query, [hashes]).fetchall():
             out.setdefault(int(r[0]), tuple(r[1:]))

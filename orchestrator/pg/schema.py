@@ -72,7 +72,7 @@ def is_provisioned(green: psycopg.Connection[Any], schema: str, release: str) ->
 
 def foreign_tables(green: psycopg.Connection[Any], schema: str) -> list[str]:
     """User tables already on green that a schema copy would collide with."""
-    return [t.qualified for t in catalog.user_tables(green, exclude_schemas=(schema,))]
+    return [t.qname.display for t in catalog.user_tables(green, exclude_schemas=(schema,))]
 
 
 def dump_schema_cmd(tools: PgTools, blue: DatabaseConfig, schema: str, out: Path) -> list[str]:
