@@ -47,7 +47,7 @@ from psycopg import sql
 
 from orchestrator.config import DatabaseConfig, ValidateConfig
 from orchestrator.pg.conn import connect
-from orchestrator.pg.names import QualifiedName
+from orchestrator.pg.names import QualifiedName, with_params
 from orchestrator.pg.schema_check import ColumnPair, Side
 
 T = TypeVar("T")
@@ -666,15 +666,16 @@ class Comparer:
     def _checksum(self, plan: TablePlan, rng: KeyRange, conn: Conn, side: Side) -> ChunkSum:
         query, params = checksum_query(plan, side, rng, strong=self.cfg.strong_checksums,
                                        counts_only=self.counts_only)
-        row = conn.execute(query, params).fetchone()
+        row = conn.execute(with_params(query, conn), params).fetchone()
         assert row is not None
         return ChunkSum(int(row[0]), tuple(row[1:]))
 
     def _fetch_range(self, plan: TablePlan, rng: KeyRange, conn: Conn, side: Side
                      ) -> dict[Key, FetchedRow]:
         where, params = range_predicate(plan, side, rng)
-        rows = conn.execute(fetch_query(plan, side, where, limit=self.leaf_limit + 1,
-                                        lock=False), params).fetchall()
+        rows = conn.execute(with_params(fetch_query(plan, side, where,
+                                                    limit=self.leaf_limit + 1, lock=False),
+                                        conn), params).fetchall()
         return parse_rows(plan, rows)
 
     def _lookup(self, plan: TablePlan, keys: Sequence[Key], conn: Conn, side: Side, *,
@@ -682,8 +683,8 @@ class Comparer:
         out: dict[Key, FetchedRow] = {}
         for i in range(0, len(keys), _LOOKUP_BATCH):
             where, params = keys_predicate(plan, side, keys[i:i + _LOOKUP_BATCH])
-            rows = conn.execute(fetch_query(plan, side, where, limit=None, lock=lock),
-                                params).fetchall()
+            rows = conn.execute(with_params(fetch_query(plan, side, where, limit=None,
+                                                        lock=lock), conn), params).fetchall()
             out.update(parse_rows(plan, rows))
         return out
 
@@ -780,7 +781,7 @@ class Comparer:
                         " = 0 ORDER BY s.orch_rn").format(
             sql.SQL(", ").join(sql.SQL("CAST(s.{} AS pg_catalog.text)").format(a)
                                for a in aliases), inner, sql.Literal(chunks))
-        rows = conn.execute(query, [f"{percent:.6f}"]).fetchall()
+        rows = conn.execute(with_params(query, conn), [f"{percent:.6f}"]).fetchall()
         return [tuple(str(v) for v in r) for r in rows]
 
     def _compare_chunks(self, items: list[tuple[_State, _Chunk]], phase: str) -> None:
@@ -919,7 +920,7 @@ class Comparer:
                      side: Side) -> list[ChunkSum]:
         query, params = bucket_query(plan, side, rng, points, strong=self.cfg.strong_checksums)
         found = {int(r[0]): ChunkSum(int(r[1]), tuple(r[2:]))
-                 for r in conn.execute(query, params).fetchall()}
+                 for r in conn.execute(with_params(query, conn), params).fetchall()}
         empty = ChunkSum(0, (None,) * (2 if self.cfg.strong_checksums else 1))
         return [found.get(i, empty) for i in range(len(points) + 1)]
 
@@ -938,7 +939,8 @@ class Comparer:
                         "mod(s.orch_rn - 1, {}) = 0 ORDER BY s.orch_rn").format(
             sql.SQL(", ").join(sql.SQL("CAST(s.{} AS pg_catalog.text)").format(a)
                                for a in aliases), inner, sql.Literal(step))
-        return [tuple(str(v) for v in r) for r in conn.execute(query, params).fetchall()]
+        rows = conn.execute(with_params(query, conn), params).fetchall()
+        return [tuple(str(v) for v in r) for r in rows]
 
     # -- confirming differences -------------------------------------------
 
@@ -1079,7 +1081,7 @@ class Comparer:
         query = sql.SQL("SELECT {}, {} FROM {} WHERE {} = ANY({}::pg_catalog.int8[])").format(
             h, sql.SQL(", ").join(texts), plan.table.ident, h, sql.Placeholder())
         out: dict[int, tuple[str | None, ...]] = {}
-        for r in conn.execute(query, [hashes]).fetchall():
+        for r in conn.execute(with_params(query, conn), [hashes]).fetchall():
             out.setdefault(int(r[0]), tuple(r[1:]))
         return out
 

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from psycopg import sql
+from psycopg.abc import AdaptContext
 
 # Keywords PostgreSQL's quote_ident() quotes (every category but unreserved), the
 # union over the supported majors (15-18): pg_get_keywords() WHERE catcode <> 'U'.
@@ -153,3 +154,25 @@ def parse_qualified(text: str) -> QualifiedName:
 
 def parse_tables(items: Iterable[str | QualifiedName]) -> frozenset[QualifiedName]:
     return frozenset(i if isinstance(i, QualifiedName) else parse_qualified(i) for i in items)
+
+
+def with_params(query: sql.Composable, context: AdaptContext | None) -> sql.Composed:
+    """``query`` ready to run with parameters (even an empty list of them).
+
+    psycopg looks for placeholders in the whole rendered text, quoted names and
+    literals included, so a name holding ``%`` (``"50%"``, ``"a%sb"``) breaks the
+    query or, worse, shifts its parameters: psycopg/psycopg2#825, still so in
+    psycopg 3. Inside names and literals every ``%`` is doubled, which psycopg turns
+    back into one ``%`` when it binds the parameters.
+    """
+    return sql.Composed(_percent_safe(query, context))
+
+
+def _percent_safe(query: sql.Composable, context: AdaptContext | None
+                  ) -> list[sql.Composable]:
+    if isinstance(query, sql.Composed):
+        return [p for part in query for p in _percent_safe(part, context)]
+    if isinstance(query, (sql.Identifier, sql.Literal)):
+        text = query.as_string(context)
+        return [sql.SQL(text.replace("%", "%%")) if "%" in text else query]
+    return [query]
