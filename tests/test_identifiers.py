@@ -294,3 +294,22 @@ def test_a_percent_in_a_name_does_not_become_a_placeholder(conn: psycopg.Connect
         conn.execute(query, (1,))  # what psycopg does on its own
     assert conn.execute(with_params(query, conn), (1,)).fetchone() == ("x%sy",)
     assert conn.execute('SELECT "a%sb" FROM "t%s"').fetchone() == (1,)
+
+
+def test_mixed_case_serial_sequences_move_past_the_other_side(pg: PgCluster) -> None:
+    """Issue 10, defect 2: what ORMs that keep mixed-case names create."""
+    with _conn(pg, BLUE) as blue, _conn(pg, GREEN) as green:
+        try:
+            for conn, rows in ((blue, 5), (green, 1)):
+                conn.execute('DROP TABLE IF EXISTS public."Users"')
+                conn.execute('CREATE TABLE public."Users" (id serial PRIMARY KEY, "Name" text)')
+                conn.execute('INSERT INTO public."Users" ("Name") '
+                             "SELECT 'n' FROM generate_series(1, %s)", (rows,))
+            sequences.sync_past(blue, green, margin=100)
+            last = green.execute('SELECT last_value FROM public."Users_id_seq"').fetchone()
+            assert last == (105,)
+            assert green.execute('INSERT INTO public."Users" ("Name") VALUES (%s) RETURNING id',
+                                 ("new",)).fetchone() == (106,)
+        finally:
+            for conn in (blue, green):
+                conn.execute('DROP TABLE IF EXISTS public."Users"')
