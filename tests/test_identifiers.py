@@ -248,11 +248,11 @@ def test_every_builder_round_trips_hostile_names(
             # Validation: counts, checksums, bisection and the differing row by key.
             report = validate.validate(blue_db, green_db, ValidateConfig(),
                                        control_schema=CONTROL)
-            (result,) = [r for r in report.tables if r.table == qn]
+            (result,) = [r for r in report.tables if r.table == qn.display]
             assert [d.kind for d in result.diffs] == ["changed"]
             assert result.diffs[0].changes == {val: ("x", "changed")}
             assert not [p for p in report.problems if not p.startswith(str(qn))]
-            assert {s.sequence for s in report.sequences} >= {sq}
+            assert {s.sequence for s in report.sequences} >= {sq.display}
 
             # Sequences move past the other side's value: the setval of defect 2.
             moves = {m.sequence: m for m in sequences.sync_past(blue, green, margin=100)}

@@ -511,7 +511,7 @@ def ranges_between(lo: Key | None, hi: Key | None, points: Sequence[Key]) -> lis
 
 @dataclass
 class TableResult:
-    table: QualifiedName
+    table: str  # as PostgreSQL quotes it (QualifiedName.display): reports are for people
     blue_rows: int = 0
     green_rows: int = 0
     method: Literal["chunked", "whole-table", "counts"] = "chunked"
@@ -540,7 +540,7 @@ class TableResult:
 
     def as_dict(self, max_keys: int) -> dict[str, Any]:
         return {
-            "table": str(self.table), "blue_rows": self.blue_rows, "green_rows": self.green_rows,
+            "table": self.table, "blue_rows": self.blue_rows, "green_rows": self.green_rows,
             "ok": self.ok, "method": self.method, "chunks": self.chunks,
             "mismatched_chunks": self.mismatched_chunks,
             "ranges_compared": self.ranges_compared,
@@ -696,7 +696,7 @@ class Comparer:
 
     def run(self, plans: list[TablePlan]) -> list[TableResult]:
         states = [_State(p, TableResult(
-            p.table, method="counts" if self.counts_only else
+            p.table.display, method="counts" if self.counts_only else
             ("chunked" if p.chunked else "whole-table"),
             compared_columns=[c.label for c in p.columns], green_only_columns=p.green_only))
             for p in plans]

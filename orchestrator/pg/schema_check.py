@@ -360,13 +360,13 @@ def check_extensions(blue: psycopg.Connection[Any], green: psycopg.Connection[An
 
 @dataclass(frozen=True)
 class SequenceResult:
-    sequence: QualifiedName
+    sequence: str  # as PostgreSQL quotes it (QualifiedName.display)
     blue: int | None
     green: int | None
     status: Literal["ahead", "equal", "behind", "missing"]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"sequence": str(self.sequence), "blue": self.blue, "green": self.green,
+        return {"sequence": self.sequence, "blue": self.blue, "green": self.green,
                 "status": self.status}
 
 
@@ -390,7 +390,7 @@ def check_sequences(blue: psycopg.Connection[Any], green: psycopg.Connection[Any
         if owner and owner.table in excluded:
             continue
         if g is None:
-            results.append(SequenceResult(name, b, g, "missing"))
+            results.append(SequenceResult(name.display, b, g, "missing"))
             out.append(problem("sequence", name.display,
                                f"sequence {name} is on blue but not on green"))
             continue
@@ -401,7 +401,7 @@ def check_sequences(blue: psycopg.Connection[Any], green: psycopg.Connection[Any
             status = "ahead"
         else:
             status = "behind"
-        results.append(SequenceResult(name, b, g, status))
+        results.append(SequenceResult(name.display, b, g, status))
         if status == "behind":
             if expect_ahead:
                 out.append(problem("sequence", name.display,

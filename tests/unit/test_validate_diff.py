@@ -181,10 +181,10 @@ def test_checksum_sql_for_the_plan_command() -> None:
 
 
 def test_render_text_shows_tables_keys_and_verdicts() -> None:
-    bad = TableResult(Q("public", "acc"), 10, 9, chunks=2,
+    bad = TableResult("public.acc", 10, 9, chunks=2,
                       diffs=[RowDiff({"id": "5"}, "missing_on_green", row={"id": "5"}),
                              RowDiff({"id": "7"}, "changed", {"note": (None, "")})])
-    good = TableResult(Q("public", "ok"), 3, 3, chunks=1)
+    good = TableResult("public.ok", 3, 3, chunks=1)
     report = ValidationReport(tables=[bad, good], problems=["public.acc: 2 differing row(s)"],
                               notes=["a note"])
     text = render_text(report)
