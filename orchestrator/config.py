@@ -25,6 +25,7 @@ from pydantic import (
 
 from orchestrator.errors import ConfigError
 from orchestrator.matchers import parse_matcher
+from orchestrator.pg.names import parse_qualified
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -239,7 +240,8 @@ class SyncConfig(_Model):
     initial_copy_timeout: Duration = 6 * 3600.0
     catchup_timeout: Duration = 600.0
     poll_interval: Duration = 1.0
-    # Tables (schema.table) left out of replication and validation.
+    # Tables (schema.table) left out of replication and validation; a part holding a
+    # dot or a double quote is written in double quotes: '"my.schema".t' (names.py).
     exclude_tables: list[str] = Field(default_factory=list)
     # Writes to green while blue still takes writes need green's changes to flow back
     # to blue (origin = none, PostgreSQL 16+ on both sides). Without it, sending
@@ -250,6 +252,13 @@ class SyncConfig(_Model):
     # on either side during the canary never collide.
     sequence_margin: int = Field(default=1_000_000, ge=0)
     initial_copy: InitialCopyConfig = Field(default_factory=InitialCopyConfig)
+
+    @field_validator("exclude_tables")
+    @classmethod
+    def _table_names(cls, tables: list[str]) -> list[str]:
+        for t in tables:
+            parse_qualified(t)
+        return tables
 
 
 class ValidateConfig(_Model):
@@ -271,6 +280,14 @@ class ValidateConfig(_Model):
     # blue's amount.
     column_map: dict[str, dict[str, str]] = Field(default_factory=dict)
     ignore_columns: dict[str, list[str]] = Field(default_factory=dict)
+
+    @field_validator("column_map", "ignore_columns")
+    @classmethod
+    def _table_keys(cls, entries: dict[str, Any]) -> dict[str, Any]:
+        for t in entries:
+            parse_qualified(t)
+        return entries
+
     # Bisection: a mismatching range is split into enough parts (at most
     # split_factor) that each should hold at most leaf_rows rows, and again while a
     # part holds more; then its rows are fetched from both sides and compared by key.

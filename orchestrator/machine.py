@@ -684,8 +684,8 @@ class Release:
     def _start_reverse(self, blue: psycopg.Connection[Any], green: psycopg.Connection[Any]
                        ) -> None:
         """Green -> blue, only the columns blue has (green may have new ones)."""
-        blue_tables = {t.qualified: t for t in self._tables(blue)}
-        green_tables = [t for t in self._tables(green) if t.qualified in blue_tables]
+        blue_tables = {t.qname: t for t in self._tables(blue)}
+        green_tables = [t for t in self._tables(green) if t.qname in blue_tables]
         columns = replication.reverse_column_lists(green, list(blue_tables.values()),
                                                    green_tables)
         heartbeat = catalog.Table(self.schema, replication.HEARTBEAT_TABLE, ["direction"])
@@ -793,10 +793,12 @@ class Release:
                                "warning", retained_bytes=slot.retained_bytes)
 
     def _slot_release(self, slot: str) -> ReleaseRow | None:
-        for direction in ("_fwd", "_rev"):
-            if slot.endswith(direction):
-                base = slot[len(replication.SLOT_PREFIX):-len(direction)]
-                return self.store.get(base) or self.store.get(base.replace("_", "-"))
+        # Slot names cannot always be turned back into release names (replication.Names
+        # hashes some): compare with the names of the release that may be running.
+        other = self.store.active_other_than(self.name)
+        if other is not None and slot in {replication.forward(other.name).slot,
+                                          replication.reverse(other.name).slot}:
+            return other
         return None
 
     def _drop_green_database(self) -> None:

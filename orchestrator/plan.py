@@ -83,7 +83,7 @@ def build(cfg: ReleaseConfig) -> tuple[list[Step], list[str]]:
     steps.append(Step(
         "validate", "row counts and content checksums per table, both sides in parallel; "
         "indexes and constraints present and valid on green",
-        [_s(validate.checksum_sql(t.qualified, [c.name for c in t.columns if not c.generated],
+        [_s(validate.checksum_sql(t.qname, [c.name for c in t.columns if not c.generated],
                                   cfg.validate_.checksums)) for t in tables[:20]]))
     labels = {"service": cfg.release.service, "namespace": cfg.release.namespace,
               "version": cfg.release.version, "release": cfg.release.name,

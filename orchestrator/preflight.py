@@ -97,12 +97,12 @@ def _check_blue(cfg: ReleaseConfig, blue: psycopg.Connection[Any], report: Prefl
     for t in tables:
         if not t.key and t.replica_identity != "f":
             report.problems.append(
-                f"blue: table {t.qualified} has no primary key or replica identity, so "
+                f"blue: table {t.qname} has no primary key or replica identity, so "
                 "logical replication cannot carry its UPDATEs and DELETEs. Add a primary key, "
-                f"or run ALTER TABLE {t.qualified} REPLICA IDENTITY FULL (slower), or list it "
+                f"or run ALTER TABLE {t.qname} REPLICA IDENTITY FULL (slower), or list it "
                 "in sync.exclude_tables")
         elif t.replica_identity == "f" and not t.key:
-            report.warnings.append(f"{t.qualified} replicates with REPLICA IDENTITY FULL: every "
+            report.warnings.append(f"{t.qname} replicates with REPLICA IDENTITY FULL: every "
                                    "UPDATE/DELETE scans the table on green")
     if not tables:
         report.warnings.append("blue has no user tables: only the schema will be carried")

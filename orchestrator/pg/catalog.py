@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+
+from orchestrator.pg.names import ColumnRef, QualifiedName, parse_tables
 
 # Schemas that belong to PostgreSQL itself or to extensions' internals, never replicated.
 _SYSTEM_SCHEMAS = ("pg_catalog", "information_schema", "pg_toast")
@@ -31,8 +34,8 @@ class Table:
     bytes: int = 0
 
     @property
-    def qualified(self) -> str:
-        return f"{self.schema}.{self.name}"
+    def qname(self) -> QualifiedName:
+        return QualifiedName(self.schema, self.name)
 
     @property
     def key(self) -> list[str]:
@@ -53,18 +56,20 @@ class Sequence:
     name: str
     last_value: int | None
     increment: int
-    owned_by: str | None  # schema.table.column
+    owned_by: ColumnRef | None  # the serial or identity column it feeds
 
     @property
-    def qualified(self) -> str:
-        return f"{self.schema}.{self.name}"
+    def qname(self) -> QualifiedName:
+        return QualifiedName(self.schema, self.name)
 
 
 def user_tables(
     conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...] = (),
-    exclude_tables: tuple[str, ...] = ()
+    exclude_tables: Iterable[str | QualifiedName] = ()
 ) -> list[Table]:
     """Ordinary and partitioned tables outside system schemas, with their keys.
+
+    ``exclude_tables``: names, or ``sync.exclude_tables`` entries (names.parse_qualified).
 
     Partitions are skipped: the partitioned parent stands for them (replication
     publishes through the root with publish_via_partition_root).
@@ -95,17 +100,18 @@ def user_tables(
         """,
         (skip,),
     ).fetchall()
+    excluded = parse_tables(exclude_tables)
     tables = []
     for schema, name, ident, est, size, pk, ri in rows:
-        if f"{schema}.{name}" in exclude_tables:
+        if QualifiedName(schema, name) in excluded:
             continue
         t = Table(schema, name, list(pk), ident, list(ri), est_rows=max(0, est), bytes=size)
-        t.columns = columns(conn, t.qualified)
+        t.columns = columns(conn, t.qname)
         tables.append(t)
     return tables
 
 
-def columns(conn: psycopg.Connection[Any], qualified: str) -> list[Column]:
+def columns(conn: psycopg.Connection[Any], table: QualifiedName) -> list[Column]:
     rows = conn.execute(
         """
         SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
@@ -115,7 +121,7 @@ def columns(conn: psycopg.Connection[Any], qualified: str) -> list[Column]:
           AND a.attnum > 0 AND NOT a.attisdropped
         ORDER BY a.attnum
         """,
-        tuple(qualified.split(".", 1)),
+        (table.schema, table.name),
     ).fetchall()
     return [Column(r[0], r[1], r[2], r[3]) for r in rows]
 
@@ -126,21 +132,27 @@ def sequences(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...]
     rows = conn.execute(
         """
         SELECT s.schemaname, s.sequencename, s.last_value, s.increment_by,
-               (SELECT dn.nspname || '.' || dc.relname || '.' || a.attname
-                  FROM pg_depend d
-                  JOIN pg_class dc ON dc.oid = d.refobjid
-                  JOIN pg_namespace dn ON dn.oid = dc.relnamespace
-                  JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
-                 WHERE d.classid = 'pg_class'::regclass
-                   AND d.objid = format('%%I.%%I', s.schemaname, s.sequencename)::regclass
-                   AND d.deptype IN ('a', 'i') LIMIT 1)
+               o.nspname, o.relname, o.attname
         FROM pg_sequences s
+        -- The owning column's parts stay apart: joined with dots they could not be
+        -- told apart again when a name holds a dot.
+        LEFT JOIN LATERAL (
+            SELECT dn.nspname, dc.relname, a.attname
+              FROM pg_depend d
+              JOIN pg_class dc ON dc.oid = d.refobjid
+              JOIN pg_namespace dn ON dn.oid = dc.relnamespace
+              JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
+             WHERE d.classid = 'pg_class'::regclass
+               AND d.objid = format('%%I.%%I', s.schemaname, s.sequencename)::regclass
+               AND d.deptype IN ('a', 'i') LIMIT 1) o ON true
         WHERE s.schemaname <> ALL(%s)
         ORDER BY 1, 2
         """,
         (skip,),
     ).fetchall()
-    return [Sequence(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+    return [Sequence(r[0], r[1], r[2], r[3],
+                     ColumnRef(QualifiedName(r[4], r[5]), r[6]) if r[4] is not None else None)
+            for r in rows]
 
 
 def setting(conn: psycopg.Connection[Any], name: str) -> str:

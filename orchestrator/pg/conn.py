@@ -122,9 +122,3 @@ def server_major(conn: psycopg.Connection[Any]) -> int:
 def scalar(conn: psycopg.Connection[Any], query: str | sql.Composable, *params: Any) -> Any:
     row = conn.execute(query, params or None).fetchone()  # type: ignore[arg-type]
     return None if row is None else row[0]
-
-
-def qualified(table: str) -> sql.Composed:
-    """'schema.table' -> a safely quoted identifier."""
-    schema, _, name = table.partition(".")
-    return sql.SQL(".").join([sql.Identifier(schema), sql.Identifier(name)])

@@ -46,7 +46,8 @@ import psycopg
 from psycopg import sql
 
 from orchestrator.config import DatabaseConfig, ValidateConfig
-from orchestrator.pg.conn import connect, qualified
+from orchestrator.pg.conn import connect
+from orchestrator.pg.names import QualifiedName, with_params
 from orchestrator.pg.schema_check import ColumnPair, Side
 
 T = TypeVar("T")
@@ -133,13 +134,12 @@ def open_session(db: DatabaseConfig, cfg: ValidateConfig, role: str) -> Conn:
     return conn
 
 
-def estimate(conn: Conn, table: str) -> tuple[int, int]:
+def estimate(conn: Conn, table: QualifiedName) -> tuple[int, int]:
     """(rows, pages) of a table, partitions summed; rows from the planner's statistics.
 
     Never-analysed tables (reltuples -1) are guessed from their size: the estimate
     only sizes the chunks, it never decides what is compared.
     """
-    schema, _, name = table.partition(".")
     row = conn.execute(
         """
         WITH t AS (SELECT c.oid, c.relkind FROM pg_class c
@@ -155,7 +155,7 @@ def estimate(conn: Conn, table: str) -> tuple[int, int]:
                         WHERE p.isleaf
                         UNION ALL SELECT oid FROM t WHERE relkind <> 'p')
         """,
-        (schema, name),
+        (table.schema, table.name),
     ).fetchone()
     if row is None:
         return 0, 0
@@ -185,7 +185,7 @@ class KeyRange:
 
 @dataclass
 class TablePlan:
-    table: str  # schema.table, the same on both sides
+    table: QualifiedName  # the same on both sides
     columns: list[ColumnPair]  # compared, in blue's order
     key: list[ColumnPair]  # empty: no usable key, the table is compared whole
     green_only: list[str] = field(default_factory=list)
@@ -338,7 +338,7 @@ def checksum_query(plan: TablePlan, side: Side, rng: KeyRange, *, strong: bool,
         sums = [sql.SQL("pg_catalog.sum({})::pg_catalog.text").format(row_hash(plan, side, v))
                 for v in range(2 if strong else 1)]
     return sql.SQL("SELECT {} FROM {} WHERE {}").format(
-        sql.SQL(", ").join([sql.SQL("count(*)"), *sums]), qualified(plan.table), where), params
+        sql.SQL(", ").join([sql.SQL("count(*)"), *sums]), plan.table.ident, where), params
 
 
 def _part_of(target: sql.Composable, points: Sequence[Key], first: int,
@@ -368,7 +368,7 @@ def bucket_query(plan: TablePlan, side: Side, rng: KeyRange, points: Sequence[Ke
     sums = [sql.SQL("pg_catalog.sum({})::pg_catalog.text").format(row_hash(plan, side, v))
             for v in range(2 if strong else 1)]
     query = sql.SQL("SELECT {} AS orch_part, count(*), {} FROM {} WHERE {} GROUP BY 1").format(
-        bucket, sql.SQL(", ").join(sums), qualified(plan.table), where)
+        bucket, sql.SQL(", ").join(sums), plan.table.ident, where)
     return query, bucket_params + params
 
 
@@ -389,7 +389,7 @@ def fetch_query(plan: TablePlan, side: Side, where: sql.Composable, *, limit: in
     terms = [column_term(p, side, i) for i, p in enumerate(plan.columns)]
     texts = [sql.SQL("CAST({} AS pg_catalog.text)").format(c) for c in _ids(plan.columns, side)]
     query = sql.SQL("SELECT {} FROM {} WHERE {}").format(
-        _aliased([*key_text, *terms, *texts]), qualified(plan.table), where)
+        _aliased([*key_text, *terms, *texts]), plan.table.ident, where)
     if plan.key:
         query = sql.SQL("{} ORDER BY {}").format(query, sql.SQL(", ").join(_ids(plan.key, side)))
     if limit is not None:
@@ -514,7 +514,7 @@ def ranges_between(lo: Key | None, hi: Key | None, points: Sequence[Key]) -> lis
 
 @dataclass
 class TableResult:
-    table: str
+    table: str  # as PostgreSQL quotes it (QualifiedName.display): reports are for people
     blue_rows: int = 0
     green_rows: int = 0
     method: Literal["chunked", "whole-table", "counts"] = "chunked"
@@ -669,15 +669,16 @@ class Comparer:
     def _checksum(self, plan: TablePlan, rng: KeyRange, conn: Conn, side: Side) -> ChunkSum:
         query, params = checksum_query(plan, side, rng, strong=self.cfg.strong_checksums,
                                        counts_only=self.counts_only)
-        row = conn.execute(query, params).fetchone()
+        row = conn.execute(with_params(query, conn), params).fetchone()
         assert row is not None
         return ChunkSum(int(row[0]), tuple(row[1:]))
 
     def _fetch_range(self, plan: TablePlan, rng: KeyRange, conn: Conn, side: Side
                      ) -> dict[Key, FetchedRow]:
         where, params = range_predicate(plan, side, rng)
-        rows = conn.execute(fetch_query(plan, side, where, limit=self.leaf_limit + 1,
-                                        lock=False), params).fetchall()
+        rows = conn.execute(with_params(fetch_query(plan, side, where,
+                                                    limit=self.leaf_limit + 1, lock=False),
+                                        conn), params).fetchall()
         return parse_rows(plan, rows)
 
     def _lookup(self, plan: TablePlan, keys: Sequence[Key], conn: Conn, side: Side, *,
@@ -685,8 +686,8 @@ class Comparer:
         out: dict[Key, FetchedRow] = {}
         for i in range(0, len(keys), _LOOKUP_BATCH):
             where, params = keys_predicate(plan, side, keys[i:i + _LOOKUP_BATCH])
-            rows = conn.execute(fetch_query(plan, side, where, limit=None, lock=lock),
-                                params).fetchall()
+            rows = conn.execute(with_params(fetch_query(plan, side, where, limit=None,
+                                                        lock=lock), conn), params).fetchall()
             out.update(parse_rows(plan, rows))
         return out
 
@@ -698,7 +699,7 @@ class Comparer:
 
     def run(self, plans: list[TablePlan]) -> list[TableResult]:
         states = [_State(p, TableResult(
-            p.table, method="counts" if self.counts_only else
+            p.table.display, method="counts" if self.counts_only else
             ("chunked" if p.chunked else "whole-table"),
             compared_columns=[c.label for c in p.columns], green_only_columns=p.green_only))
             for p in plans]
@@ -757,7 +758,7 @@ class Comparer:
         """min and max of an integer key: two index endpoint lookups."""
         col = _ids(plan.key, side)[0]
         row = conn.execute(sql.SQL("SELECT min({c})::pg_catalog.text, max({c})::pg_catalog.text "
-                                   "FROM {t}").format(c=col, t=qualified(plan.table))).fetchone()
+                                   "FROM {t}").format(c=col, t=plan.table.ident)).fetchone()
         if row is None or row[0] is None:
             return None
         return int(row[0]), int(row[1])
@@ -778,12 +779,12 @@ class Comparer:
             "FROM {} TABLESAMPLE SYSTEM ({}) REPEATABLE (7)").format(
             sql.SQL(", ").join(sql.SQL("{} AS {}").format(c, a)
                                for c, a in zip(cols, aliases, strict=True)),
-            sql.SQL(", ").join(cols), qualified(plan.table), sql.Placeholder())
+            sql.SQL(", ").join(cols), plan.table.ident, sql.Placeholder())
         query = sql.SQL("SELECT {} FROM ({}) s WHERE mod(s.orch_rn - 1, greatest(1, s.orch_n / {}))"
                         " = 0 ORDER BY s.orch_rn").format(
             sql.SQL(", ").join(sql.SQL("CAST(s.{} AS pg_catalog.text)").format(a)
                                for a in aliases), inner, sql.Literal(chunks))
-        rows = conn.execute(query, [f"{percent:.6f}"]).fetchall()
+        rows = conn.execute(with_params(query, conn), [f"{percent:.6f}"]).fetchall()
         return [tuple(str(v) for v in r) for r in rows]
 
     def _compare_chunks(self, items: list[tuple[_State, _Chunk]], phase: str) -> None:
@@ -922,7 +923,7 @@ class Comparer:
                      side: Side) -> list[ChunkSum]:
         query, params = bucket_query(plan, side, rng, points, strong=self.cfg.strong_checksums)
         found = {int(r[0]): ChunkSum(int(r[1]), tuple(r[2:]))
-                 for r in conn.execute(query, params).fetchall()}
+                 for r in conn.execute(with_params(query, conn), params).fetchall()}
         empty = ChunkSum(0, (None,) * (2 if self.cfg.strong_checksums else 1))
         return [found.get(i, empty) for i in range(len(points) + 1)]
 
@@ -936,12 +937,13 @@ class Comparer:
                         ).format(
             sql.SQL(", ").join(sql.SQL("{} AS {}").format(c, a)
                                for c, a in zip(cols, aliases, strict=True)),
-            sql.SQL(", ").join(cols), qualified(plan.table), where)
+            sql.SQL(", ").join(cols), plan.table.ident, where)
         query = sql.SQL("SELECT {} FROM ({}) s WHERE s.orch_rn > 1 AND "
                         "mod(s.orch_rn - 1, {}) = 0 ORDER BY s.orch_rn").format(
             sql.SQL(", ").join(sql.SQL("CAST(s.{} AS pg_catalog.text)").format(a)
                                for a in aliases), inner, sql.Literal(step))
-        return [tuple(str(v) for v in r) for r in conn.execute(query, params).fetchall()]
+        rows = conn.execute(with_params(query, conn), params).fetchall()
+        return [tuple(str(v) for v in r) for r in rows]
 
     # -- confirming differences -------------------------------------------
 
@@ -1071,7 +1073,7 @@ class Comparer:
 
     def _hash_counts(self, plan: TablePlan, conn: Conn, side: Side) -> Counter[int]:
         query = sql.SQL("SELECT h, count(*) FROM (SELECT {} AS h FROM {}) s GROUP BY h").format(
-            row_hash(plan, side), qualified(plan.table))
+            row_hash(plan, side), plan.table.ident)
         return Counter({int(r[0]): int(r[1]) for r in conn.execute(query).fetchall()})
 
     def _rows_by_hash(self, plan: TablePlan, hashes: list[int], conn: Conn, side: Side
@@ -1080,9 +1082,9 @@ class Comparer:
                  for c in _ids(plan.columns, side)]
         h = row_hash(plan, side)
         query = sql.SQL("SELECT {}, {} FROM {} WHERE {} = ANY({}::pg_catalog.int8[])").format(
-            h, sql.SQL(", ").join(texts), qualified(plan.table), h, sql.Placeholder())
+            h, sql.SQL(", ").join(texts), plan.table.ident, h, sql.Placeholder())
         out: dict[int, tuple[str | None, ...]] = {}
-        for r in conn.execute(query, [hashes]).fetchall():
+        for r in conn.execute(with_params(query, conn), [hashes]).fetchall():
             out.setdefault(int(r[0]), tuple(r[1:]))
         return out
 

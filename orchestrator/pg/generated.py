@@ -25,7 +25,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from orchestrator.pg.conn import qualified
+from orchestrator.pg.names import QualifiedName
 
 # Deparsing qualifies names by the search_path; pinned so both sides write alike.
 _PIN_PATH = "SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true)"
@@ -88,7 +88,7 @@ def _one_expression(text: str) -> bool:
     return depth == 0
 
 
-def canonical(green: psycopg.Connection[Any], table: str, column: str,
+def canonical(green: psycopg.Connection[Any], table: QualifiedName, column: str,
               blue_expression: str, green_expression: str) -> tuple[str, str] | None:
     """Both expressions as green parses and deparses them, or None if it cannot.
 
@@ -105,7 +105,7 @@ def canonical(green: psycopg.Connection[Any], table: str, column: str,
         with green.transaction(force_rollback=True):
             green.execute(_PIN_PATH)
             green.execute(sql.SQL("CREATE TEMPORARY TABLE {} (LIKE {})").format(
-                probe, qualified(table)))
+                probe, table.ident))
             row = green.execute(
                 "SELECT a.attrelid, pg_catalog.format_type(a.atttypid, a.atttypmod) "
                 "FROM pg_catalog.pg_attribute a WHERE a.attname = %s AND a.attrelid = "
@@ -129,7 +129,7 @@ def canonical(green: psycopg.Connection[Any], table: str, column: str,
     return got["orch_blue"], got["orch_green"]
 
 
-def same(green: psycopg.Connection[Any] | None, table: str, column: str,
+def same(green: psycopg.Connection[Any] | None, table: QualifiedName, column: str,
          blue_expression: str, green_expression: str) -> bool:
     """Do the two generation expressions compute the same thing, as far as text tells?"""
     if normalise(blue_expression) == normalise(green_expression):

@@ -265,9 +265,9 @@ def plan_copy(blue: psycopg.Connection[Any], green: psycopg.Connection[Any],
         b = _relation(blue, t.schema, t.name)
         g = _relation(green, t.schema, t.name)
         if b is None:
-            raise ReleaseFailed(f"table {t.qualified} disappeared from blue during the release")
+            raise ReleaseFailed(f"table {t.qname} disappeared from blue during the release")
         if g is None:
-            raise ReleaseFailed(f"table {t.qualified} is missing on green",
+            raise ReleaseFailed(f"table {t.qname} is missing on green",
                                 hint="a migration dropped or renamed a table that blue still "
                                 "has; exclude it (sync.exclude_tables) or keep it")
         bcols = _columns(blue, b[0])
@@ -277,7 +277,7 @@ def plan_copy(blue: psycopg.Connection[Any], green: psycopg.Connection[Any],
         pairs = [(c, gcols[c.name]) for c in bcols
                  if not c.generated and c.name in gcols and not gcols[c.name].generated]
         if not pairs:
-            raise ReleaseFailed(f"table {t.qualified} has no column in common between blue "
+            raise ReleaseFailed(f"table {t.qname} has no column in common between blue "
                                 "and green")
         is_binary = binary and all(
             bc.typid == gc.typid and bc.typid < FIRST_NORMAL_OID and bc.binary_io

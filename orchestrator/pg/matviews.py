@@ -23,6 +23,7 @@ from psycopg import sql
 
 from orchestrator.errors import ReleaseFailed
 from orchestrator.pg.diff import SESSION_SETTINGS
+from orchestrator.pg.names import QualifiedName
 
 _SYSTEM_SCHEMAS = ("pg_catalog", "information_schema", "pg_toast")
 
@@ -36,12 +37,17 @@ class MatView:
     concurrent_ok: bool
 
     @property
-    def qualified(self) -> str:
-        return f"{self.schema}.{self.name}"
+    def qname(self) -> QualifiedName:
+        return QualifiedName(self.schema, self.name)
 
     @property
-    def ident(self) -> sql.Composed:
-        return sql.SQL(".").join([sql.Identifier(self.schema), sql.Identifier(self.name)])
+    def qualified(self) -> str:
+        """For messages and reports: quoted as PostgreSQL quotes it."""
+        return self.qname.display
+
+    @property
+    def ident(self) -> sql.Identifier:
+        return self.qname.ident
 
 
 @dataclass(frozen=True)

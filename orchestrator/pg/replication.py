@@ -14,6 +14,7 @@ only reported every few seconds by the subscriber and cannot give that guarantee
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from collections.abc import Callable
@@ -25,23 +26,39 @@ from psycopg import sql
 
 from orchestrator.errors import ExternalError, ReleaseFailed
 from orchestrator.pg.catalog import Table
-from orchestrator.pg.conn import qualified, scalar
+from orchestrator.pg.conn import scalar
+from orchestrator.pg.names import QualifiedName
 
 HEARTBEAT_TABLE = "heartbeat"
 SLOT_PREFIX = "orch_"
 
 
+# Release names that map to slot names as they always have (dashes become
+# underscores, which slot names allow and dashes not): that is invertible only
+# without underscores of their own, and releases in flight keep their objects.
+_PLAIN_RELEASE = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
+
+
 @dataclass(frozen=True)
 class Names:
-    """Object names for one release and direction (publication = subscription = slot)."""
+    """Object names for one release and direction (publication = subscription = slot).
+
+    Valid slot names ([a-z0-9_], at most 63 bytes) and distinct for distinct
+    releases: a name that cannot map plainly (an underscore, upper case, longer than
+    40) gets a readable prefix and a hash of the whole name, after a double
+    underscore that no plain mapping can produce (release names start with [a-z0-9]).
+    """
 
     release: str
     direction: str  # "fwd" or "rev"
 
     @property
     def base(self) -> str:
-        slug = re.sub(r"[^a-z0-9_]", "_", self.release.lower())[:40]
-        return f"{SLOT_PREFIX}{slug}_{self.direction}"
+        if _PLAIN_RELEASE.fullmatch(self.release):
+            return f"{SLOT_PREFIX}{self.release.replace('-', '_')}_{self.direction}"
+        slug = re.sub(r"[^a-z0-9_]", "_", self.release.lower())[:28]
+        digest = hashlib.sha256(self.release.encode()).hexdigest()[:20]
+        return f"{SLOT_PREFIX}_{slug}_{digest}_{self.direction}"
 
     publication = property(lambda self: self.base)
     subscription = property(lambda self: self.base)
@@ -66,7 +83,7 @@ def ensure_heartbeat(conn: psycopg.Connection[Any], schema: str) -> str:
         "CREATE TABLE IF NOT EXISTS {s}.{t} (direction text PRIMARY KEY, "
         "beat bigint NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp())"
     ).format(s=sql.Identifier(schema), t=sql.Identifier(HEARTBEAT_TABLE)))
-    return f"{schema}.{HEARTBEAT_TABLE}"
+    return QualifiedName(schema, HEARTBEAT_TABLE).display
 
 
 def beat(conn: psycopg.Connection[Any], schema: str, direction: str) -> int:
@@ -116,11 +133,12 @@ def wait_applied(
 # ---------------------------------------------------------------- publication
 
 
-def _table_list(tables: list[Table], columns: dict[str, list[str]] | None) -> sql.Composable:
+def _table_list(tables: list[Table], columns: dict[QualifiedName, list[str]] | None
+                ) -> sql.Composable:
     parts: list[sql.Composable] = []
     for t in tables:
-        ident = qualified(t.qualified)
-        cols = (columns or {}).get(t.qualified)
+        ident: sql.Composable = t.qname.ident
+        cols = (columns or {}).get(t.qname)
         if cols:
             ident = sql.Composed([ident, sql.SQL(" ("),
                                   sql.SQL(", ").join(map(sql.Identifier, cols)), sql.SQL(")")])
@@ -129,7 +147,7 @@ def _table_list(tables: list[Table], columns: dict[str, list[str]] | None) -> sq
 
 
 def publication_sql(
-    name: str, tables: list[Table], columns: dict[str, list[str]] | None = None
+    name: str, tables: list[Table], columns: dict[QualifiedName, list[str]] | None = None
 ) -> sql.Composed:
     return sql.SQL(
         "CREATE PUBLICATION {n} FOR TABLE {tables} WITH (publish_via_partition_root = true)"
@@ -138,7 +156,7 @@ def publication_sql(
 
 def ensure_publication(
     conn: psycopg.Connection[Any], name: str, tables: list[Table],
-    columns: dict[str, list[str]] | None = None,
+    columns: dict[QualifiedName, list[str]] | None = None,
 ) -> None:
     """Create the publication, or make an existing one publish exactly ``tables``."""
     exists = scalar(conn, "SELECT 1 FROM pg_publication WHERE pubname = %s", name)
@@ -149,11 +167,11 @@ def ensure_publication(
         conn.execute(publication_sql(name, tables, columns))
 
 
-def full_identity_tables(conn: psycopg.Connection[Any], tables: list[Table]) -> set[str]:
-    """The tables (by ``qualified`` name) whose replica identity is FULL, on the table
+def full_identity_tables(conn: psycopg.Connection[Any], tables: list[Table]) -> set[QualifiedName]:
+    """The tables (by name) whose replica identity is FULL, on the table
     itself or on any of its partitions: PostgreSQL checks the identity of the leaf a
     row lives in against the column list published through the root."""
-    wanted = {t.qualified for t in tables}
+    wanted = {t.qname for t in tables}
     rows = conn.execute(
         """
         SELECT n.nspname, c.relname
@@ -164,11 +182,11 @@ def full_identity_tables(conn: psycopg.Connection[Any], tables: list[Table]) -> 
                 WHERE p.relreplident = 'f'))
         """
     ).fetchall()
-    return {f"{s}.{n}" for s, n in rows} & wanted
+    return {QualifiedName(s, n) for s, n in rows} & wanted
 
 
 def reverse_column_lists(green: psycopg.Connection[Any], blue_tables: list[Table],
-                         green_tables: list[Table]) -> dict[str, list[str]]:
+                         green_tables: list[Table]) -> dict[QualifiedName, list[str]]:
     """The column list of each table in the reverse publication (green -> blue).
 
     Green may have columns blue lacks (a migration added them): those stay on green,
@@ -180,16 +198,16 @@ def reverse_column_lists(green: psycopg.Connection[Any], blue_tables: list[Table
     release stops before green takes writes. Tables absent from the result get no
     column list.
     """
-    blue_by = {t.qualified: t for t in blue_tables}
-    common = [t for t in green_tables if t.qualified in blue_by]
+    blue_by = {t.qname: t for t in blue_tables}
+    common = [t for t in green_tables if t.qname in blue_by]
     full = full_identity_tables(green, common)
-    columns: dict[str, list[str]] = {}
+    columns: dict[QualifiedName, list[str]] = {}
     refused: list[str] = []
     for t in common:
-        blue_cols = [c.name for c in blue_by[t.qualified].columns if not c.generated]
+        blue_cols = [c.name for c in blue_by[t.qname].columns if not c.generated]
         green_cols = [c.name for c in t.columns if not c.generated]
-        if t.qualified not in full:
-            columns[t.qualified] = [c for c in green_cols if c in blue_cols]
+        if t.qname not in full:
+            columns[t.qname] = [c for c in green_cols if c in blue_cols]
             continue
         only_green = [c for c in green_cols if c not in blue_cols]
         only_blue = [c for c in blue_cols if c not in green_cols]
@@ -197,7 +215,7 @@ def reverse_column_lists(green: psycopg.Connection[Any], blue_tables: list[Table
             parts = ([f"green has {', '.join(only_green)} that blue lacks"] if only_green
                      else []) + ([f"blue has {', '.join(only_blue)} that green lacks"]
                                  if only_blue else [])
-            refused.append(f"{t.qualified} ({'; '.join(parts)})")
+            refused.append(f"{t.qname} ({'; '.join(parts)})")
     if refused:
         raise ReleaseFailed(
             "table(s) with REPLICA IDENTITY FULL whose columns differ between blue and green: "

@@ -63,7 +63,8 @@ def ensure_database(green: GreenConfig, settings: dict[str, str]) -> bool:
 
 
 def is_provisioned(green: psycopg.Connection[Any], schema: str, release: str) -> bool:
-    exists = scalar(green, "SELECT to_regclass(%s) IS NOT NULL", f"{schema}.{MARKER_TABLE}")
+    exists = scalar(green, "SELECT to_regclass(format('%%I.%%I', %s::text, %s::text)) IS NOT NULL",
+                    schema, MARKER_TABLE)
     if not exists:
         return False
     return bool(scalar(green, sql.SQL("SELECT 1 FROM {}.{} WHERE release = %s").format(
@@ -72,7 +73,7 @@ def is_provisioned(green: psycopg.Connection[Any], schema: str, release: str) ->
 
 def foreign_tables(green: psycopg.Connection[Any], schema: str) -> list[str]:
     """User tables already on green that a schema copy would collide with."""
-    return [t.qualified for t in catalog.user_tables(green, exclude_schemas=(schema,))]
+    return [t.qname.display for t in catalog.user_tables(green, exclude_schemas=(schema,))]
 
 
 def dump_schema_cmd(tools: PgTools, blue: DatabaseConfig, schema: str, out: Path) -> list[str]:

@@ -13,13 +13,14 @@ missing on green but an object with the same definition exists under another nam
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import psycopg
 
 from orchestrator.pg import catalog, generated, sequences
+from orchestrator.pg.names import QualifiedName, parse_tables, quote_ident
 
 Severity = Literal["problem", "note"]
 Side = Literal["blue", "green"]
@@ -82,9 +83,8 @@ class ColumnPair:
         return self.blue if self.blue == self.green else f"{self.green} (blue {self.blue})"
 
 
-def column_info(conn: psycopg.Connection[Any], table: str) -> list[ColumnInfo]:
-    """Columns of schema.table in order, with the base type of domains resolved."""
-    schema, _, name = table.partition(".")
+def column_info(conn: psycopg.Connection[Any], table: QualifiedName) -> list[ColumnInfo]:
+    """Columns of the table in order, with the base type of domains resolved."""
     rows = conn.execute(
         """
         SELECT a.attname, format_type(a.atttypid, a.atttypmod),
@@ -99,9 +99,9 @@ def column_info(conn: psycopg.Connection[Any], table: str) -> list[ColumnInfo]:
         WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped
         ORDER BY a.attnum
         """,
-        (schema, name),
+        (table.schema, table.name),
     ).fetchall()
-    exprs = generated.expressions(conn, schema, name) if any(r[4] for r in rows) else {}
+    exprs = generated.expressions(conn, table.schema, table.name) if any(r[4] for r in rows) else {}
     return [ColumnInfo(r[0], r[1], r[2], bool(r[3]), bool(r[4]), bool(r[5]), exprs.get(r[0], ""))
             for r in rows]
 
@@ -111,7 +111,7 @@ SameExpression = Callable[[str, str, str], bool]
 
 
 def pair_columns(
-    table: str,
+    table: QualifiedName,
     blue_cols: list[ColumnInfo],
     green_cols: list[ColumnInfo],
     *,
@@ -183,7 +183,7 @@ def pair_columns(
             base=b.base if same_type else "", nullable=not (b.not_null and g.not_null)))
     green_only = [c.name for c in green_cols if c.name not in used and c.name not in ignore]
     if green_only:
-        findings.append(note("column", table,
+        findings.append(note("column", table.display,
                              f"{table}: columns only on green (new in this release, not "
                              f"compared): {', '.join(green_only)}"))
     return pairs, green_only, findings
@@ -198,7 +198,7 @@ def _how(c: ColumnInfo) -> str:
         "not generated"
 
 
-def _generation(table: str, b: ColumnInfo, g: ColumnInfo, same: SameExpression, *,
+def _generation(table: QualifiedName, b: ColumnInfo, g: ColumnInfo, same: SameExpression, *,
                 ignored: bool) -> list[Finding]:
     """What differs in how a column is generated; nothing when both sides agree.
 
@@ -231,19 +231,19 @@ def _generation(table: str, b: ColumnInfo, g: ColumnInfo, same: SameExpression, 
 
 
 def check_tables(blue: list[catalog.Table], green: list[catalog.Table]) -> list[Finding]:
-    b = {t.qualified for t in blue}
-    g = {t.qualified for t in green}
-    out = [problem("table", name, f"table {name} is on blue but not on green")
+    b = {t.qname for t in blue}
+    g = {t.qname for t in green}
+    out = [problem("table", name.display, f"table {name} is on blue but not on green")
            for name in sorted(b - g)]
-    out += [note("table", name, f"table {name} exists only on green (new in this release)")
-            for name in sorted(g - b)]
+    out += [note("table", name.display, f"table {name} exists only on green (new in this "
+                 "release)") for name in sorted(g - b)]
     return out
 
 
 # ---------------------------------------------------------------- indexes
 
 _INDEXES = """
-    SELECT n.nspname || '.' || t.relname, i.relname, ix.indisvalid AND ix.indisready,
+    SELECT n.nspname, t.relname, i.relname, ix.indisvalid AND ix.indisready,
            ix.indisunique,
            replace(pg_get_indexdef(ix.indexrelid), 'INDEX ' || quote_ident(i.relname) || ' ON ',
                    'INDEX ON ')
@@ -266,24 +266,26 @@ class _Index:
     definition: str  # without the index name
 
 
-def _indexes(conn: psycopg.Connection[Any], skip: list[str], tables: set[str]
-             ) -> dict[tuple[str, str], _Index]:
+def _indexes(conn: psycopg.Connection[Any], skip: list[str], tables: set[QualifiedName]
+             ) -> dict[tuple[QualifiedName, str], _Index]:
     rows = conn.execute(_INDEXES, {"skip": skip}).fetchall()
-    return {(r[0], r[1]): _Index(bool(r[2]), bool(r[3]), str(r[4]))
-            for r in rows if r[0] in tables}
+    found = {(QualifiedName(r[0], r[1]), r[2]): _Index(bool(r[3]), bool(r[4]), str(r[5]))
+             for r in rows}
+    return {k: v for k, v in found.items() if k[0] in tables}
 
 
 def check_indexes(blue: psycopg.Connection[Any], green: psycopg.Connection[Any], *,
-                  exclude_schemas: tuple[str, ...], tables: set[str]) -> list[Finding]:
-    """Indexes of ``tables`` (schema.table names, both sides) compared by name."""
+                  exclude_schemas: tuple[str, ...], tables: set[QualifiedName]
+                  ) -> list[Finding]:
+    """Indexes of ``tables`` (on both sides) compared by name."""
     skip = _SYSTEM_SCHEMAS + list(exclude_schemas)
     b = _indexes(blue, skip, tables)
     g = _indexes(green, skip, tables)
     out: list[Finding] = []
-    renamed: set[tuple[str, str]] = set()
+    renamed: set[tuple[QualifiedName, str]] = set()
     for (table, name), bi in sorted(b.items()):
         # Indexes live in their table's schema: schema.index names the object.
-        obj = f"{table.split('.', 1)[0]}.{name}"
+        obj = table.child(name).display
         gi = g.get((table, name))
         if gi is None:
             same = sorted(n for (t, n), x in g.items()
@@ -307,7 +309,7 @@ def check_indexes(blue: psycopg.Connection[Any], green: psycopg.Connection[Any],
             out.append(note("index", obj, f"index {name} on {table} differs: blue "
                                           f"{bi.definition!r}, green {gi.definition!r}"))
     for table, name in sorted(set(g) - set(b) - renamed):
-        out.append(note("index", f"{table.split('.', 1)[0]}.{name}",
+        out.append(note("index", table.child(name).display,
                         f"index {name} on {table} exists only on green"))
     return out
 
@@ -321,7 +323,7 @@ CONSTRAINT_KINDS = {"p": "primary key", "f": "foreign key", "c": "check constrai
 # NOT NULL is checked per column (attnotnull): PostgreSQL 18 also records it as a
 # constraint (contype 'n'), older majors do not, so comparing those would only add noise.
 _CONSTRAINTS = """
-    SELECT n.nspname || '.' || c.relname, x.conname, x.contype::text, x.convalidated,
+    SELECT n.nspname, c.relname, x.conname, x.contype::text, x.convalidated,
            pg_get_constraintdef(x.oid)
     FROM pg_constraint x
     JOIN pg_class c ON c.oid = x.conrelid
@@ -338,23 +340,25 @@ class _Constraint:
     definition: str
 
 
-def _constraints(conn: psycopg.Connection[Any], skip: list[str], tables: set[str]
-                 ) -> dict[tuple[str, str], _Constraint]:
+def _constraints(conn: psycopg.Connection[Any], skip: list[str], tables: set[QualifiedName]
+                 ) -> dict[tuple[QualifiedName, str], _Constraint]:
     rows = conn.execute(_CONSTRAINTS, {"skip": skip}).fetchall()
-    return {(r[0], r[1]): _Constraint(str(r[2]), bool(r[3]), str(r[4]))
-            for r in rows if r[0] in tables}
+    found = {(QualifiedName(r[0], r[1]), r[2]): _Constraint(str(r[3]), bool(r[4]), str(r[5]))
+             for r in rows}
+    return {k: v for k, v in found.items() if k[0] in tables}
 
 
 def check_constraints(blue: psycopg.Connection[Any], green: psycopg.Connection[Any], *,
-                      exclude_schemas: tuple[str, ...], tables: set[str]) -> list[Finding]:
+                      exclude_schemas: tuple[str, ...], tables: set[QualifiedName]
+                      ) -> list[Finding]:
     skip = _SYSTEM_SCHEMAS + list(exclude_schemas)
     b = _constraints(blue, skip, tables)
     g = _constraints(green, skip, tables)
     out: list[Finding] = []
-    renamed: set[tuple[str, str]] = set()
+    renamed: set[tuple[QualifiedName, str]] = set()
     for (table, name), bc in sorted(b.items()):
         what = CONSTRAINT_KINDS.get(bc.kind, "constraint")
-        obj = f"{table}.{name}"
+        obj = f"{table}.{quote_ident(name)}"
         gc = g.get((table, name))
         if gc is None:
             same = sorted(n for (t, n), x in g.items() if t == table and (t, n) not in b
@@ -370,7 +374,7 @@ def check_constraints(blue: psycopg.Connection[Any], green: psycopg.Connection[A
         if bc.valid and not gc.valid:
             out.append(problem("constraint", obj,
                                f"{what} {name} on {table} is NOT VALID on green (run ALTER TABLE "
-                               f"{table} VALIDATE CONSTRAINT {name})"))
+                               f"{table} VALIDATE CONSTRAINT {quote_ident(name)})"))
         if gc.kind != bc.kind:
             out.append(problem("constraint", obj, f"{name} on {table} is a {what} on blue but a "
                                f"{CONSTRAINT_KINDS.get(gc.kind, gc.kind)} on green"))
@@ -379,7 +383,7 @@ def check_constraints(blue: psycopg.Connection[Any], green: psycopg.Connection[A
                                                f"{bc.definition!r}, green {gc.definition!r}"))
     for key in sorted(set(g) - set(b) - renamed):
         gc = g[key]
-        out.append(note("constraint", f"{key[0]}.{key[1]}",
+        out.append(note("constraint", f"{key[0]}.{quote_ident(key[1])}",
                         f"{CONSTRAINT_KINDS.get(gc.kind, 'constraint')} {key[1]} on {key[0]} "
                         "exists only on green"))
     return out
@@ -410,7 +414,7 @@ def check_extensions(blue: psycopg.Connection[Any], green: psycopg.Connection[An
 
 @dataclass(frozen=True)
 class SequenceResult:
-    sequence: str
+    sequence: str  # as PostgreSQL quotes it (QualifiedName.display)
     blue: int | None
     green: int | None
     status: Literal["ahead", "equal", "behind", "missing"]
@@ -421,7 +425,8 @@ class SequenceResult:
 
 
 def check_sequences(blue: psycopg.Connection[Any], green: psycopg.Connection[Any], *,
-                    exclude_schemas: tuple[str, ...], exclude_tables: tuple[str, ...],
+                    exclude_schemas: tuple[str, ...],
+                    exclude_tables: Iterable[str | QualifiedName],
                     expect_ahead: bool) -> tuple[list[SequenceResult], list[Finding]]:
     """Green's sequences against blue's.
 
@@ -430,16 +435,18 @@ def check_sequences(blue: psycopg.Connection[Any], green: psycopg.Connection[Any
     writes (``expect_ahead``) a sequence behind blue would hand out keys blue already
     used, which is a problem.
     """
-    meta = {s.qualified: s for s in catalog.sequences(blue, exclude_schemas=exclude_schemas)}
+    meta = {s.qname: s for s in catalog.sequences(blue, exclude_schemas=exclude_schemas)}
+    excluded = parse_tables(exclude_tables)
     results: list[SequenceResult] = []
     out: list[Finding] = []
     for name, b, g in sequences.compare(blue, green, exclude_schemas=exclude_schemas):
         owner = meta[name].owned_by if name in meta else None
-        if owner and owner.rsplit(".", 1)[0] in exclude_tables:
+        if owner and owner.table in excluded:
             continue
         if g is None:
-            results.append(SequenceResult(name, b, g, "missing"))
-            out.append(problem("sequence", name, f"sequence {name} is on blue but not on green"))
+            results.append(SequenceResult(name.display, b, g, "missing"))
+            out.append(problem("sequence", name.display,
+                               f"sequence {name} is on blue but not on green"))
             continue
         up = meta[name].increment >= 0 if name in meta else True
         if b is None or g == b:
@@ -448,14 +455,14 @@ def check_sequences(blue: psycopg.Connection[Any], green: psycopg.Connection[Any
             status = "ahead"
         else:
             status = "behind"
-        results.append(SequenceResult(name, b, g, status))
+        results.append(SequenceResult(name.display, b, g, status))
         if status == "behind":
             if expect_ahead:
-                out.append(problem("sequence", name,
+                out.append(problem("sequence", name.display,
                                    f"sequence {name} on green ({g}) is behind blue ({b}): green "
                                    "would hand out values blue already used"))
             else:
-                out.append(note("sequence", name,
+                out.append(note("sequence", name.display,
                                 f"sequence {name} on green ({g}) is behind blue ({b}); it is "
                                 "moved past blue before green takes writes"))
     return results, out

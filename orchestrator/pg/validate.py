@@ -19,7 +19,7 @@ or informational (columns a migration added, sequences not yet moved, ...).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -29,8 +29,9 @@ from psycopg import sql
 
 from orchestrator.config import DatabaseConfig, ValidateConfig
 from orchestrator.pg import catalog, diff, generated, matviews, schema_check
-from orchestrator.pg.conn import connection, qualified
+from orchestrator.pg.conn import connection
 from orchestrator.pg.diff import Progress, RowDiff, TablePlan, TableResult
+from orchestrator.pg.names import QualifiedName, parse_qualified
 from orchestrator.pg.schema_check import Finding, SequenceResult, Side
 
 __all__ = ["RowDiff", "TableResult", "ValidationReport", "checksum_sql", "render_text",
@@ -67,7 +68,7 @@ class ValidationReport:
         }
 
 
-def checksum_sql(table: str, cols: list[str], checksums: bool) -> sql.Composed:
+def checksum_sql(table: QualifiedName, cols: list[str], checksums: bool) -> sql.Composed:
     """The shape of one chunk's checksum query, for ``orchestrate plan``.
 
     The plan does not read column types, so this shows every column hashed through
@@ -75,7 +76,7 @@ def checksum_sql(table: str, cols: list[str], checksums: bool) -> sql.Composed:
     can, and adds the key range of each chunk (``WHERE (key) >= .. AND (key) < ..``).
     """
     if not checksums or not cols:
-        return sql.SQL("SELECT count(*) FROM {}").format(qualified(table))
+        return sql.SQL("SELECT count(*) FROM {}").format(table.ident)
     pairs = [schema_check.ColumnPair(c, c, "", "", "", True) for c in cols]
     plan = TablePlan(table, pairs, [])
     query, _ = diff.checksum_query(plan, "blue", diff.KeyRange(), strong=False)
@@ -88,7 +89,7 @@ def validate(
     cfg: ValidateConfig,
     *,
     control_schema: str,
-    exclude_tables: tuple[str, ...] = (),
+    exclude_tables: Iterable[str | QualifiedName] = (),
     catch_up: Callable[[], None] | None = None,
     expect_sequences_ahead: bool = False,
     publisher: Side = "blue",
@@ -107,6 +108,7 @@ def validate(
     report = ValidationReport(under_writes=catch_up is not None,
                               max_reported_keys=cfg.max_reported_keys)
     exclude = (control_schema,)
+    exclude_tables = tuple(exclude_tables)
     plans: list[TablePlan] = []
     with connection(blue_db, role="validate") as blue, \
             connection(green_db, role="validate") as green:
@@ -114,9 +116,9 @@ def validate(
                                           exclude_tables=exclude_tables)
         green_tables = catalog.user_tables(green, exclude_schemas=exclude,
                                            exclude_tables=exclude_tables)
-        green_names = {t.qualified for t in green_tables}
-        common = [t for t in blue_tables if t.qualified in green_names]
-        names = {t.qualified for t in common}
+        green_names = {t.qname for t in green_tables}
+        common = [t for t in blue_tables if t.qname in green_names]
+        names = {t.qname for t in common}
         report.findings += schema_check.check_tables(blue_tables, green_tables)
         for table in common:
             plan, found = _plan(blue, green, table, cfg)
@@ -142,25 +144,31 @@ def validate(
     return report
 
 
+def by_table(entries: Mapping[str, Any]) -> dict[QualifiedName, Any]:
+    """A config mapping keyed by ``schema.table`` text, keyed by names instead."""
+    return {parse_qualified(k): v for k, v in entries.items()}
+
+
 def _plan(blue: psycopg.Connection[Any], green: psycopg.Connection[Any], table: catalog.Table,
           cfg: ValidateConfig) -> tuple[TablePlan, list[Finding]]:
-    name = table.qualified
+    name = table.qname
     pairs, green_only, found = schema_check.pair_columns(
         name, schema_check.column_info(blue, name), schema_check.column_info(green, name),
-        mapping=cfg.column_map.get(name, {}), ignore=set(cfg.ignore_columns.get(name, [])),
+        mapping=by_table(cfg.column_map).get(name, {}),
+        ignore=set(by_table(cfg.ignore_columns).get(name, [])),
         same_expression=partial(generated.same, green, name))
     by_blue = {p.blue: p for p in pairs}
     key = [by_blue[k] for k in table.key if k in by_blue]
     if table.key and len(key) != len(table.key):
         # A key column that is ignored or has no green counterpart cannot bound ranges.
         found.append(schema_check.note(
-            "table", name, f"{name}: its key ({', '.join(table.key)}) is not on both sides; "
-            "compared as a whole table"))
+            "table", name.display, f"{name}: its key ({', '.join(table.key)}) is not on both "
+            "sides; compared as a whole table"))
         key = []
     elif not table.key:
         found.append(schema_check.note(
-            "table", name, f"{name} has no primary key: compared as a whole table (a multiset "
-            "of rows), not in key ranges"))
+            "table", name.display, f"{name} has no primary key: compared as a whole table (a "
+            "multiset of rows), not in key ranges"))
     rows, pages = diff.estimate(blue, name)
     return TablePlan(name, pairs, key, green_only, rows, pages), found
 

@@ -9,6 +9,7 @@ import json
 from orchestrator.config import ValidateConfig
 from orchestrator.pg import diff
 from orchestrator.pg.diff import FetchedRow, KeyRange, RowDiff, TablePlan, TableResult
+from orchestrator.pg.names import QualifiedName as Q
 from orchestrator.pg.schema_check import ColumnInfo, ColumnPair, pair_columns
 from orchestrator.pg.validate import ValidationReport, checksum_sql, describe_diff, render_text
 
@@ -20,7 +21,7 @@ def _pair(name: str, base: str = "int8", nullable: bool = False, green: str | No
 
 def _plan(composite: bool = False) -> TablePlan:
     cols = [_pair("a"), _pair("b", "text"), _pair("v", "text", nullable=True)]
-    return TablePlan("public.t", cols, cols[:2] if composite else cols[:1])
+    return TablePlan(Q("public", "t"), cols, cols[:2] if composite else cols[:1])
 
 
 def test_constants_are_fixed_distinct_signed_64_bit() -> None:
@@ -60,7 +61,7 @@ def test_range_predicate_uses_row_values_for_composite_keys() -> None:
 
 def test_green_side_uses_mapped_column_names() -> None:
     cols = [_pair("id"), _pair("amount", green="amount_cents")]
-    plan = TablePlan("public.o", cols, cols[:1])
+    plan = TablePlan(Q("public", "o"), cols, cols[:1])
     assert '"amount_cents"' in diff.row_hash(plan, "green").as_string(None)
     assert '"amount_cents"' not in diff.row_hash(plan, "blue").as_string(None)
 
@@ -69,7 +70,7 @@ def test_row_hash_picks_type_hash_or_text_form() -> None:
     cols = [_pair("id"), ColumnPair("n", "n", "numeric", "numeric", "numeric", True),
             ColumnPair("t", "t", "text", "text", "text", True),
             ColumnPair("m", "m", "integer", "bigint", "", False)]
-    text = diff.row_hash(TablePlan("public.x", cols, cols[:1]), "blue").as_string(None)
+    text = diff.row_hash(TablePlan(Q("public", "x"), cols, cols[:1]), "blue").as_string(None)
     assert 'hashint8extended"("id"' in text
     # numeric reads differently for equal values (1.0 / 1.00): hashed as text
     assert 'CAST("n" AS pg_catalog.text)' in text
@@ -81,7 +82,7 @@ def test_row_hash_picks_type_hash_or_text_form() -> None:
 
 def test_wide_tables_are_hashed_in_groups() -> None:
     cols = [_pair(f"c{i}") for i in range(70)]
-    text = diff.row_hash(TablePlan("public.w", cols, cols[:1]), "blue").as_string(None)
+    text = diff.row_hash(TablePlan(Q("public", "w"), cols, cols[:1]), "blue").as_string(None)
     assert text.count(" # ") == 2  # three groups of at most 32, XORed and mixed
 
 
@@ -152,7 +153,7 @@ def test_pair_columns_mapping_ignore_and_findings() -> None:
     green = _cols(("id", "int8", True), ("amount_cents", "int4", True), ("old", "text", False),
                   ("x", "int8", False), ("added", "text", False))
     pairs, green_only, found = pair_columns(
-        "public.t", blue, green, mapping={"amount_cents": "amount"}, ignore={"old"})
+        Q("public", "t"), blue, green, mapping={"amount_cents": "amount"}, ignore={"old"})
     assert [(p.blue, p.green) for p in pairs] == [("id", "id"), ("amount", "amount_cents"),
                                                  ("x", "x")]
     assert green_only == ["added"]
@@ -167,7 +168,7 @@ def test_pair_columns_mapping_ignore_and_findings() -> None:
 
 def test_pair_columns_reports_a_bad_mapping() -> None:
     cols = _cols(("id", "int8", True))
-    _, _, found = pair_columns("public.t", cols, cols, mapping={"nope": "id"}, ignore=set())
+    _, _, found = pair_columns(Q("public", "t"), cols, cols, mapping={"nope": "id"}, ignore=set())
     assert any(f.kind == "config" and "nope" in f.message for f in found)
 
 
@@ -241,10 +242,10 @@ def test_generated_on_one_side_only_names_the_side() -> None:
 
 
 def test_checksum_sql_for_the_plan_command() -> None:
-    text = checksum_sql("public.t", ["id", "v"], True).as_string(None)
+    text = checksum_sql(Q("public", "t"), ["id", "v"], True).as_string(None)
     assert text.startswith("SELECT count(*), pg_catalog.sum(")
     assert 'FROM "public"."t"' in text
-    assert checksum_sql("public.t", ["id"], False).as_string(None) == \
+    assert checksum_sql(Q("public", "t"), ["id"], False).as_string(None) == \
         'SELECT count(*) FROM "public"."t"'
 
 
