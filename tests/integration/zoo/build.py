@@ -503,6 +503,9 @@ FROM {z}.types_zoo GROUP BY mood""",
     out += [
         f"ALTER TABLE {z}.tenant_notes OWNER TO {q(OWNER_ROLE)}",
         f"ALTER TABLE {z}.bookings OWNER TO {q(OWNER_ROLE)}",
+        # A view's owner needs what it reads: a refresh runs as the owner.
+        f"GRANT SELECT ON {z}.types_zoo TO {q(OWNER_ROLE)}",
+        f"GRANT USAGE ON SCHEMA {z} TO {q(OWNER_ROLE)}",
         f"ALTER MATERIALIZED VIEW {z}.mood_counts OWNER TO {q(OWNER_ROLE)}",
         f"ALTER SCHEMA {u} OWNER TO {q(OWNER_ROLE)}",
         f"GRANT SELECT ON ALL TABLES IN SCHEMA {z}, {m}, {d}, {u}, {lg} TO {q(READER_ROLE)}",
