@@ -65,6 +65,36 @@ def test_connecting_to_a_frozen_server_ends_at_connect_timeout(
         assert time.monotonic() - started < 10.0
 
 
+def _sockets_to(port: int) -> int:
+    """This process's TCP connections to 127.0.0.1:port still open (from /proc)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        target = os.readlink(f"/proc/self/fd/{fd}") if os.path.exists(f"/proc/self/fd/{fd}") \
+            else ""
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            remote, inode = fields[2], fields[9]
+            if inode in inodes and int(remote.split(":")[1], 16) == port:
+                count += 1
+    return count
+
+
+def test_a_timed_out_attempt_leaves_no_socket_for_the_server_to_find_later(
+        cluster: PgCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    # psycopg alone keeps each timed-out attempt's socket until a GC pass; a frozen
+    # server resumed then finds one backend per attempt waiting in authentication.
+    db = _db(cluster, monkeypatch, connect_timeout=2)
+    with frozen(cluster):
+        for _ in range(3):
+            with pytest.raises(ConnectError):
+                connect(db, role="green", attempts=1)
+        assert _sockets_to(cluster.port) == 0
+
+
 def test_no_deadline_for_work_that_may_take_long(
         cluster: PgCluster, monkeypatch: pytest.MonkeyPatch) -> None:
     db = _db(cluster, monkeypatch, statement_deadline=0.5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Literal, TypeVar
@@ -54,6 +55,28 @@ class DeadlineConnection(psycopg.Connection[TupleRow]):
                 "overloaded or unreachable)") from None
 
 
+CT = TypeVar("CT", bound=psycopg.Connection[Any])
+
+
+def open_connection(cls: type[CT], conninfo: str, **kwargs: Any) -> CT:
+    """``cls.connect(conninfo, **kwargs)``, and a timed-out attempt's socket closed.
+
+    psycopg (3.3) keeps the libpq connection of an attempt that hit ``connect_timeout``
+    open until the garbage collector breaks a reference cycle through the exception.
+    Against a paused server that matters: once it resumes, each such socket holds a
+    backend in authentication for ``authentication_timeout`` (60 s) and its
+    connection slot, and keeps a DROP DATABASE or a ProcSignal barrier waiting. So
+    the exception is replaced by a fresh one (no traceback) and the cycle collected.
+    """
+    failed: psycopg.errors.ConnectionTimeout | None = None
+    try:
+        return cls.connect(conninfo, **kwargs)
+    except psycopg.errors.ConnectionTimeout as exc:
+        failed = psycopg.errors.ConnectionTimeout(str(exc))
+    gc.collect()
+    raise failed
+
+
 def connect(
     db: DatabaseConfig,
     *,
@@ -81,9 +104,8 @@ def connect(
     name = f"{APPLICATION_NAME}{'-' + role if role else ''}"
 
     def _open() -> psycopg.Connection[Any]:
-        conn = DeadlineConnection.connect(
-            conninfo, autocommit=autocommit, application_name=name, options=options
-        )
+        conn = open_connection(DeadlineConnection, conninfo, autocommit=autocommit,
+                               application_name=name, options=options)
         conn.deadline = db.statement_deadline if deadline == "default" else deadline
         conn.peer = f"{role or 'the'} database {db.describe()}".strip()
         return conn

@@ -46,6 +46,9 @@ from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
+# The same connect as the orchestrator: a timed-out attempt must not leave its socket.
+from orchestrator.pg.conn import open_connection
+
 Colour = Literal["blue", "green"]
 
 # Database timeouts are short on purpose: a request that cannot get an answer within
@@ -159,7 +162,7 @@ class ConnectionPool:
 
     def _open(self) -> psycopg.Connection[Any]:
         try:
-            conn = psycopg.connect(self._conninfo, autocommit=True)
+            conn = open_connection(psycopg.Connection, self._conninfo, autocommit=True)
         except psycopg.Error as exc:
             with self._cond:
                 self._size -= 1

@@ -21,7 +21,7 @@ import psycopg
 from orchestrator.config import DatabaseConfig, ReleaseConfig
 from orchestrator.errors import ExternalError, LockedError
 from orchestrator.logging import get_logger, scrub
-from orchestrator.pg.conn import APPLICATION_NAME
+from orchestrator.pg.conn import APPLICATION_NAME, open_connection
 from orchestrator.store import StateStore
 
 log = get_logger("orchestrate.serve")
@@ -64,8 +64,8 @@ class ReceiverStateStore(StateStore):
             # One attempt: the receiver's caller retries once, and Alertmanager retries
             # a 503; a backoff here would outlast the answer.
             try:
-                self._conn = psycopg.connect(
-                    self.db.conninfo(), autocommit=True,
+                self._conn = open_connection(
+                    psycopg.Connection, self.db.conninfo(), autocommit=True,
                     application_name=f"{APPLICATION_NAME}-serve",
                     **connection_params(self.timeout_s))
             except psycopg.Error as exc:

@@ -113,31 +113,53 @@ def set_green_fault(sb: Sandbox, fail_rate: float = 0.0, extra_latency: float = 
 
 
 def _drop_subscriptions(conn: psycopg.Connection[Any]) -> None:
-    """Detached from their slots first: the slots are dropped separately."""
-    for (sub,) in conn.execute("SELECT subname FROM pg_subscription").fetchall():
+    """The subscriptions of ``conn``'s database (ALTER and DROP SUBSCRIPTION reach no
+    other), detached from their slots first: the slots are dropped separately."""
+    for (sub,) in conn.execute(
+            "SELECT subname FROM pg_subscription WHERE subdbid = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database())").fetchall():
         conn.execute(f'ALTER SUBSCRIPTION "{sub}" DISABLE')
         conn.execute(f'ALTER SUBSCRIPTION "{sub}" SET (slot_name = NONE)')
         conn.execute(f'DROP SUBSCRIPTION "{sub}"')
 
 
+def _drop_slots(conn: psycopg.Connection[Any]) -> None:
+    """Every replication slot, its walsender ended first (an active slot cannot be
+    dropped, and its walsender keeps a DROP DATABASE waiting)."""
+    conn.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                 "WHERE active_pid IS NOT NULL")
+    for (slot,) in conn.execute("SELECT slot_name FROM pg_replication_slots").fetchall():
+        for _ in range(50):
+            try:
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+                break
+            except psycopg.errors.ObjectInUse:
+                time.sleep(0.1)  # the terminated walsender is still exiting
+
+
 def reset(sb: Sandbox) -> None:
-    """Back to the starting line: traffic on blue, no green database, no leftovers."""
+    """Back to the starting line: traffic on blue, no green database, no leftovers.
+
+    Blue's subscriptions go first: blue's apply worker reconnecting to green would
+    keep green's database busy."""
     r = router(sb)
     r.set_weights(Weights.green_at(0))
     set_green_fault(sb)
-    with psycopg.connect(sb.green.conninfo("postgres"), autocommit=True) as conn:
+    with blue_conn(sb) as conn:
         _drop_subscriptions(conn)
+    with psycopg.connect(sb.green.conninfo("postgres"), autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
+                        (APP_DATABASE,)).fetchone():
+            with green_conn(sb) as app_db:
+                _drop_subscriptions(app_db)
+        _drop_slots(conn)
         conn.execute(f"DROP DATABASE IF EXISTS {APP_DATABASE} WITH (FORCE)")
-        for (slot,) in conn.execute("SELECT slot_name FROM pg_replication_slots").fetchall():
-            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
     with blue_conn(sb) as conn:
         conn.execute(f"ALTER ROLE {APP_ROLE} IN DATABASE {APP_DATABASE} "
                      "RESET default_transaction_read_only")
-        _drop_subscriptions(conn)
         for (pub,) in conn.execute("SELECT pubname FROM pg_publication").fetchall():
             conn.execute(f'DROP PUBLICATION "{pub}"')
-        for (slot,) in conn.execute("SELECT slot_name FROM pg_replication_slots").fetchall():
-            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+        _drop_slots(conn)
         has_state = conn.execute("SELECT to_regclass('orchestrate.releases')").fetchone()
         if has_state and has_state[0] is not None:
             conn.execute("UPDATE orchestrate.releases SET status = 'failed', state = 'failed' "
