@@ -20,6 +20,7 @@ from psycopg import sql
 
 from orchestrator.config import ValidateConfig
 from orchestrator.pg import catalog, generated, schema_check
+from orchestrator.pg.names import QualifiedName
 from orchestrator.pg.validate import ValidationReport, _plan, validate
 from orchestrator.sandbox.pgcluster import PgCluster
 from tests.conftest import short_tmpdir
@@ -210,6 +211,8 @@ def test_virtual_generated_columns_compare_expressions_not_values(
             c18.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
                 sql.Identifier(db)))
 
+T_S = QualifiedName("public", "T s")
+
 
 def test_green_deparses_both_expressions_when_their_texts_differ(
         pairs: dict[tuple[int, int], Pair]) -> None:
@@ -221,20 +224,20 @@ def test_green_deparses_both_expressions_when_their_texts_differ(
         assert stored == "((a * 2) + 1)"
         # Texts two servers could write for one expression: the same once green
         # parsed and deparsed both; a different expression stays different.
-        assert generated.same(conn, "public.T s", "g", "a * 2 + 1", stored)
-        assert generated.same(conn, "public.T s", "g", "(((a * 2)) + 1)", stored)
-        assert not generated.same(conn, "public.T s", "g", "a * 3 + 1", stored)
-        assert not generated.same(conn, "public.T s", "g", "nope(a)", stored)
+        assert generated.same(conn, T_S, "g", "a * 2 + 1", stored)
+        assert generated.same(conn, T_S, "g", "(((a * 2)) + 1)", stored)
+        assert not generated.same(conn, T_S, "g", "a * 3 + 1", stored)
+        assert not generated.same(conn, T_S, "g", "nope(a)", stored)
         # Only one expression is ever sent back to the server.
-        assert generated.canonical(conn, "public.T s", "g", "1); DROP TABLE \"T s\"; --",
+        assert generated.canonical(conn, T_S, "g", "1); DROP TABLE \"T s\"; --",
                                    stored) is None
         assert conn.execute("SELECT to_regclass('public.\"T s\"') IS NOT NULL").fetchone() == (
             True,)
         # A session that cannot create temporary tables compares the texts as read.
         conn.execute("SET default_transaction_read_only = on")
-        assert generated.canonical(conn, "public.T s", "g", "a * 2 + 1", stored) is None
-        assert not generated.same(conn, "public.T s", "g", "a * 2 + 1", stored)
-        assert generated.same(conn, "public.T s", "g", "((a  *  2) + 1)", stored)
+        assert generated.canonical(conn, T_S, "g", "a * 2 + 1", stored) is None
+        assert not generated.same(conn, T_S, "g", "a * 2 + 1", stored)
+        assert generated.same(conn, T_S, "g", "((a  *  2) + 1)", stored)
         # nothing was left behind in the session
         conn.execute("SET default_transaction_read_only = off")
         assert conn.execute("SELECT to_regclass('pg_temp.orch_expr_probe')").fetchone() == (None,)
