@@ -108,17 +108,28 @@ def _rollback(ctx: click.Context, cfg: ReleaseConfig, reason: str, timeout: floa
 
     The lock is tried again on every poll: when the holder exits without acting (it
     was past its last look at the request, or it crashed), this process does the
-    rollback itself instead of waiting for nobody."""
+    rollback itself instead of waiting for nobody. When the holder records that its
+    rollback failed (a peer that stopped answering, say), that is reported at the
+    next poll instead of waiting out the timeout for an outcome that will not come."""
     deadline = time.monotonic() + timeout
-    requested = False
+    asked = False
+    before: Any = None
     machine = _release(ctx, cfg)
     while True:
+        # Before trying the lock again: the holder may have failed and exited since
+        # the last poll, and retrying its rollback at once would only fail the same way.
+        failure = _holder_failure(cfg, before) if asked else None
+        if failure:
+            click.echo(f"release {cfg.release.name}: the running orchestrator could not "
+                       f"finish the rollback: {failure}")
+            click.echo("  the rollback resumes where it stopped: run `orchestrate rollback` "
+                       "again once the cause is fixed")
+            return 1
         try:
             outcome = machine.run(rollback=reason)
         except LockedError:
-            if not requested:
-                requested = True
-                _ask_running_orchestrator(cfg, reason)
+            if not asked:
+                before, asked = _ask_running_orchestrator(cfg, reason), True
             if time.monotonic() >= deadline:
                 click.echo("the running orchestrator has not finished the rollback yet; see "
                            "`orchestrate status`")
@@ -129,17 +140,37 @@ def _rollback(ctx: click.Context, cfg: ReleaseConfig, reason: str, timeout: floa
         return 0 if outcome.status == "rolled_back" else 1
 
 
-def _ask_running_orchestrator(cfg: ReleaseConfig, reason: str) -> None:
+def _holder_failure(cfg: ReleaseConfig, since: Any) -> str | None:
+    """The rollback failure the lock holder logged after ``since`` (a log time), if
+    any. Not the row's status: a failed rollback stays resumable (state rollback,
+    status running)."""
     store = _store(cfg)
     try:
-        if store.request_rollback(cfg.release.name, reason):
-            click.echo(f"rollback requested from the running orchestrator ({reason}); "
-                       "waiting")
-            return
-        row = store.get(cfg.release.name)
+        entries = store.log_entries(cfg.release.name, limit=20)
     finally:
         store.close()
-    if row is not None and row.rollback_requested:
+    for entry in reversed(entries):
+        if since is not None and entry["at"] <= since:
+            break
+        if entry["level"] == "error" and entry["state"] == State.ROLLBACK:
+            return str(entry["message"])
+    return None
+
+
+def _ask_running_orchestrator(cfg: ReleaseConfig, reason: str) -> Any:
+    """Record the request for the lock holder; the time of its newest log entry then
+    (None if it has none), to tell what it logs afterwards."""
+    store = _store(cfg)
+    try:
+        requested = store.request_rollback(cfg.release.name, reason)
+        row = store.get(cfg.release.name)
+        entries = store.log_entries(cfg.release.name, limit=1)
+    finally:
+        store.close()
+    before = entries[-1]["at"] if entries else None
+    if requested:
+        click.echo(f"rollback requested from the running orchestrator ({reason}); waiting")
+    elif row is not None and row.rollback_requested:
         click.echo(f"a rollback was already requested ({row.rollback_requested}); waiting")
     elif row is not None and row.state == State.ROLLBACK:
         click.echo("the running orchestrator is already rolling back; waiting")
@@ -149,6 +180,7 @@ def _ask_running_orchestrator(cfg: ReleaseConfig, reason: str) -> None:
                                f"{state}",
                                hint="a release past its rollback window rolls forward with "
                                "a new release")
+    return before
 
 
 @cli.command()

@@ -28,8 +28,9 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -498,11 +499,15 @@ class Release:
             checks = canary.checks_for(stage) if stage.weight > 0 else []
             # run_stage asks for a rollback request every ~0.5 s while it waits, so an
             # alert or `orchestrate abort` acts within a second, not an interval.
-            with self._probes(interval, blue_too=True) as probes:
+            with self._probes(interval, blue_too=True) as probes, ExitStack() as stack:
+                data_checks = ThreadPoolExecutor(1, thread_name_prefix="replication-check")
+                # Not waited for: a check stuck on a paused server ends at its deadline.
+                stack.callback(data_checks.shutdown, wait=False, cancel_futures=True)
                 outcome = run_stage(
                     checks, self.metrics, labels, duration=stage.duration,
                     interval=interval, record=record,
-                    should_abort=self._stage_guard(index, stage.weight, interval, probes),
+                    should_abort=self._stage_guard(index, stage.weight, interval, probes,
+                                                   data_checks),
                     sleep=self.sleep)
             if outcome.verdict == "fail":
                 raise CanaryFailed(f"stage {stage.weight}%: {outcome.reason}")
@@ -837,13 +842,19 @@ class Release:
         return None
 
     def _stage_guard(self, index: int, weight: int, interval: float,
-                     probes: list[SideProbe]) -> Callable[[], str | None]:
+                     probes: list[SideProbe], data_checks: ThreadPoolExecutor
+                     ) -> Callable[[], str | None]:
         """What can end a stage besides its metrics: a rollback request (checked on
         every call), a side that stopped answering (its probe), and, once per
         interval, the data path itself. Argo Rollouts and Flagger cannot see it: a
         subscription that stopped applying makes green drift from blue and a later
-        rollback slow or lossy, however good the HTTP metrics."""
+        rollback slow or lossy, however good the HTTP metrics.
+
+        The data-path check runs on ``data_checks``' thread: on a server that has just
+        stopped answering it waits up to ``canary.probe.timeout``, and a rollback
+        request must not wait behind it."""
         last = [float("-inf")]
+        running: list[Future[_ReplicationCheck]] = []
 
         def guard() -> str | None:
             reason = self._rollback_requested()
@@ -852,6 +863,10 @@ class Release:
             problem = self._probe_problem(probes, index, weight)
             if problem:
                 return problem
+            if running:
+                if not running[0].done():
+                    return None
+                return self._record_replication_check(running.pop().result(), index, weight)
             now = time.monotonic()
             if now - last[0] < interval:
                 return None
@@ -860,42 +875,60 @@ class Release:
                 # Its probe judges a side that does not answer; the replication check
                 # would only block on it.
                 return None
-            return self._replication_problem(index, weight)
+            running.append(data_checks.submit(self._replication_check, index))
+            return None
 
         return guard
 
-    def _replication_problem(self, index: int, weight: int) -> str | None:
+    def _record_replication_check(self, check: _ReplicationCheck, index: int,
+                                  weight: int) -> str | None:
+        """On the machine's thread: the store's connection is not shared."""
+        if check.postponed:
+            # One blip is not a verdict: the probes count failures against their
+            # limit and fail the stage; this check waits for the next interval.
+            self._note(f"replication check postponed: {check.postponed}", "warning")
+            return None
+        for what, lag in check.lags:
+            over = lag is not None and lag > self.cfg.sync.max_lag_bytes
+            self.store.record_measurement(
+                self.name, stage=index, weight=weight, check=f"replication-lag:{what}",
+                value=None if lag is None else float(lag),
+                baseline=float(self.cfg.sync.max_lag_bytes),
+                verdict="inconclusive" if over else "pass",
+                detail="slot lag in bytes (WAL the subscriber has not confirmed)")
+        return check.problem
+
+    def _replication_check(self, index: int) -> _ReplicationCheck:
+        """Both subscriptions applying, and how far behind each is. Runs on a worker
+        thread with connections of its own; touches neither the store nor the facts
+        it does not read."""
         deadline = self.cfg.canary.probe.timeout
         try:
             blue = self._blue(attempts=1, deadline=deadline)
             green = self._green(attempts=1, deadline=deadline)
         except OrchestrateError as exc:
-            # One blip is not a verdict: the probes count failures against their
-            # limit and fail the stage; this check waits for the next interval.
-            self._note(f"replication check postponed: {exc.message}", "warning")
-            return None
-        with blue, green:
-            paths = []
-            if not self.facts.get("forward_dropped"):
-                paths.append(("forward", green, self.fwd.subscription, blue, self.fwd.slot))
-            if replication.subscription_exists(blue, self.rev.subscription):
-                paths.append(("reverse", blue, self.rev.subscription, green, self.rev.slot))
-            for what, sub, subscription, pub, slot in paths:
-                before = self._apply_errors.setdefault(
-                    (index, subscription), replication.error_count(sub, subscription))
-                try:
-                    replication.check_healthy(sub, subscription, errors_before=before)
-                except ReleaseFailed as exc:
-                    return f"{what} replication stopped: {exc.message}"
-                lag = replication.lag_bytes(pub, slot)
-                over = lag is not None and lag > self.cfg.sync.max_lag_bytes
-                self.store.record_measurement(
-                    self.name, stage=index, weight=weight, check=f"replication-lag:{what}",
-                    value=None if lag is None else float(lag),
-                    baseline=float(self.cfg.sync.max_lag_bytes),
-                    verdict="inconclusive" if over else "pass",
-                    detail="slot lag in bytes (WAL the subscriber has not confirmed)")
-        return None
+            return _ReplicationCheck(postponed=exc.message)
+        result = _ReplicationCheck()
+        try:
+            with blue, green:
+                paths = []
+                if not self.facts.get("forward_dropped"):
+                    paths.append(("forward", green, self.fwd.subscription, blue, self.fwd.slot))
+                if replication.subscription_exists(blue, self.rev.subscription):
+                    paths.append(("reverse", blue, self.rev.subscription, green, self.rev.slot))
+                for what, sub, subscription, pub, slot in paths:
+                    before = self._apply_errors.setdefault(
+                        (index, subscription), replication.error_count(sub, subscription))
+                    try:
+                        replication.check_healthy(sub, subscription, errors_before=before)
+                    except ReleaseFailed as exc:
+                        result.problem = f"{what} replication stopped: {exc.message}"
+                        return result
+                    result.lags.append((what, replication.lag_bytes(pub, slot)))
+        except psycopg.OperationalError as exc:
+            # The server stopped answering mid-check: the probes judge that.
+            return _ReplicationCheck(postponed=str(exc).strip())
+        return result
 
     def _rollback_requested(self) -> str | None:
         row = self.store.get(self.name)
@@ -928,6 +961,15 @@ def release_for(cfg: ReleaseConfig, *, store: StateStore | None = None, **kw: An
     return Release(cfg, store=store or StateStore.for_config(cfg),
                    router=build_router(cfg.router), metrics=PrometheusMetrics(cfg.prometheus),
                    **kw)
+
+
+@dataclass
+class _ReplicationCheck:
+    """What one data-path check found (see Release._replication_check)."""
+
+    problem: str | None = None
+    postponed: str = ""  # could not look: why
+    lags: list[tuple[str, int | None]] = field(default_factory=list)
 
 
 class _WindowOpen(OrchestrateError):

@@ -71,47 +71,71 @@ def _blue_fenced(sb: Sandbox) -> bool:
     return bool(row and row[0])
 
 
+@pytest.mark.parametrize("requested", [False, True], ids=["probe", "rollback-requested"])
 def test_green_frozen_during_a_stage_fails_it_and_the_rollback_finishes_after(
-        short_timeouts: Sandbox) -> None:
+        short_timeouts: Sandbox, requested: bool) -> None:
+    """The probe fails the stage; with ``requested``, an operator's `orchestrate
+    rollback` from a second process during the freeze is seen and the waiting CLI
+    reports the running orchestrator's outcome instead of waiting silently."""
     sb = short_timeouts
     stages = {"interval": "1s", "window": "10s", "checks": [], "probe": PROBE, "stages": [
         {"weight": 0, "duration": "1s"}, {"weight": 20, "duration": "120s"},
         {"weight": 100, "duration": "1s"}]}
-    cfg = write_config(sb, "green-frozen", canary=stages)
-    log = sb.base_dir / "green-frozen.log"
+    name = "green-frozen-asked" if requested else "green-frozen"
+    cfg = write_config(sb, name, canary=stages)
+    log = sb.base_dir / f"{name}.log"
+    asked_log = sb.base_dir / f"{name}-rollback.log"
     load = LoadGenerator(sb.haproxy.url, rate=60.0, write_ratio=0.5)
     load.start()
     proc = spawn_cli(sb, "release", "--config", str(cfg), log=log)
+    asker = None
     try:
         def green_takes_writes() -> bool:
-            row = release_row(sb, "green-frozen")
+            row = release_row(sb, name)
             at_20 = bool(row and (row["facts"].get("weights") or {}).get("green") == 20)
             return at_20 and load.report().acked_by_colour.get("green", 0) > 10
 
         assert wait_for(green_takes_writes, timeout=180), log.read_text()[-3000:]
         with frozen(sb.green):
             started = time.monotonic()
-            # The release does not wait for the freeze to end: the probe fails the
-            # stage, traffic goes back to blue, and the rollback stops, saying why
-            # (green holds writes blue has not got yet).
+            if requested:
+                asker = spawn_cli(sb, "rollback", "--config", str(cfg), "--reason",
+                                  "operator during the freeze", log=asked_log)
+            # The release does not wait for the freeze to end: the probe (or the
+            # request) ends the stage, traffic goes back to blue, and the rollback
+            # stops, saying why (green holds writes blue has not got yet).
             code = proc.wait(timeout=FREEZE_S + 30)
             reacted = time.monotonic() - started
             assert code == 1, log.read_text()[-3000:]
+            if asker is not None:
+                asked = asker.wait(timeout=10)
+                told = time.monotonic() - started - reacted
+                said = asked_log.read_text()
+                assert asked == 1, said[-3000:]
+                assert "green is unreachable" in said, said[-3000:]
+                print(f"release reacted in {reacted:.1f}s; the waiting CLI reported {told:.1f}s later")
+                assert told < 5.0, f"the waiting CLI reported {told:.1f}s after the release"
             assert router(sb).current() == Weights.green_at(0)
-            row = release_row(sb, "green-frozen")
+            row = release_row(sb, name)
             assert row is not None and row["state"] == "rollback"
-            assert "green does not answer" in log.read_text()
+            if requested:
+                # Seen at the next poll, before the probe's verdict (~6 s), though a
+                # replication check may be waiting on the frozen green meanwhile.
+                assert "operator during the freeze" in row["facts"]["rollback_reason"]
+            else:
+                assert "green does not answer" in log.read_text()
             assert "green is unreachable" in (row["error"] or "")
             time.sleep(max(0.0, FREEZE_S - reacted))
         # Green answers again: the rerun completes the rollback with green's writes.
         back = run_cli(sb, "rollback", "--config", str(cfg))
         assert back.code == 0, back.out + back.err[-3000:]
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        for p in (proc, asker):
+            if p is not None and p.poll() is None:
+                p.kill()
         report = load.stop()
     assert reacted < 20.0
-    row = release_row(sb, "green-frozen")
+    row = release_row(sb, name)
     assert row is not None and row["status"] == "rolled_back"
     assert router(sb).current() == Weights.green_at(0)
     assert not _blue_fenced(sb)
