@@ -6,9 +6,13 @@ minutes), which is what used to disable the subscriptions for good."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,6 +22,7 @@ from orchestrator.sandbox.loadgen import LoadGenerator
 from orchestrator.sandbox.pgcluster import PgCluster
 from orchestrator.sandbox.stack import APP_DATABASE, APP_ROLE, Sandbox
 from tests.faults.freeze import frozen
+from tests.faults.netns import IsolatedAddress
 from tests.integration.helpers import (
     blue_conn,
     order_ids,
@@ -71,18 +76,37 @@ def _blue_fenced(sb: Sandbox) -> bool:
     return bool(row and row[0])
 
 
-@pytest.mark.parametrize("requested", [False, True], ids=["probe", "rollback-requested"])
+@pytest.mark.parametrize("fault", ["freeze", "rollback-requested", "blackhole"])
 def test_green_frozen_during_a_stage_fails_it_and_the_rollback_finishes_after(
-        short_timeouts: Sandbox, requested: bool) -> None:
-    """The probe fails the stage; with ``requested``, an operator's `orchestrate
+        short_timeouts: Sandbox, fault: str) -> None:
+    """The probe fails the stage. ``rollback-requested``: an operator's `orchestrate
     rollback` from a second process during the freeze is seen and the waiting CLI
-    reports the running orchestrator's outcome instead of waiting silently."""
+    reports the running orchestrator's outcome instead of waiting silently.
+    ``blackhole``: green keeps running, but the path to it (the orchestrator's and
+    blue's reverse subscription's) drops every packet, as a lost network does."""
     sb = short_timeouts
+    requested = fault == "rollback-requested"
     stages = {"interval": "1s", "window": "10s", "checks": [], "probe": PROBE, "stages": [
         {"weight": 0, "duration": "1s"}, {"weight": 20, "duration": "120s"},
         {"weight": 100, "duration": "1s"}]}
-    name = "green-frozen-asked" if requested else "green-frozen"
-    cfg = write_config(sb, name, canary=stages)
+    name = f"green-{fault}"
+    with contextlib.ExitStack() as stack:
+        if fault == "blackhole":
+            path = stack.enter_context(IsolatedAddress((sb.green.host, sb.green.port)))
+            cfg = write_config(sb, name, canary=stages,
+                               green={"host": path.host, "port": path.port})
+            stop_answering: Callable[[], contextlib.AbstractContextManager[Any]] = \
+                path.blackholed
+        else:
+            cfg = write_config(sb, name, canary=stages)
+            stop_answering = partial(frozen, sb.green)
+        _green_stops_answering_in_a_stage(sb, name, cfg, stop_answering, requested)
+
+
+def _green_stops_answering_in_a_stage(
+        sb: Sandbox, name: str, cfg: Path,
+        stop_answering: Callable[[], contextlib.AbstractContextManager[Any]],
+        requested: bool) -> None:
     log = sb.base_dir / f"{name}.log"
     asked_log = sb.base_dir / f"{name}-rollback.log"
     load = LoadGenerator(sb.haproxy.url, rate=60.0, write_ratio=0.5)
@@ -96,7 +120,7 @@ def test_green_frozen_during_a_stage_fails_it_and_the_rollback_finishes_after(
             return at_20 and load.report().acked_by_colour.get("green", 0) > 10
 
         assert wait_for(green_takes_writes, timeout=180), log.read_text()[-3000:]
-        with frozen(sb.green):
+        with stop_answering():
             started = time.monotonic()
             if requested:
                 asker = spawn_cli(sb, "rollback", "--config", str(cfg), "--reason",
@@ -113,7 +137,7 @@ def test_green_frozen_during_a_stage_fails_it_and_the_rollback_finishes_after(
                 said = asked_log.read_text()
                 assert asked == 1, said[-3000:]
                 assert "green is unreachable" in said, said[-3000:]
-                print(f"release reacted in {reacted:.1f}s; the waiting CLI reported {told:.1f}s later")
+                print(f"release reacted in {reacted:.1f}s; the CLI reported {told:.1f}s later")
                 assert told < 5.0, f"the waiting CLI reported {told:.1f}s after the release"
             assert router(sb).current() == Weights.green_at(0)
             row = release_row(sb, name)
