@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -156,42 +157,105 @@ def lpt_makespan(costs: list[int], machines: int) -> int:
 SPLIT_GAIN = 2.0
 
 
+@dataclass(frozen=True)
+class _Found:
+    """A table to copy: the columns both sides share, the format, where its rows are."""
+
+    table: Table
+    green_kind: str
+    columns: list[str]
+    binary: bool
+    sources: list[_Source]
+
+
+def _find(blue: psycopg.Connection[Any], green: psycopg.Connection[Any], t: Table,
+          binary: bool) -> _Found:
+    b = _relation(blue, t.schema, t.name)
+    g = _relation(green, t.schema, t.name)
+    if b is None:
+        raise ReleaseFailed(f"table {t.qname} disappeared from blue during the release")
+    if g is None:
+        raise ReleaseFailed(f"table {t.qname} is missing on green",
+                            hint="a migration dropped or renamed a table that blue still "
+                            "has; exclude it (sync.exclude_tables) or keep it")
+    bcols = _columns(blue, b[0])
+    gcols = {c.name: c for c in _columns(green, g[0])}
+    # Generated columns are computed on green; columns green dropped are left out,
+    # columns only green has take their defaults (as logical replication does).
+    pairs = [(c, gcols[c.name]) for c in bcols
+             if not c.generated and c.name in gcols and not gcols[c.name].generated]
+    if not pairs:
+        raise ReleaseFailed(f"table {t.qname} has no column in common between blue "
+                            "and green")
+    is_binary = binary and all(
+        bc.typid == gc.typid and bc.typid < FIRST_NORMAL_OID and bc.binary_io
+        and gc.binary_io for bc, gc in pairs)
+    return _Found(t, g[1], [c.name for c, _ in pairs], is_binary, _sources(blue, b[0], b[1]))
+
+
+Ranges = Callable[[_Source], list[tuple[int, int | None]]]
+
+
+def _costs(found: list[_Found], ranges_of: Ranges, split_now: set[tuple[str, str]]
+           ) -> list[int]:
+    out: list[int] = []
+    for f in found:
+        for src in f.sources:
+            n = len(ranges_of(src)) if (src.schema, src.name) in split_now else 1
+            out += [max(1, src.data // n)] * n
+    return out
+
+
+def _splits(found: list[_Found], ranges_of: Ranges, *, jobs: int, can_split: bool,
+            split: Literal["auto", "always", "never"]) -> set[tuple[str, str]]:
+    """Start whole, then split the largest relations while that pays (see SPLIT_GAIN)."""
+    splits: set[tuple[str, str]] = set()
+    candidates = sorted((src for f in found for src in f.sources
+                         if can_split and src.relkind == "r" and len(ranges_of(src)) > 1),
+                        key=lambda src: -src.data)
+    for src in candidates:
+        trial = {*splits, (src.schema, src.name)}
+        if split == "always" or (
+                lpt_makespan(_costs(found, ranges_of, trial), jobs) * SPLIT_GAIN
+                <= lpt_makespan(_costs(found, ranges_of, splits), jobs)):
+            splits = trial
+        else:
+            break
+    return splits
+
+
+def _tasks(f: _Found, ranges_of: Ranges, splits: set[tuple[str, str]], *, block: int,
+           freeze: bool) -> list[CopyTask]:
+    tasks: list[CopyTask] = []
+    t = f.table
+    for src in f.sources:
+        npages = src.heap // block
+        ranges = ranges_of(src) if (src.schema, src.name) in splits else [(0, None)]
+        whole = len(ranges) == 1 and len(f.sources) == 1 and (
+            src.schema, src.name) == (t.schema, t.name)
+        for lo, hi in ranges:
+            pages = None if len(ranges) == 1 else (lo, hi)
+            cost = src.data if pages is None else src.data * (
+                (hi if hi is not None else npages) - lo) // max(1, npages)
+            tasks.append(CopyTask(
+                target=(t.schema, t.name), source=(src.schema, src.name), columns=f.columns,
+                binary=f.binary, cost=max(1, cost), pages=pages,
+                freeze=freeze and whole and f.green_kind == "r",
+                only=src.relkind != "p"))
+    return tasks
+
+
 def plan_copy(blue: psycopg.Connection[Any], green: psycopg.Connection[Any],
               tables: list[Table], *, jobs: int, chunk_bytes: int | None = None,
               binary: bool = True, freeze: bool = True,
               split: Literal["auto", "always", "never"] = "auto") -> CopyPlan:
     """Decide the copy tasks: which columns, binary or text, whole or page ranges."""
     can_split = server_major(blue) >= 14 and split != "never"  # TID range scans
-    found: list[tuple[Table, str, list[str], bool, list[_Source]]] = []
-    targets: list[tuple[str, str, str]] = []
-    plan = CopyPlan([], targets)
-    for t in tables:
-        b = _relation(blue, t.schema, t.name)
-        g = _relation(green, t.schema, t.name)
-        if b is None:
-            raise ReleaseFailed(f"table {t.qname} disappeared from blue during the release")
-        if g is None:
-            raise ReleaseFailed(f"table {t.qname} is missing on green",
-                                hint="a migration dropped or renamed a table that blue still "
-                                "has; exclude it (sync.exclude_tables) or keep it")
-        bcols = _columns(blue, b[0])
-        gcols = {c.name: c for c in _columns(green, g[0])}
-        # Generated columns are computed on green; columns green dropped are left out,
-        # columns only green has take their defaults (as logical replication does).
-        pairs = [(c, gcols[c.name]) for c in bcols
-                 if not c.generated and c.name in gcols and not gcols[c.name].generated]
-        if not pairs:
-            raise ReleaseFailed(f"table {t.qname} has no column in common between blue "
-                                "and green")
-        is_binary = binary and all(
-            bc.typid == gc.typid and bc.typid < FIRST_NORMAL_OID and bc.binary_io
-            and gc.binary_io for bc, gc in pairs)
-        plan.binary_tables += int(is_binary)
-        plan.text_tables += int(not is_binary)
-        found.append((t, g[1], [c.name for c, _ in pairs], is_binary,
-                      _sources(blue, b[0], b[1])))
-        targets.append((t.schema, t.name, g[1]))
-    total = sum(src.data for f in found for src in f[4])
+    found = [_find(blue, green, t, binary) for t in tables]
+    plan = CopyPlan([], [(f.table.schema, f.table.name, f.green_kind) for f in found])
+    plan.binary_tables = sum(1 for f in found if f.binary)
+    plan.text_tables = len(found) - plan.binary_tables
+    total = sum(src.data for f in found for src in f.sources)
     chunk = chunk_bytes or default_chunk_bytes(total, jobs)
     plan.chunk_bytes = chunk
     block = int(scalar(blue, "SELECT current_setting('block_size')::int") or 8192)
@@ -199,50 +263,12 @@ def plan_copy(blue: psycopg.Connection[Any], green: psycopg.Connection[Any],
     def ranges_of(src: _Source) -> list[tuple[int, int | None]]:
         return split_pages(src.heap // block, src.data, chunk)
 
-    # Start whole, then split the largest relations while that pays (see SPLIT_GAIN).
-    splits: set[tuple[str, str]] = set()
-    candidates = sorted((src for f in found for src in f[4]
-                         if can_split and src.relkind == "r" and len(ranges_of(src)) > 1),
-                        key=lambda src: -src.data)
-
-    def costs(split_now: set[tuple[str, str]]) -> list[int]:
-        out: list[int] = []
-        for f in found:
-            for src in f[4]:
-                n = len(ranges_of(src)) if (src.schema, src.name) in split_now else 1
-                out += [max(1, src.data // n)] * n
-        return out
-
-    for src in candidates:
-        trial = {*splits, (src.schema, src.name)}
-        if split == "always" or (
-                lpt_makespan(costs(trial), jobs) * SPLIT_GAIN
-                <= lpt_makespan(costs(splits), jobs)):
-            splits = trial
-        else:
-            break
-
+    splits = _splits(found, ranges_of, jobs=jobs, can_split=can_split, split=split)
     tasks: list[CopyTask] = []
-    for t, green_kind, cols, is_binary, sources in found:
-        split_any = False
-        for src in sources:
-            npages = src.heap // block
-            ranges = ranges_of(src) if (src.schema, src.name) in splits else [(0, None)]
-            split_any = split_any or len(ranges) > 1
-            whole = len(ranges) == 1 and len(sources) == 1 and (
-                src.schema, src.name) == (t.schema, t.name)
-            for lo, hi in ranges:
-                pages = None if len(ranges) == 1 else (lo, hi)
-                cost = src.data if pages is None else src.data * (
-                    (hi if hi is not None else npages) - lo) // max(1, npages)
-                tasks.append(CopyTask(
-                    target=(t.schema, t.name), source=(src.schema, src.name), columns=cols,
-                    binary=is_binary, cost=max(1, cost), pages=pages,
-                    freeze=freeze and whole and green_kind == "r",
-                    only=src.relkind != "p"))
-        plan.split_tables += int(split_any)
+    for f in found:
+        mine = _tasks(f, ranges_of, splits, block=block, freeze=freeze)
+        plan.split_tables += int(len(mine) > len(f.sources))
+        tasks += mine
     tasks.sort(key=lambda task: -task.cost)
     plan.tasks = tasks
     return plan
-
-

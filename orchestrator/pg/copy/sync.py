@@ -25,9 +25,15 @@ from orchestrator.pg.catalog import Table
 from orchestrator.pg.conn import scalar, server_major
 from orchestrator.pg.copy.graph import _graph, _Runner
 from orchestrator.pg.copy.pipes import Copier
-from orchestrator.pg.copy.plan import effective_jobs, parallel_maintenance_workers, plan_copy
+from orchestrator.pg.copy.plan import (
+    CopyPlan,
+    effective_jobs,
+    parallel_maintenance_workers,
+    plan_copy,
+)
 from orchestrator.pg.copy.slot import exported_slot
 from orchestrator.pg.copy.state import (
+    CopyState,
     copy_state,
     end_copy_sessions,
     ensure_state_tables,
@@ -100,6 +106,82 @@ def _check_replica_role(green: psycopg.Connection[Any], targets: list[tuple[str,
     return False
 
 
+@dataclass
+class _Prepared:
+    """What the copy needs once green is ready for it."""
+
+    plan: CopyPlan
+    user_targets: list[tuple[str, str, str]]  # the copied tables but orchestrate's own
+    items: list[schema_sections.Deferred]
+    replica_role: bool
+    encoding: str
+
+
+def _earlier_run(bconn: psycopg.Connection[Any], gconn: psycopg.Connection[Any],
+                 stats: CopyStats, *, control_schema: str, slot_name: str
+                 ) -> tuple[bool, CopyState | None]:
+    """Whether an earlier run left nothing to copy (``stats`` then says why), and the
+    state it recorded."""
+    if subscription_on_slot(gconn, slot_name):
+        stats.skipped = "green already streams from the slot"
+        stats.streaming = True
+        return True, None
+    state = copy_state(gconn, control_schema, slot_name)
+    if state is not None and state.phase in {"copied", "streaming"} and slot_exists(
+            bconn, slot_name):
+        stats.skipped = "the copy finished in an earlier run"
+        stats.consistent_point = state.consistent_point
+        return True, state
+    return False, state
+
+
+def _prepare(bconn: psycopg.Connection[Any], gconn: psycopg.Connection[Any],
+             every: list[Table], *, cfg: InitialCopyConfig, jobs: int,
+             state: CopyState | None, stats: CopyStats, control_schema: str,
+             slot_name: str) -> _Prepared:
+    """Plan the copy, clear what a dead run left, and record green's rebuilds."""
+    plan = plan_copy(bconn, gconn, every, jobs=jobs, chunk_bytes=cfg.chunk_bytes,
+                     binary=cfg.binary == "auto", freeze=cfg.freeze, split=cfg.split)
+    user_targets = [t for t in plan.targets if t[0] != control_schema]
+    if state is not None:
+        # A run died half way: its snapshot is gone, start over.
+        stats.restarted = True
+        ended = end_copy_sessions(bconn, slot_name) + end_copy_sessions(gconn, slot_name)
+        log.warning("initial copy restarts: an earlier run did not finish",
+                    slot=slot_name, phase=state.phase, sessions_ended=ended)
+    else:
+        _require_empty(gconn, user_targets)
+    replication.drop_slot(bconn, slot_name)
+    replica_role = _check_replica_role(gconn, plan.targets)
+    stats.deferred = schema_sections.defer_post_data(
+        gconn, [(s, n) for s, n, kind in user_targets if kind == "r"],
+        control_schema=control_schema)
+    items = schema_sections.pending(gconn, control_schema)
+    with gconn.transaction():
+        # Recorded before the slot exists, so that a crash from here on is seen as
+        # an unfinished copy by the next run.
+        set_phase(gconn, control_schema, slot_name, "copying", jobs=jobs)
+        parts = [sql.SQL("{}{}").format(sql.SQL("ONLY ") if kind == "r" else sql.SQL(""),
+                                         ident(s, n)) for s, n, kind in plan.targets]
+        gconn.execute(sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(parts)))
+    encoding = str(scalar(bconn, "SHOW server_encoding"))
+    return _Prepared(plan, user_targets, items, replica_role, encoding)
+
+
+def _record_plan(stats: CopyStats, prep: _Prepared) -> None:
+    plan = prep.plan
+    stats.tables = len(plan.targets)
+    stats.tasks = len(plan.tasks)
+    stats.bytes = plan.total_cost
+    stats.binary_tables = plan.binary_tables
+    stats.text_tables = plan.text_tables
+    stats.split_tables = plan.split_tables
+    log.info("initial copy planned", tables=stats.tables, tasks=stats.tasks, jobs=stats.jobs,
+             bytes=stats.bytes, chunk_bytes=plan.chunk_bytes, binary_tables=plan.binary_tables,
+             text_tables=plan.text_tables, split_tables=plan.split_tables,
+             post_data_items=len(prep.items), replica_role=prep.replica_role)
+
+
 def copy_initial(
     blue: DatabaseConfig,
     green: DatabaseConfig,
@@ -123,7 +205,7 @@ def copy_initial(
 
     ``publication`` must already exist on blue and publish the tables: pgoutput
     reads it as of each change's commit, so it has to predate the slot.
-    Safe to call again after any failure or crash (see the module docstring); when it
+    Safe to call again after any failure or crash (see the package docstring); when it
     finds the copy done it returns at once, and ``restore_post_data`` finishes what a
     crash may have left of the rebuilds.
     """
@@ -140,53 +222,15 @@ def copy_initial(
         if not scalar(bconn, "SELECT 1 FROM pg_publication WHERE pubname = %s", publication):
             raise ReleaseFailed(f"publication {publication} does not exist on blue",
                                 hint="create the publication before the copy's slot")
-        if subscription_on_slot(gconn, slot_name):
-            stats.skipped = "green already streams from the slot"
-            stats.streaming = True
+        done, state = _earlier_run(bconn, gconn, stats, control_schema=control_schema,
+                                   slot_name=slot_name)
+        if done:
             return stats
-        state = copy_state(gconn, control_schema, slot_name)
-        if state is not None and state.phase in {"copied", "streaming"} and slot_exists(
-                bconn, slot_name):
-            stats.skipped = "the copy finished in an earlier run"
-            stats.consistent_point = state.consistent_point
-            return stats
-        plan = plan_copy(bconn, gconn, every, jobs=jobs, chunk_bytes=cfg.chunk_bytes,
-                         binary=cfg.binary == "auto", freeze=cfg.freeze, split=cfg.split)
-        user_targets = [t for t in plan.targets if t[0] != control_schema]
-        if state is not None:
-            # A run died half way: its snapshot is gone, start over.
-            stats.restarted = True
-            ended = end_copy_sessions(bconn, slot_name) + end_copy_sessions(gconn, slot_name)
-            log.warning("initial copy restarts: an earlier run did not finish",
-                        slot=slot_name, phase=state.phase, sessions_ended=ended)
-        else:
-            _require_empty(gconn, user_targets)
-        replication.drop_slot(bconn, slot_name)
-        replica_role = _check_replica_role(gconn, plan.targets)
-        stats.deferred = schema_sections.defer_post_data(
-            gconn, [(s, n) for s, n, kind in user_targets if kind == "r"],
-            control_schema=control_schema)
-        items = schema_sections.pending(gconn, control_schema)
-        with gconn.transaction():
-            # Recorded before the slot exists, so that a crash from here on is seen as
-            # an unfinished copy by the next run.
-            set_phase(gconn, control_schema, slot_name, "copying", jobs=jobs)
-            parts = [sql.SQL("{}{}").format(sql.SQL("ONLY ") if kind == "r" else sql.SQL(""),
-                                             ident(s, n)) for s, n, kind in plan.targets]
-            gconn.execute(sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(parts)))
-        encoding = str(scalar(bconn, "SHOW server_encoding"))
-    stats.tables = len(plan.targets)
-    stats.tasks = len(plan.tasks)
-    stats.bytes = plan.total_cost
-    stats.binary_tables = plan.binary_tables
-    stats.text_tables = plan.text_tables
-    stats.split_tables = plan.split_tables
-    log.info("initial copy planned", tables=stats.tables, tasks=stats.tasks, jobs=jobs,
-             bytes=stats.bytes, chunk_bytes=plan.chunk_bytes, binary_tables=plan.binary_tables,
-             text_tables=plan.text_tables, split_tables=plan.split_tables,
-             post_data_items=len(items), replica_role=replica_role)
-    analyze = [(s, n) for s, n, _ in user_targets] if cfg.analyze else []
-    nodes = _graph(plan, items, analyze)
+        prep = _prepare(bconn, gconn, every, cfg=cfg, jobs=jobs, state=state, stats=stats,
+                        control_schema=control_schema, slot_name=slot_name)
+    _record_plan(stats, prep)
+    analyze = [(s, n) for s, n, _ in prep.user_targets] if cfg.analyze else []
+    nodes = _graph(prep.plan, prep.items, analyze)
     copied = False
     with contextlib.ExitStack() as slot_stack:
         try:
@@ -194,8 +238,8 @@ def copy_initial(
                 exported_slot(blue, slot_name, timeout=cfg.slot_timeout))
             stats.consistent_point = slot.consistent_point
             copier = Copier(blue, green, tools, snapshot=slot.snapshot, slot=slot_name,
-                             encoding=encoding, replica_role=replica_role,
-                             deadline=started + timeout, stall_timeout=cfg.stall_timeout)
+                            encoding=prep.encoding, replica_role=prep.replica_role,
+                            deadline=started + timeout, stall_timeout=cfg.stall_timeout)
 
             def copies_done() -> None:
                 nonlocal copied
@@ -204,7 +248,7 @@ def copy_initial(
                 slot_stack.close()
                 with _control(green, "green") as conn:
                     set_phase(conn, control_schema, slot_name, "copied",
-                               consistent_point=stats.consistent_point)
+                              consistent_point=stats.consistent_point)
                 copied = True
                 stats.copy_seconds = round(time.monotonic() - started, 3)
                 log.info("initial copy: rows copied", seconds=stats.copy_seconds)
@@ -222,7 +266,7 @@ def copy_initial(
                     replication.drop_slot(bconn, slot_name)
             raise
     with _control(green, "green") as gconn:
-        schema_sections.done_ids(gconn, control_schema, [i.id for i in items])
+        schema_sections.done_ids(gconn, control_schema, [i.id for i in prep.items])
     stats.seconds = round(time.monotonic() - started, 3)
     log.info("initial copy done", rows=stats.rows, seconds=stats.seconds,
              consistent_point=stats.consistent_point)
