@@ -88,6 +88,8 @@ def connect(
     attempts: int = 5,
     deadline: float | Literal["default"] | None = "default",
     connect_timeout: float | None = None,
+    application_name: str | None = None,
+    replication: Literal["database"] | None = None,
 ) -> psycopg.Connection[Any]:
     """Connect with retries on transient failures.
 
@@ -95,17 +97,20 @@ def connect(
     blocking every query behind it (the classic migration outage). ``deadline``
     (seconds; the database's ``statement_deadline`` by default, None for work that
     may legitimately take long, such as a migration) bounds every wait on the server.
+    ``application_name`` replaces the one made from ``role`` (sessions found again by
+    name); ``replication="database"`` opens a logical replication connection.
     """
     options = f"-c lock_timeout={lock_timeout_ms} -c statement_timeout={statement_timeout_ms}"
     if connect_timeout is not None:
         # libpq counts whole seconds and takes 2 as its minimum.
         db = db.model_copy(update={"connect_timeout": max(2.0, connect_timeout)})
     conninfo = db.conninfo(dbname=dbname)
-    name = f"{APPLICATION_NAME}{'-' + role if role else ''}"
+    name = application_name or f"{APPLICATION_NAME}{'-' + role if role else ''}"
+    extra: dict[str, Any] = {} if replication is None else {"replication": replication}
 
     def _open() -> psycopg.Connection[Any]:
         conn = open_connection(DeadlineConnection, conninfo, autocommit=autocommit,
-                               application_name=name, options=options)
+                               application_name=name, options=options, **extra)
         conn.deadline = db.statement_deadline if deadline == "default" else deadline
         conn.peer = f"{role or 'the'} database {db.describe()}".strip()
         return conn
