@@ -55,6 +55,7 @@ from pydantic import Field, model_validator
 
 from orchestrator.config._base import Name, _Model
 from orchestrator.config.metrics import MetricCheck
+from orchestrator.matchers import parse
 
 Selector = Mapping[str, str]
 QueryBuilder = Callable[[Selector], str]
@@ -106,23 +107,11 @@ class BuiltinCheck(_Model):
         return self
 
 
-def _quote(value: str) -> str:
-    """A PromQL string literal. ``$`` stays as it is: it is a template variable."""
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def matcher(label: str, spec: str) -> str:
-    """One label matcher from the selector syntax: "v" equals, "~re" regex, "!v" and
-    "!~re" negate, "=v" equals a value that starts with ~ or !."""
-    if spec.startswith("="):
-        return f"{label}={_quote(spec[1:])}"
-    if spec.startswith("!~"):
-        return f"{label}!~{_quote(spec[2:])}"
-    if spec.startswith("!"):
-        return f"{label}!={_quote(spec[1:])}"
-    if spec.startswith("~"):
-        return f"{label}=~{_quote(spec[1:])}"
-    return f"{label}={_quote(spec)}"
+    """One PromQL label matcher from the selector syntax (see orchestrator/matchers.py):
+    "v" equals, "~re" regex, "!v" and "!~re" negate, "=v" equals a value that starts
+    with ~ or !."""
+    return parse(label, spec).promql()
 
 
 def _sel(selector: Selector, *extra: str) -> str:
