@@ -1,9 +1,14 @@
-"""Alert label matchers (``alerts.matchers``), parsed in one place.
+"""Label matchers, parsed in one place: ``alerts.matchers`` and ``canary.builtin``
+selectors use the same syntax.
 
 A matcher value is "v" (equals), "~re" (the regex fully matches), "!v" or "!~re"
-(negated), after ``$service``-style template substitution. The configuration checks
-each value with :func:`parse_matcher` and the receiver compiles them with the same
-function, so what the config accepts is exactly what the receiver runs.
+(negated); after the optional "!", a leading "=" means a literal value, so "=~v" and
+"!=~v" compare with "~v". :func:`parse` reads that syntax; ``Matcher.promql()`` writes
+it as a PromQL label matcher (for the built-in checks, whose regexes Prometheus runs)
+and ``Matcher.matches()`` tests a label set (for alerts). Alert values are templates
+(``$service``...) filled in first by :func:`parse_matcher`, which also compiles the
+regex; the configuration checks each value with it and the receiver compiles them
+with the same function, so what the config accepts is exactly what the receiver runs.
 
 No imports from the rest of the package: ``orchestrator.config`` imports this module.
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from string import Template
 
 
@@ -20,30 +26,49 @@ from string import Template
 class Matcher:
     label: str
     negate: bool
-    pattern: re.Pattern[str] | None  # None: an exact value
-    value: str
-    spec: str  # as rendered, for messages
+    regex: bool
+    value: str  # the exact value, or the regex without its "~"
+    spec: str  # as written (after template substitution), for messages
 
-    def holds(self, labels: Mapping[str, str]) -> bool:
+    @cached_property
+    def pattern(self) -> re.Pattern[str]:
+        """The compiled regex; ValueError names the label when it does not compile."""
+        try:
+            return re.compile(self.value)
+        except re.error as exc:
+            raise ValueError(f"matcher {self.label}: {self.value!r} is not a valid regular "
+                             f"expression ({exc})") from None
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
         # A missing label reads as "", as in Alertmanager's own matchers.
         given = labels.get(self.label, "")
-        hit = self.pattern.fullmatch(given) is not None if self.pattern else given == self.value
+        hit = self.pattern.fullmatch(given) is not None if self.regex else given == self.value
         return hit != self.negate
+
+    def promql(self) -> str:
+        """The PromQL label matcher. ``$`` stays as it is: the query is a template."""
+        op = {(False, False): "=", (False, True): "=~", (True, False): "!=", (True, True): "!~"}[
+            (self.negate, self.regex)]
+        quoted = self.value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'{self.label}{op}"{quoted}"'
+
+
+def parse(label: str, spec: str) -> Matcher:
+    """The syntax alone: no template substitution, the regex not compiled."""
+    negate = spec.startswith("!")
+    body = spec[1:] if negate else spec
+    if body.startswith("~"):
+        return Matcher(label, negate, True, body[1:], spec)
+    return Matcher(label, negate, False, body.removeprefix("="), spec)
 
 
 def parse_matcher(label: str, raw: str, variables: Mapping[str, str] | None = None) -> Matcher:
-    """One matcher; ValueError names the label when its regex does not compile."""
-    value = Template(raw).safe_substitute(variables or {})
-    negate = value.startswith("!")
-    body = value[1:] if negate else value
-    pattern = None
-    if body.startswith("~"):
-        try:
-            pattern = re.compile(body[1:])
-        except re.error as exc:
-            raise ValueError(f"matcher {label}: {body[1:]!r} is not a valid regular "
-                             f"expression ({exc})") from None
-    return Matcher(label, negate, pattern, body.removeprefix("="), value)
+    """One alert matcher, templates filled in; ValueError names the label when its regex
+    does not compile."""
+    matcher = parse(label, Template(raw).safe_substitute(variables or {}))
+    if matcher.regex:
+        _ = matcher.pattern
+    return matcher
 
 
 class Matchers:
@@ -56,7 +81,7 @@ class Matchers:
         return bool(self._tests)
 
     def match(self, labels: Mapping[str, str]) -> bool:
-        return all(t.holds(labels) for t in self._tests)
+        return all(t.matches(labels) for t in self._tests)
 
     def describe(self) -> str:
         return ", ".join(f"{t.label}: {t.spec!r}" for t in self._tests) or "none"

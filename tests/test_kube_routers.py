@@ -23,18 +23,13 @@ from orchestrator.config import (
     KubeTarget,
     ServiceRouterConfig,
 )
-from orchestrator.kube import (
-    KubeError,
-    RetryPolicy,
-    WeightedObjectRouter,
-    api_client,
-    pointer,
-)
 from orchestrator.routers import TrafficRouter, build_router
 from orchestrator.routers.base import RouterError, WeightDriftError, Weights
 from orchestrator.routers.gateway import GatewayRouter
 from orchestrator.routers.ingress_nginx import CANARY, CANARY_WEIGHT, IngressNginxRouter
+from orchestrator.routers.kube import KubeError, RetryPolicy, api_client
 from orchestrator.routers.service import ServiceSelectorRouter
+from orchestrator.routers.weighted import WeightedObjectRouter, pointer
 from tests.fakes.kube_api import JSON_PATCH, FakeKubeApi
 
 JsonObject = dict[str, Any]

@@ -23,17 +23,9 @@ from typing import Any, ClassVar
 from kubernetes.client import ApiClient
 
 from orchestrator.config import GatewayRouterConfig
-from orchestrator.kube import (
-    HTTPROUTES,
-    JsonObject,
-    PatchOp,
-    Resource,
-    RetryPolicy,
-    WeightedObjectRouter,
-    pointer,
-    set_op,
-)
 from orchestrator.routers.base import RouterError, Weights
+from orchestrator.routers.kube import HTTPROUTES, JsonObject, PatchOp, Resource, RetryPolicy
+from orchestrator.routers.weighted import WeightedObjectRouter, pointer, set_op
 
 # Gateway API: "If unspecified, weight defaults to 1."
 DEFAULT_WEIGHT = 1

@@ -19,17 +19,9 @@ from typing import ClassVar
 from kubernetes.client import ApiClient
 
 from orchestrator.config import IngressNginxRouterConfig
-from orchestrator.kube import (
-    INGRESSES,
-    JsonObject,
-    PatchOp,
-    Resource,
-    RetryPolicy,
-    WeightedObjectRouter,
-    pointer,
-    set_op,
-)
 from orchestrator.routers.base import RouterError, Weights
+from orchestrator.routers.kube import INGRESSES, JsonObject, PatchOp, Resource, RetryPolicy
+from orchestrator.routers.weighted import WeightedObjectRouter, pointer, set_op
 
 PREFIX = "nginx.ingress.kubernetes.io/"
 CANARY = PREFIX + "canary"

@@ -13,17 +13,9 @@ from typing import ClassVar
 from kubernetes.client import ApiClient
 
 from orchestrator.config import ServiceRouterConfig
-from orchestrator.kube import (
-    SERVICES,
-    JsonObject,
-    PatchOp,
-    Resource,
-    RetryPolicy,
-    WeightedObjectRouter,
-    pointer,
-    set_op,
-)
 from orchestrator.routers.base import RouterError, Weights
+from orchestrator.routers.kube import SERVICES, JsonObject, PatchOp, Resource, RetryPolicy
+from orchestrator.routers.weighted import WeightedObjectRouter, pointer, set_op
 
 ALL_BLUE = Weights(blue=100, green=0)
 ALL_GREEN = Weights(blue=0, green=100)

@@ -1,0 +1,55 @@
+"""Prometheus and the metric checks the canary analysis evaluates."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from orchestrator.config._base import Duration, Name, SecretRef, _Model
+
+
+class MetricCheck(_Model):
+    """A PromQL query evaluated every interval, against a threshold or a range.
+
+    The query is a template in ``string.Template`` syntax (``$colour``), which keeps
+    PromQL's braces intact: $colour, $service, $namespace, $version, $release and
+    $window are filled in, plus the labels of ``prometheus.labels``.
+    """
+
+    name: Name
+    query: str
+    # The query for blue, for comparisons, when blue's series cannot be selected by
+    # substituting $colour (ingress-nginx marks canary requests with a non-empty
+    # ``canary`` label instead of a name). Default: ``query`` with colour=blue.
+    baseline_query: str | None = None
+    max: float | None = None
+    min: float | None = None
+    # Compare with blue: fail when green's value exceeds blue's value (same query with
+    # colour=blue) by more than this. For "lower is worse" values (a success rate),
+    # ``max_decrease_from_blue`` fails when green is below blue by more than this.
+    max_increase_over_blue: float | None = None
+    max_decrease_from_blue: float | None = Field(default=None, ge=0)
+    failure_limit: int = Field(default=1, ge=1)
+    inconclusive_limit: int = Field(default=3, ge=1)
+
+    @model_validator(mode="after")
+    def _has_threshold(self) -> MetricCheck:
+        if (self.max is None and self.min is None and self.max_increase_over_blue is None
+                and self.max_decrease_from_blue is None):
+            raise ValueError("a check needs 'max', 'min', 'max_increase_over_blue' or "
+                             "'max_decrease_from_blue'")
+        if self.max is not None and self.min is not None and self.min > self.max:
+            raise ValueError(f"'min' ({self.min}) is above 'max' ({self.max}): no value "
+                             "could pass")
+        return self
+
+    @property
+    def compares_with_blue(self) -> bool:
+        return self.max_increase_over_blue is not None or self.max_decrease_from_blue is not None
+
+
+class PrometheusConfig(_Model):
+    url: str = "http://127.0.0.1:9090"
+    timeout: Duration = 5.0
+    bearer_token: SecretRef | None = None
+    # Labels filled into check templates besides colour/service/namespace/version.
+    labels: dict[str, str] = Field(default_factory=dict)
