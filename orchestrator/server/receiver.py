@@ -214,7 +214,7 @@ class AlertReceiver:
             return Decision(202, {"action": "rollback_started", **body, "reason": pending})
         self.count("already_requested")
         return Decision(200, {"action": "none", **body, "reason": (
-            "a rollback is already under way" if row.state == "rollback" else
+            "a rollback is already under way" if row.state == State.ROLLBACK else
             f"a rollback was already requested: {pending}")})
 
     def _ignored(self, reason: str) -> Decision:
