@@ -20,7 +20,8 @@ from orchestrator import logging as logs
 from orchestrator import plan as planner
 from orchestrator.config import ReleaseConfig, load_config
 from orchestrator.errors import LockedError, OrchestrateError
-from orchestrator.machine import Release, State, release_for
+from orchestrator.machine import Release, release_for
+from orchestrator.record import State, Status
 from orchestrator.store import StateStore
 from orchestrator.ui import make_display
 
@@ -44,10 +45,10 @@ def _release(ctx: click.Context, cfg: ReleaseConfig, **kw: Any) -> Release:
 
 
 def _echo_outcome(outcome: Any) -> None:
-    if outcome.status == "promoted":
+    if outcome.status == Status.PROMOTED:
         extra = " (rollback window open)" if outcome.state == State.WINDOW else ""
         click.echo(f"release {outcome.name}: promoted{extra}")
-    elif outcome.status == "rolled_back":
+    elif outcome.status == Status.ROLLED_BACK:
         click.echo(f"release {outcome.name}: ROLLED BACK: {outcome.error}")
     else:
         click.echo(f"release {outcome.name}: {outcome.status} in state {outcome.state}"
@@ -137,7 +138,7 @@ def _rollback(ctx: click.Context, cfg: ReleaseConfig, reason: str, timeout: floa
             time.sleep(1.0)
             continue
         _echo_outcome(outcome)
-        return 0 if outcome.status == "rolled_back" else 1
+        return 0 if outcome.status == Status.ROLLED_BACK else 1
 
 
 def _holder_failure(cfg: ReleaseConfig, since: Any) -> str | None:
@@ -191,9 +192,9 @@ def promote(ctx: click.Context, config_path: Path) -> None:
     cfg = _load(ctx, config_path)
     store = _store(cfg)
     row = store.get(cfg.release.name)
-    if row is None or row.status != "running":
+    if row is None or row.status != Status.RUNNING:
         raise OrchestrateError(f"release {cfg.release.name} is not running")
-    stage = int(row.facts.get("stage", 0))
+    stage = row.facts.stage
     store.approve_stage(cfg.release.name, stage)
     click.echo(f"stage {stage + 1} of release {cfg.release.name} approved")
 
@@ -214,19 +215,19 @@ def status(ctx: click.Context, config_path: Path, output: str) -> None:
     measurements = store.measurements(row.name)
     entries = store.log_entries(row.name, limit=20)
     if output == "json":
-        click.echo(json.dumps({"release": row.__dict__, "measurements": measurements,
+        # The facts as stored: the same JSON whichever version wrote them.
+        release = {**row.__dict__, "facts": row.facts.for_storage()}
+        click.echo(json.dumps({"release": release, "measurements": measurements,
                                "log": entries}, default=str, indent=2))
         return
     click.echo(f"release {row.name}: state {row.state}, status {row.status}")
     if row.error:
         click.echo(f"  error: {row.error}")
-    facts = row.facts
-    if "weights" in facts:
-        click.echo(f"  traffic: blue {facts['weights']['blue']}% / green "
-                   f"{facts['weights']['green']}%")
-    if "backup" in facts:
-        b = facts["backup"]
-        click.echo(f"  backup: {b['path']} ({b['bytes']} bytes, sha256 {b['sha256'][:16]})")
+    weights, b = row.facts.weights, row.facts.backup
+    if weights is not None:
+        click.echo(f"  traffic: blue {weights.blue}% / green {weights.green}%")
+    if b is not None:
+        click.echo(f"  backup: {b.path} ({b.bytes} bytes, sha256 {b.sha256[:16]})")
     if measurements:
         click.echo("  canary measurements:")
         for m in measurements:

@@ -30,8 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
-from enum import StrEnum
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import psycopg
@@ -63,6 +62,7 @@ from orchestrator.pg import validate as validation
 from orchestrator.pg.conn import connect, server_major
 from orchestrator.pg.probe import SideProbe
 from orchestrator.pg.tools import find_tools
+from orchestrator.record import AFTER_PROMOTION, TERMINAL, Facts, State, Status
 from orchestrator.routers.base import TrafficRouter, WeightDriftError, Weights
 from orchestrator.store import ReleaseRow, StateStore
 from orchestrator.ui import Display, NoDisplay
@@ -70,26 +70,11 @@ from orchestrator.ui import Display, NoDisplay
 log = get_logger("orchestrate")
 
 
-class State(StrEnum):
-    PREFLIGHT = "preflight"
-    BACKUP = "backup"
-    PROVISION = "provision"
-    MIGRATE = "migrate"
-    SYNC = "sync"
-    VALIDATE = "validate"
-    CANARY = "canary"
-    PROMOTE = "promote"
-    WINDOW = "window"
-    CLEANUP = "cleanup"
-    DONE = "done"
-    ROLLBACK = "rollback"
-    ROLLED_BACK = "rolled_back"
-    FAILED = "failed"
+# State, TERMINAL and AFTER_PROMOTION moved to orchestrator.record; still importable
+# from here.
+__all__ = ["AFTER_PROMOTION", "REQUEST_POLL_S", "TERMINAL", "CanaryFailed", "Outcome",
+           "Release", "State", "Status", "config_digest", "release_for"]
 
-
-TERMINAL = {State.DONE, State.ROLLED_BACK, State.FAILED}
-# States whose failure leaves the release promoted: retry them, never roll back.
-AFTER_PROMOTION = {State.WINDOW, State.CLEANUP}
 # How often a waiting orchestrator (rollback window, approval gate) looks for a
 # rollback request made by another process: the promise is "within one poll".
 REQUEST_POLL_S = 1.0
@@ -102,13 +87,13 @@ class CanaryFailed(ReleaseFailed):
 @dataclass(frozen=True)
 class Outcome:
     name: str
-    state: str
-    status: str
+    state: State
+    status: Status
     error: str | None
 
     @property
     def exit_code(self) -> int:
-        if self.status == "promoted":
+        if self.status == Status.PROMOTED:
             return 0
         return 1
 
@@ -146,7 +131,7 @@ class Release:
         self.schema = cfg.state.schema_name
         self.fwd = replication.forward(self.name)
         self.rev = replication.reverse(self.name)
-        self.facts: dict[str, Any] = {}
+        self.facts = Facts()
         # Worker errors of each subscription when a stage's first check saw it.
         self._apply_errors: dict[tuple[int, str], int] = {}
         self._handlers: dict[State, Callable[[], State]] = {
@@ -175,7 +160,7 @@ class Release:
                     raise OrchestrateError(f"release {self.name} has not started; nothing to "
                                            "roll back")
                 row = self._start()
-            elif State(row.state) in TERMINAL:
+            elif row.state in TERMINAL:
                 if rollback and row.state != State.ROLLED_BACK:
                     raise OrchestrateError(
                         f"release {self.name} is {row.state}: past its rollback window, "
@@ -184,8 +169,8 @@ class Release:
                 return self._outcome(row)
             else:
                 self._resume_checks(row)
-            self.facts = dict(row.facts)
-            state = State(row.state)
+            self.facts = row.facts
+            state = row.state
             if rollback:
                 state = self._enter_rollback(state, rollback)
             return self._drive(state)
@@ -211,7 +196,7 @@ class Release:
         self.store.log(self.name, "info", "preflight passed", state=State.PREFLIGHT,
                        details={"mode": report.mode, "warnings": report.warnings,
                                 "server_majors": report.majors})
-        self.store.merge_facts(self.name, {"mode": report.mode, "majors": report.majors})
+        self.store.merge_facts(self.name, mode=report.mode, majors=report.majors)
         self._drop_leftover_slots()
         row = self.store.get(self.name)
         assert row is not None
@@ -259,8 +244,8 @@ class Release:
             elapsed = time.monotonic() - started
             self.store.log(self.name, "info", f"{state.value} done", state=state.value,
                            duration_s=elapsed)
-            status = {State.WINDOW: "promoted", State.DONE: "promoted",
-                      State.ROLLED_BACK: "rolled_back"}.get(following)
+            status = {State.WINDOW: Status.PROMOTED, State.DONE: Status.PROMOTED,
+                      State.ROLLED_BACK: Status.ROLLED_BACK}.get(following)
             self.store.set_state(self.name, following, status=status, clear_error=False)
             state = following
         row = self.store.get(self.name)
@@ -293,11 +278,8 @@ class Release:
             raise OrchestrateError(
                 f"release {self.name} is past its rollback window (cleanup started)",
                 hint="roll forward with a new release instead")
-        self.store.merge_facts(self.name, {"rollback_reason": reason,
-                                           "rollback_from": state.value})
-        self.facts["rollback_reason"] = reason
-        self.facts["rollback_from"] = state.value
-        self.store.set_state(self.name, State.ROLLBACK, status="running", error=reason)
+        self._fact(rollback_reason=reason, rollback_from=state)
+        self.store.set_state(self.name, State.ROLLBACK, status=Status.RUNNING, error=reason)
         self.store.log(self.name, "warning", f"rolling back: {reason}", state=state.value)
         log.warning("rolling back", release=self.name, reason=reason)
         return State.ROLLBACK
@@ -306,7 +288,9 @@ class Release:
         return Outcome(row.name, row.state, row.status, row.error)
 
     def _fact(self, **facts: Any) -> None:
-        self.facts = self.store.merge_facts(self.name, facts)
+        """Record facts (checked by ``Facts``: a misspelt one is an error) and take
+        the release's facts as stored after it."""
+        self.facts = self.store.merge_facts(self.name, **facts)
 
     def _note(self, message: str, level: str = "info", **details: Any) -> None:
         self.store.log(self.name, level, message, details=details or None)
@@ -334,8 +318,10 @@ class Release:
         with self._blue() as blue:
             tools = find_tools(server_major(blue), self.cfg.tools.pg_bindir)
             tables = backup.expected_data(blue, self._tables(blue))
+        recorded = self.facts.backup
+        previous = recorded.model_dump() if recorded is not None else None
         result = backup.backup(self.cfg.blue, tools, self.cfg.backup, release=self.name,
-                               tables=tables, previous=self.facts.get("backup"))
+                               tables=tables, previous=previous)
         self._fact(backup=result.as_fact())
         self._note("blue backed up and verified", path=result.path, sha256=result.sha256,
                    bytes=result.bytes, seconds=result.seconds, toc_entries=result.toc_entries)
@@ -390,7 +376,7 @@ class Release:
         report = initial_copy.initial_sync(
             self.cfg.blue, self.cfg.green, tables, names=self.fwd, tools=tools,
             control_schema=self.schema, config=self.cfg.sync.initial_copy,
-            origin_none=self.facts.get("mode") == "bidirectional",
+            origin_none=self.facts.mode == "bidirectional",
             copy_timeout=self.cfg.sync.initial_copy_timeout,
             catchup_timeout=self.cfg.sync.catchup_timeout, poll=self.cfg.sync.poll_interval,
             progress=lambda phase, done, total: self.display.progress(
@@ -436,15 +422,15 @@ class Release:
             "version": self.cfg.release.version, "release": self.name,
             "window": format_window(canary.window), **self.cfg.prometheus.labels,
         }
-        for index in range(int(self.facts.get("stage", 0)), len(stages)):
+        for index in range(self.facts.stage, len(stages)):
             stage = stages[index]
             with self._blue() as blue:
                 self._verify_blue_schema(blue, f"before canary stage {index + 1}")
-            if self.facts.get("awaiting_approval") == index:
+            if self.facts.awaiting_approval == index:
                 # Resumed while paused after an inconclusive stage: still paused.
                 self._wait_for_approval(index)
                 self._fact(awaiting_approval=None)
-            if stage.weight > 0 and not self.facts.get("green_writable"):
+            if stage.weight > 0 and not self.facts.green_writable:
                 self._open_green_for_writes(next_weight=stage.weight)
             if stage.manual_gate:
                 self._wait_for_approval(index)
@@ -472,7 +458,7 @@ class Release:
                     "version": self.cfg.release.version, "stage": index + 1,
                     "stages": len(stages), "weight": stage.weight, "colour": "green",
                     # What the router serves right now (null before the first change).
-                    "weights": self.facts.get("weights"),
+                    "weights": asdict(weights) if (weights := self.facts.weights) else None,
                 }
                 failed = first_blocking(run_hooks(webhooks, phase=phase, context=context,
                                                   record=record_hook))
@@ -544,7 +530,7 @@ class Release:
     def window(self) -> State:
         """Keep reverse replication until the window closes; a person can roll back
         until then (`orchestrate rollback`)."""
-        closes = float(self.facts.get("promoted_at", 0)) + self.cfg.rollback.window
+        closes = (self.facts.promoted_at or 0.0) + self.cfg.rollback.window
         remaining = closes - time.time()
         if remaining > 0 and self.wait_window:
             self._note(f"rollback window open for {remaining:.0f}s more; waiting")
@@ -570,12 +556,12 @@ class Release:
 
     def rollback(self) -> State:
         """Traffic back to blue with every acknowledged write on blue. Idempotent."""
-        writable = bool(self.facts.get("green_writable"))
-        switched = bool(self.facts.get("switched_over"))
+        writable = self.facts.green_writable
+        switched = self.facts.switched_over
         # Recorded before the fence (older records only know switched_over): a
         # switchover that failed half-way left blue read-only, and the rollback must
         # lift that whatever step it failed at.
-        fenced = switched or bool(self.facts.get("blue_fenced"))
+        fenced = switched or self.facts.blue_fenced
         if not fenced:
             # Blue still takes writes: send users back first, then settle the data.
             self._route_to_blue()
@@ -630,8 +616,7 @@ class Release:
 
     def _open_green_for_writes(self, *, next_weight: int) -> None:
         """Before the first request reaches green's application."""
-        mode = self.facts.get("mode")
-        if mode == "bidirectional":
+        if self.facts.mode == "bidirectional":
             with self._blue() as blue, self._green() as green:
                 moves = sequences.sync_past(blue, green, margin=self.cfg.sync.sequence_margin,
                                             exclude_schemas=(self.schema,))
@@ -651,7 +636,7 @@ class Release:
     def _switchover(self) -> None:
         """Fence blue, let green apply blue's last commit, move sequences, and start the
         reverse direction. The write pause lasts from the fence to the router change."""
-        if self.facts.get("switched_over"):
+        if self.facts.switched_over:
             return
         started = time.monotonic()
         with self._blue() as blue, self._green() as green:
@@ -669,7 +654,7 @@ class Release:
                 subscription=self.fwd.subscription, timeout=self.cfg.sync.catchup_timeout)
             sequences.sync_past(blue, green, margin=self.cfg.sync.sequence_margin,
                                 exclude_schemas=(self.schema,))
-            if self.facts.get("mode") != "bidirectional":
+            if self.facts.mode != "bidirectional":
                 # Without origin filtering the forward direction must be gone before the
                 # reverse one starts, or changes would loop.
                 replication.drop_subscription(green, self.fwd.subscription)
@@ -697,8 +682,8 @@ class Release:
         replication.ensure_publication(green, self.rev.publication, [*green_tables, heartbeat],
                                        columns)
         opts = replication.SubscriptionOptions(
-            copy_data=False, origin_none=self.facts.get("mode") == "bidirectional",
-            binary=min(self.facts.get("majors", {}).values() or [0]) >= 16)
+            copy_data=False, origin_none=self.facts.mode == "bidirectional",
+            binary=min((self.facts.majors or {}).values() or [0]) >= 16)
         replication.ensure_subscription(blue, self.rev.subscription,
                                         self.cfg.green.conninfo(for_peer=True),
                                         self.rev.publication, opts)
@@ -709,14 +694,14 @@ class Release:
 
     def _record_blue_schema(self, blue: psycopg.Connection[Any]) -> None:
         """Once, before green is built from blue's schema (kept on resume)."""
-        if "blue_fingerprint" not in self.facts:
+        if self.facts.blue_fingerprint is None:
             self._fact(blue_fingerprint=fingerprint.schema_fingerprint(
                 blue, exclude_schemas=(self.schema,),
                 exclude_tables=tuple(self.cfg.sync.exclude_tables)))
 
     def _verify_blue_schema(self, blue: psycopg.Connection[Any], when: str) -> None:
-        if "blue_fingerprint" in self.facts:
-            fingerprint.verify(blue, self.facts["blue_fingerprint"], when=when,
+        if self.facts.blue_fingerprint is not None:
+            fingerprint.verify(blue, self.facts.blue_fingerprint, when=when,
                                exclude_schemas=(self.schema,),
                                exclude_tables=tuple(self.cfg.sync.exclude_tables))
 
@@ -733,9 +718,8 @@ class Release:
             self._note("materialized views refreshed on green", count=len(done))
 
     def _set_weights(self, target: Weights) -> None:
-        last = self.facts.get("weights")
-        expected = Weights(**last) if last else None
-        self._fact(weights_target={"blue": target.blue, "green": target.green})
+        expected = self.facts.weights
+        self._fact(weights_target=target)
         try:
             actual = self.router.set_weights(target, expected=expected)
         except WeightDriftError as drift:
@@ -744,15 +728,15 @@ class Release:
             if drift.actual != target:
                 raise
             actual = drift.actual
-        self._fact(weights={"blue": actual.blue, "green": actual.green})
+        self._fact(weights=actual)
         log.info("weights", release=self.name, weights=str(actual))
 
     def _route_to_blue(self) -> None:
-        if not self.facts.get("weights") and not self.facts.get("weights_target"):
+        if self.facts.weights is None and self.facts.weights_target is None:
             return
         target = Weights.green_at(0)
         actual = self.router.set_weights(target)
-        self._fact(weights={"blue": actual.blue, "green": actual.green})
+        self._fact(weights=actual)
         self._note("traffic back on blue", weights=str(actual))
 
     def _drop_replication(self, blue: psycopg.Connection[Any],
@@ -791,7 +775,7 @@ class Release:
                     if slot.name in {self.fwd.slot, self.rev.slot}:
                         continue
                     owner = self._slot_release(slot.name)
-                    if owner is not None and owner.status == "running":
+                    if owner is not None and owner.status == Status.RUNNING:
                         continue
                     replication.drop_slot(conn, slot.name)
                     self._note(f"dropped leftover replication slot {slot.name} on {role}",
@@ -912,7 +896,7 @@ class Release:
         try:
             with blue, green:
                 paths = []
-                if not self.facts.get("forward_dropped"):
+                if not self.facts.forward_dropped:
                     paths.append(("forward", green, self.fwd.subscription, blue, self.fwd.slot))
                 if replication.subscription_exists(blue, self.rev.subscription):
                     paths.append(("reverse", blue, self.rev.subscription, green, self.rev.slot))

@@ -35,6 +35,7 @@ from orchestrator.config import DatabaseConfig, ReleaseConfig
 from orchestrator.errors import ConnectError, LockedError, StateUnavailable
 from orchestrator.logging import scrub
 from orchestrator.pg.conn import connect
+from orchestrator.record import NO_ROLLBACK_FROM, Facts, State, Status, parse_state, parse_status
 
 SCHEMA_VERSION = 1
 
@@ -90,18 +91,13 @@ CREATE INDEX IF NOT EXISTS stage_measurements_release_idx
 INSERT INTO {schema}.schema_version (version) VALUES ({version}) ON CONFLICT DO NOTHING;
 """
 
-ACTIVE = "running"
-# States from which no rollback can start: past the window, or already over.
-NO_ROLLBACK_FROM = ("cleanup", "done", "rolled_back", "failed")
-
-
 @dataclass
 class ReleaseRow:
     name: str
-    state: str
-    status: str
+    state: State
+    status: Status
     config_sha256: str
-    facts: dict[str, Any] = field(default_factory=dict)
+    facts: Facts = field(default_factory=Facts)
     owner: str | None = None
     error: str | None = None
     rollback_requested: str | None = None
@@ -109,6 +105,14 @@ class ReleaseRow:
     started_at: datetime | None = None
     updated_at: datetime | None = None
     finished_at: datetime | None = None
+
+    @classmethod
+    def from_storage(cls, row: dict[str, Any]) -> ReleaseRow:
+        """A ``releases`` row as selected by ``StateStore.get``."""
+        name = row["name"]
+        return cls(**{**row, "state": parse_state(name, row["state"]),
+                      "status": parse_status(name, row["status"]),
+                      "facts": Facts.from_storage(row["facts"] or {}, release=name)})
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -214,8 +218,8 @@ class StateStore:
         if not self.exists():
             return None
         row = self.conn.execute(
-            self._q("SELECT name, owner FROM {schema}.releases WHERE status = 'running' "
-                    "ORDER BY updated_at DESC LIMIT 1")
+            self._q("SELECT name, owner FROM {schema}.releases WHERE status = %s "
+                    "ORDER BY updated_at DESC LIMIT 1"), (Status.RUNNING,)
         ).fetchone()
         return f"release {row[0]} owned by {row[1]}" if row else None
 
@@ -239,7 +243,7 @@ class StateStore:
                 (name,),
             )
             row = cur.fetchone()
-        return ReleaseRow(**row) if row else None
+        return ReleaseRow.from_storage(row) if row else None
 
     @_state_call
     def latest(self) -> ReleaseRow | None:
@@ -255,20 +259,21 @@ class StateStore:
         if not self.exists():
             return None
         row = self.conn.execute(
-            self._q("SELECT name FROM {schema}.releases WHERE status = 'running' AND name <> %s "
+            self._q("SELECT name FROM {schema}.releases WHERE status = %s AND name <> %s "
                     "LIMIT 1"),
-            (name,),
+            (Status.RUNNING, name),
         ).fetchone()
         return self.get(row[0]) if row else None
 
     @_state_call
-    def create(self, name: str, state: str, config_sha256: str, config: dict[str, Any]) -> None:
+    def create(self, name: str, state: State, config_sha256: str,
+               config: dict[str, Any]) -> None:
         self.conn.execute(
             self._q(
                 "INSERT INTO {schema}.releases (name, state, status, config_sha256, config, owner) "
-                "VALUES (%s, %s, 'running', %s, %s, %s) ON CONFLICT (name) DO NOTHING"
+                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING"
             ),
-            (name, state, config_sha256, Jsonb(config), _owner()),
+            (name, state, Status.RUNNING, config_sha256, Jsonb(config), _owner()),
         )
 
     @_state_call
@@ -279,9 +284,9 @@ class StateStore:
         )
 
     @_state_call
-    def set_state(self, name: str, state: str, *, status: str | None = None,
+    def set_state(self, name: str, state: State, *, status: Status | None = None,
                   error: str | None = None, clear_error: bool = False) -> None:
-        finished = status is not None and status != ACTIVE
+        finished = status is not None and status != Status.RUNNING
         self.conn.execute(
             self._q(
                 "UPDATE {schema}.releases SET state = %s, status = coalesce(%s, status), "
@@ -294,13 +299,17 @@ class StateStore:
         )
 
     @_state_call
-    def merge_facts(self, name: str, facts: dict[str, Any]) -> dict[str, Any]:
+    def merge_facts(self, name: str, facts: Facts | None = None, **fields: Any) -> Facts:
+        """Set the facts given (those set in ``facts``, then the keyword ones, checked
+        by ``Facts``); the others stay as stored. The release's facts after it."""
+        patch = {**(facts.for_storage() if facts is not None else {}),
+                 **Facts.model_validate(fields).for_storage()}
         row = self.conn.execute(
             self._q("UPDATE {schema}.releases SET facts = facts || %s, updated_at = now() "
                     "WHERE name = %s RETURNING facts"),
-            (Jsonb(facts), name),
+            (Jsonb(patch), name),
         ).fetchone()
-        return dict(row[0]) if row else {}
+        return Facts.from_storage(row[0], release=name) if row else Facts()
 
     @_state_call
     def request_rollback(self, name: str, reason: str) -> bool:
@@ -314,7 +323,7 @@ class StateStore:
             self._q("UPDATE {schema}.releases SET rollback_requested = %s, updated_at = now() "
                     "WHERE name = %s AND rollback_requested IS NULL "
                     "AND state <> ALL(%s) RETURNING name"),
-            (reason, name, list(NO_ROLLBACK_FROM)),
+            (reason, name, [s.value for s in NO_ROLLBACK_FROM]),
         ).fetchone()
         return row is not None
 

@@ -22,6 +22,7 @@ from orchestrator.config import ReleaseConfig
 from orchestrator.errors import LockedError, OrchestrateError, StateUnavailable
 from orchestrator.logging import get_logger, register_secret, scrub
 from orchestrator.matchers import AlertSelector, Matchers
+from orchestrator.record import State, Status
 from orchestrator.server.payload import Alert
 from orchestrator.store import ReleaseRow
 
@@ -171,7 +172,7 @@ class AlertReceiver:
         row: ReleaseRow | None = self._with_store(store, ticket, lambda: store.get(self.name))
         if row is None:
             return self._ignored(f"release {self.name} has not started")
-        if row.status != "running":
+        if row.status != Status.RUNNING:
             return self._ignored(f"release {self.name} is {row.status} (state "
                                  f"{row.state}); only a running release is rolled back")
         if row.started_at is not None:
@@ -188,7 +189,7 @@ class AlertReceiver:
         alert = concerned[0]
         reason = alert.describe()
         new = False
-        if row.state != "rollback" and not row.rollback_requested:
+        if row.state != State.ROLLBACK and not row.rollback_requested:
             new = self._with_store(store, ticket,
                                    lambda: store.request_rollback(self.name, reason))
             if new:
@@ -213,7 +214,7 @@ class AlertReceiver:
             return Decision(202, {"action": "rollback_started", **body, "reason": pending})
         self.count("already_requested")
         return Decision(200, {"action": "none", **body, "reason": (
-            "a rollback is already under way" if row.state == "rollback" else
+            "a rollback is already under way" if row.state == State.ROLLBACK else
             f"a rollback was already requested: {pending}")})
 
     def _ignored(self, reason: str) -> Decision:

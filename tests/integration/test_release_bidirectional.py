@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.record import Facts
 from orchestrator.routers.base import Weights
 from orchestrator.sandbox.loadgen import LoadGenerator
 from orchestrator.sandbox.stack import Sandbox
@@ -49,6 +50,8 @@ def test_release_promotes_then_rolls_back_inside_the_window(sandbox_16_17: Sandb
         assert facts["switchover_pause_s"] < 2.0
         backup = Path(facts["backup"]["path"])
         assert backup.exists() and facts["backup"]["tables_with_data"] >= 3
+        # The typed record reads a real row and writes back the same JSON, key order too.
+        assert json.dumps(Facts.from_storage(facts).for_storage()) == json.dumps(facts)
 
         # Migrations ran on green, tracked with checksum, timing and down script.
         with green_conn(sb) as g:
@@ -90,6 +93,8 @@ def test_release_promotes_then_rolls_back_inside_the_window(sandbox_16_17: Sandb
     assert missing == set(), f"{len(missing)} acknowledged writes missing on blue"
     row = release_row(sb, "promote-then-back")
     assert row is not None and row["status"] == "rolled_back"
+    assert row["facts"]["rollback_from"] == "window" and row["facts"]["rolled_back_at"]
+    assert json.dumps(Facts.from_storage(row["facts"]).for_storage()) == json.dumps(row["facts"])
     assert replication_leftovers(sb) == []
     # Blue took writes again after the rollback: it was unfenced.
     assert report.errors.get("503", 0) < report.requests * 0.05
