@@ -21,7 +21,6 @@ import ctypes
 import itertools
 import os
 import secrets
-import selectors
 import socket
 import subprocess
 import threading
@@ -29,6 +28,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
+
+from tests.faults.proxy import Forwarder
 
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -93,12 +94,8 @@ class IsolatedAddress:
         self.host_ip = f"10.213.{subnet[0]}.{subnet[1] + 1}"
         self.host = f"10.213.{subnet[0]}.{subnet[1] + 2}"
         self.port = port
-        self.target = target
-        self._listener: socket.socket | None = None
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._conns: list[socket.socket] = []
-        self._lock = threading.Lock()
+        self.forwarder = Forwarder(target, lambda: _socket_in(self.namespace,
+                                                             (self.host, self.port)))
 
     # -- lifecycle ---------------------------------------------------------------
     def __enter__(self) -> IsolatedAddress:
@@ -122,19 +119,10 @@ class IsolatedAddress:
         _ip("-n", self.namespace, "addr", "add", f"{self.host}/30", "dev", self.ns_link)
         _ip("-n", self.namespace, "link", "set", self.ns_link, "up")
         _ip("-n", self.namespace, "link", "set", "lo", "up")
-        self._listener = _socket_in(self.namespace, (self.host, self.port))
-        accept = threading.Thread(target=self._accept, name="netns-accept", daemon=True)
-        accept.start()
-        self._threads.append(accept)
+        self.forwarder.start()
 
     def _down(self) -> None:
-        self._stop.set()
-        if self._listener is not None:
-            self._listener.close()
-        with self._lock:
-            for conn in self._conns:
-                with contextlib.suppress(OSError):
-                    conn.close()
+        self.forwarder.stop()
         for args in (("link", "del", self.host_link), ("netns", "del", self.namespace)):
             with contextlib.suppress(subprocess.CalledProcessError):
                 _ip(*args)
@@ -161,44 +149,3 @@ class IsolatedAddress:
             yield
         finally:
             self.restore()
-
-    # -- forwarding --------------------------------------------------------------
-    def _accept(self) -> None:
-        assert self._listener is not None
-        while not self._stop.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            with self._lock:
-                self._conns += [client, upstream]
-            pump = threading.Thread(target=self._pump, args=(client, upstream),
-                                    name="netns-pump", daemon=True)
-            pump.start()
-
-    def _pump(self, a: socket.socket, b: socket.socket) -> None:
-        sel = selectors.DefaultSelector()
-        sel.register(a, selectors.EVENT_READ, b)
-        sel.register(b, selectors.EVENT_READ, a)
-        try:
-            while not self._stop.is_set():
-                for key, _ in sel.select(timeout=0.5):
-                    src = key.fileobj
-                    assert isinstance(src, socket.socket)
-                    data = src.recv(65536)
-                    if not data:
-                        return
-                    key.data.sendall(data)
-        except OSError:
-            return
-        finally:
-            sel.close()
-            for s in (a, b):
-                with contextlib.suppress(OSError):
-                    s.close()

@@ -20,11 +20,14 @@ from orchestrator.pg.initial_copy import COPY_APP_PREFIX
 from orchestrator.routers.base import Weights
 from orchestrator.sandbox.loadgen import LoadGenerator
 from orchestrator.sandbox.pgcluster import PgCluster
+from orchestrator.sandbox.ports import free_port
 from orchestrator.sandbox.stack import APP_DATABASE, APP_ROLE, Sandbox
 from tests.faults.freeze import frozen
 from tests.faults.netns import IsolatedAddress
+from tests.faults.proxy import Proxy
 from tests.integration.helpers import (
     blue_conn,
+    green_conn,
     order_ids,
     release_row,
     replication_leftovers,
@@ -347,3 +350,49 @@ def test_blue_frozen_with_the_state_stops_the_release_and_the_rerun_resumes(
     with blue_conn(sb) as b:
         missing = set(report.acked_order_ids) - order_ids(b)
     assert missing == set(), f"{len(missing)} acknowledged writes missing on blue"
+
+
+def test_connections_to_green_cut_during_a_stage_are_retried_and_the_release_promotes(
+        short_timeouts: Sandbox) -> None:
+    """A reset connection (a router or firewall drop) is not a server that stopped
+    answering: every session to green, the orchestrator's and blue's reverse
+    subscription's, is cut every 2 s through a 20 % stage, and the release still
+    promotes with every acknowledged write on green."""
+    sb = short_timeouts
+    stages = {"interval": "1s", "window": "10s", "checks": [], "probe": PROBE, "stages": [
+        {"weight": 0, "duration": "1s"}, {"weight": 20, "duration": "10s"},
+        {"weight": 100, "duration": "2s"}]}
+    name = "green-cut"
+    with Proxy((sb.green.host, sb.green.port), free_port()) as proxy:
+        cfg = write_config(sb, name, canary=stages,
+                           green={"host": proxy.host, "port": proxy.port})
+        log = sb.base_dir / f"{name}.log"
+        load = LoadGenerator(sb.haproxy.url, rate=60.0, write_ratio=0.5)
+        load.start()
+        proc = spawn_cli(sb, "release", "--config", str(cfg), log=log)
+        cuts = 0
+        try:
+            def at_20() -> bool:
+                row = release_row(sb, name)
+                return bool(row and (row["facts"].get("weights") or {}).get("green") == 20)
+
+            assert wait_for(at_20, timeout=180), log.read_text()[-3000:]
+            while proc.poll() is None:
+                row = release_row(sb, name)
+                if not row or (row["facts"].get("weights") or {}).get("green") != 20:
+                    break
+                cuts += proxy.cut()
+                time.sleep(2.0)
+            code = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            report = load.stop()
+    assert cuts >= 3, f"only {cuts} connections cut"
+    assert code == 0, log.read_text()[-3000:]
+    row = release_row(sb, name)
+    assert row is not None and row["status"] == "promoted", row
+    assert router(sb).current() == Weights.green_at(100)
+    with green_conn(sb) as g:
+        missing = set(report.acked_order_ids) - order_ids(g)
+    assert missing == set(), f"{len(missing)} acknowledged writes missing on green"
