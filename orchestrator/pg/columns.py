@@ -98,9 +98,79 @@ def pair_columns(
     text)`` decides whether two generation expressions are the same; by default
     their text, layout aside.
     """
-    findings: list[Finding] = []
     blue_by = {c.name: c for c in blue_cols}
     green_by = {c.name: c for c in green_cols}
+    findings = _check_mapping(table, mapping, blue_by, green_by)
+    pairs: list[ColumnPair] = []
+    used: set[str] = set()
+    same = same_expression or _same_text
+    for b, g in _match(blue_cols, green_by, mapping):
+        if g is not None:
+            used.add(g.name)
+        if b.name in ignore:
+            if g is not None:
+                findings += _generation(table, b, g, same, ignored=True)
+            continue
+        if g is None:
+            findings.append(problem(
+                "column", f"{table}.{b.name}",
+                f"column {table}.{b.name} is on blue but not on green (if the migration drops "
+                "it on purpose, list it in validate.ignore_columns, or map it with "
+                "validate.column_map)"))
+            continue
+        pair, found = _pair(table, b, g, same)
+        findings += found
+        if pair is not None:
+            pairs.append(pair)
+    skip = used | ignore
+    green_only = [c.name for c in green_cols if c.name not in skip]
+    if green_only:
+        findings.append(_green_only(table, green_only))
+    return pairs, green_only, findings
+
+
+def _green_only(table: QualifiedName, names: list[str]) -> Finding:
+    return note("column", table.display, f"{table}: columns only on green (new in this "
+                f"release, not compared): {', '.join(names)}")
+
+
+def _pair(table: QualifiedName, b: ColumnInfo, g: ColumnInfo, same: SameExpression
+          ) -> tuple[ColumnPair | None, list[Finding]]:
+    """The pair of two matched columns (None when one is virtual), with its findings."""
+    findings = _generation(table, b, g, same, ignored=False)
+    if b.virtual or g.virtual:
+        return None, findings
+    findings += _shape(table, b, g)
+    return ColumnPair(
+        blue=b.name, green=g.name, blue_type=b.type, green_type=g.type,
+        base=b.base if b.type == g.type else "", nullable=not (b.not_null and g.not_null)
+    ), findings
+
+
+def _match(blue_cols: list[ColumnInfo], green_by: dict[str, ColumnInfo],
+           mapping: dict[str, str]) -> list[tuple[ColumnInfo, ColumnInfo | None]]:
+    """Each blue column with the green column holding its data, None when green has none.
+
+    The mapping wins; otherwise the column of the same name, unless the mapping gave
+    that green column to another blue column.
+    """
+    blue_names = {c.name for c in blue_cols}
+    green_for = {b: g for g, b in mapping.items() if g in green_by and b in blue_names}
+    taken_on_green = set(green_for.values())
+    out: list[tuple[ColumnInfo, ColumnInfo | None]] = []
+    for b in blue_cols:
+        g_name: str | None = green_for.get(b.name)
+        if g_name is None and b.name in green_by and b.name not in taken_on_green:
+            g_name = b.name
+        out.append((b, green_by[g_name] if g_name is not None else None))
+    return out
+
+
+def _check_mapping(table: QualifiedName, mapping: dict[str, str],
+                   blue_by: dict[str, ColumnInfo], green_by: dict[str, ColumnInfo]
+                   ) -> list[Finding]:
+    """validate.column_map entries naming a column the table does not have."""
+    findings: list[Finding] = []
     for mapped_green, mapped_blue in sorted(mapping.items()):
         if mapped_green not in green_by:
             findings.append(problem("config", f"{table}.{mapped_green}",
@@ -110,53 +180,24 @@ def pair_columns(
             findings.append(problem("config", f"{table}.{mapped_blue}",
                                     f"validate.column_map for {table}: blue has no column "
                                     f"{mapped_blue}"))
-    green_for = {b: g for g, b in mapping.items() if g in green_by and b in blue_by}
-    taken_on_green = set(green_for.values())
-    pairs: list[ColumnPair] = []
-    used: set[str] = set()
-    same = same_expression or _same_text
-    for b in blue_cols:
-        g_name: str | None = green_for.get(b.name)
-        if g_name is None and b.name in green_by and b.name not in taken_on_green:
-            g_name = b.name
-        if b.name in ignore:
-            if g_name is not None:
-                used.add(g_name)
-                findings += _generation(table, b, green_by[g_name], same, ignored=True)
-            continue
-        if g_name is None:
-            findings.append(problem(
-                "column", f"{table}.{b.name}",
-                f"column {table}.{b.name} is on blue but not on green (if the migration drops "
-                "it on purpose, list it in validate.ignore_columns, or map it with "
-                "validate.column_map)"))
-            continue
-        g = green_by[g_name]
-        used.add(g_name)
-        findings += _generation(table, b, g, same, ignored=False)
-        if b.virtual or g.virtual:
-            continue
-        same_type = b.type == g.type
-        if not same_type:
-            findings.append(note(
-                "column", f"{table}.{g_name}",
-                f"{table}.{g_name}: type {b.type} on blue, {g.type} on green; compared by "
-                "text form"))
-        if b.not_null and not g.not_null:
-            findings.append(problem("not_null", f"{table}.{g_name}",
-                                    f"NOT NULL on {table}.{g_name} is missing on green"))
-        elif g.not_null and not b.not_null:
-            findings.append(note("not_null", f"{table}.{g_name}",
-                                 f"{table}.{g_name} is NOT NULL on green only"))
-        pairs.append(ColumnPair(
-            blue=b.name, green=g_name, blue_type=b.type, green_type=g.type,
-            base=b.base if same_type else "", nullable=not (b.not_null and g.not_null)))
-    green_only = [c.name for c in green_cols if c.name not in used and c.name not in ignore]
-    if green_only:
-        findings.append(note("column", table.display,
-                             f"{table}: columns only on green (new in this release, not "
-                             f"compared): {', '.join(green_only)}"))
-    return pairs, green_only, findings
+    return findings
+
+
+def _shape(table: QualifiedName, b: ColumnInfo, g: ColumnInfo) -> list[Finding]:
+    """What differs in a stored column's type and NOT NULL between the pair."""
+    findings: list[Finding] = []
+    if b.type != g.type:
+        findings.append(note(
+            "column", f"{table}.{g.name}",
+            f"{table}.{g.name}: type {b.type} on blue, {g.type} on green; compared by "
+            "text form"))
+    if b.not_null and not g.not_null:
+        findings.append(problem("not_null", f"{table}.{g.name}",
+                                f"NOT NULL on {table}.{g.name} is missing on green"))
+    elif g.not_null and not b.not_null:
+        findings.append(note("not_null", f"{table}.{g.name}",
+                             f"{table}.{g.name} is NOT NULL on green only"))
+    return findings
 
 
 def _same_text(_column: str, blue: str, green: str) -> bool:

@@ -158,22 +158,40 @@ class Comparer:
             self._recheck_chunks(states)
         if not self.counts_only:
             self._bisect(states)
-            for state in states:
-                if state.failed:
-                    continue
-                try:
-                    if state.plan.chunked:
-                        self._confirm(state)
-                    elif any(not c.matches for c in state.chunks):
-                        self._diff_whole_table(state)
-                except psycopg.Error as exc:
-                    self._fail(state, exc)
+            self._name_rows(states)
         for state in states:
             self._finish(state)
         return [s.result for s in states]
 
+    def _name_rows(self, states: list[_State]) -> None:
+        """The differing rows of every table that still differs after the bisection."""
+        for state in states:
+            if state.failed:
+                continue
+            try:
+                if state.plan.chunked:
+                    self._confirm(state)
+                elif any(not c.matches for c in state.chunks):
+                    self._diff_whole_table(state)
+            except psycopg.Error as exc:
+                self._fail(state, exc)
+
     def _plan_chunks(self, states: list[_State]) -> None:
         """First-level ranges of every table, from a sample of blue's keys."""
+        futures = self._sample_chunks(states)
+        ends = [(s, *self._both(partial(key_ends, s.plan))) for s in states
+                if integer_key(s.plan) and not self.counts_only]
+        self._cut_chunks(futures)
+        for state, fb, fg in ends:
+            try:
+                found = [x for x in (fb.result(), fg.result()) if x is not None]
+            except psycopg.Error:
+                continue
+            if found:
+                state.int_bounds = (min(x[0] for x in found), max(x[1] for x in found))
+
+    def _sample_chunks(self, states: list[_State]) -> list[tuple[_State, int, Future[list[Key]]]]:
+        """One range for small tables; for the others, a key sample under way."""
         futures: list[tuple[_State, int, Future[list[Key]]]] = []
         for state in states:
             plan = state.plan
@@ -183,8 +201,9 @@ class Comparer:
                 continue
             futures.append((state, chunks, self.pools["blue"].submit(
                 partial(sample_keys, plan, chunks))))
-        ends = [(s, *self._both(partial(key_ends, s.plan))) for s in states
-                if integer_key(s.plan) and not self.counts_only]
+        return futures
+
+    def _cut_chunks(self, futures: list[tuple[_State, int, Future[list[Key]]]]) -> None:
         for state, chunks, fut in futures:
             try:
                 bounds = pick_bounds(fut.result(), chunks)
@@ -192,13 +211,6 @@ class Comparer:
                 # Sampling is an optimisation: one range is slower, never wrong.
                 bounds = []
             state.chunks = [_Chunk(r) for r in ranges_between(None, None, bounds)]
-        for state, fb, fg in ends:
-            try:
-                found = [x for x in (fb.result(), fg.result()) if x is not None]
-            except psycopg.Error:
-                continue
-            if found:
-                state.int_bounds = (min(x[0] for x in found), max(x[1] for x in found))
 
     def _compare_chunks(self, items: list[tuple[_State, _Chunk]], phase: str) -> None:
         futures = []
@@ -403,6 +415,12 @@ class Comparer:
         res.blue_rows = sum(c.blue.rows for c in done if c.blue is not None)
         res.green_rows = sum(c.green.rows for c in done if c.green is not None)
         res.mismatched_chunks = sum(1 for c in done if not c.matches)
+        self._explain(state)
+        res.seconds = time.monotonic() - state.started
+
+    def _explain(self, state: _State) -> None:
+        """Why checksums differ where no differing row could be named."""
+        res = state.result
         if state.unresolved and self.catch_up is None and not res.error:
             # Without writes, a range whose checksums differ holds a differing row; rows
             # that read the same on both sides mean the data moved while we looked.
@@ -411,7 +429,6 @@ class Comparer:
         if not res.complete and not res.diffs and not res.error and res.unexplained is None:
             res.unexplained = ("too many transient differences to isolate the real ones; "
                                "run the validation again")
-        res.seconds = time.monotonic() - state.started
 
 
 def compare_tables(blue_db: DatabaseConfig, green_db: DatabaseConfig, cfg: ValidateConfig,
