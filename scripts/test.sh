@@ -9,6 +9,7 @@ cd "$ROOT"
 export ORCHESTRATE_LOG_FORMAT="${ORCHESTRATE_LOG_FORMAT:-json}"
 echo "[test] ruff"; .venv/bin/ruff check orchestrator tests scripts
 echo "[test] mypy --strict"; .venv/bin/mypy orchestrator
+echo "[test] import contracts"; .venv/bin/lint-imports --no-cache
 echo "[test] pytest"; # Two workers, one test file each at a time (module-scoped sandboxes stay on one
 # worker); ORCHESTRATE_TEST_WORKERS=0 runs everything in this process.
 exec .venv/bin/pytest -q -ra --durations=15 \
