@@ -160,3 +160,18 @@ def test_server_bindir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ORCHESTRATE_CACHE", str(tmp_path))
     with pytest.raises(SandboxError, match=str(tmp_path)):
         server_bindir(17)
+
+
+def test_the_sandbox_without_the_demo_extra_says_which_extra_to_install(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from orchestrator.sandbox import stack
+    from orchestrator.sandbox.process import SandboxError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "prometheus_client" else real(name, *a))
+    with pytest.raises(SandboxError, match="prometheus_client") as caught:
+        stack.require_demo_extra()
+    assert "orchestrate[demo]" in (caught.value.hint or "")

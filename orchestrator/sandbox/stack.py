@@ -12,6 +12,7 @@ the ``app`` role, because creating green's database is part of the release.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import secrets
 import signal
@@ -26,7 +27,13 @@ import yaml
 from orchestrator.sandbox.haproxy import HAProxyServer
 from orchestrator.sandbox.pgcluster import REPO_ROOT, PgCluster
 from orchestrator.sandbox.ports import free_port
-from orchestrator.sandbox.process import ManagedProcess, Service, tcp_open, wait_until
+from orchestrator.sandbox.process import (
+    ManagedProcess,
+    SandboxError,
+    Service,
+    tcp_open,
+    wait_until,
+)
 from orchestrator.sandbox.prometheus import PrometheusServer
 
 log = structlog.get_logger()
@@ -34,6 +41,8 @@ log = structlog.get_logger()
 APP_ROLE = "app"
 APP_DATABASE = "shop"
 DEMO_MIGRATIONS = REPO_ROOT / "examples" / "demo" / "migrations"
+# What the `demo` extra installs for the sandbox (the demo app's metrics).
+DEMO_MODULES = ("prometheus_client",)
 
 # PromQL templates for the canary checks (string.Template: $colour and $window are
 # filled in by the canary analysis). Metric names are those of HAProxy 2.6's built-in
@@ -47,6 +56,18 @@ P99_LATENCY_QUERY = (
     "histogram_quantile(0.99, sum by (le) "
     '(rate(demo_http_request_duration_seconds_bucket{colour="$colour"}[$window])))'
 )
+
+
+def require_demo_extra() -> None:
+    """The sandbox is an optional part of the package (the `demo` extra): say so
+    before starting anything, instead of a demo app dying on an ImportError in its
+    log file."""
+    missing = [m for m in DEMO_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SandboxError(
+            f"the demo sandbox needs {', '.join(missing)}, which the orchestrator itself "
+            "does not", hint="install the demo extra: pip install 'orchestrate[demo]' (or "
+            "run ./scripts/setup.sh)")
 
 
 class _Stoppable(Protocol):
@@ -112,6 +133,7 @@ class Sandbox(Service):
 
     def start(self) -> None:
         """Start everything; on any failure, stop what was started and re-raise."""
+        require_demo_extra()
         started = time.monotonic()
         self.base_dir.mkdir(parents=True, exist_ok=True)
         try:
