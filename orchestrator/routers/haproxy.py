@@ -202,6 +202,6 @@ class HAProxyRouter:
                 f"set {target} on {self.describe()}, but it reads back {after}",
                 hint="someone may be changing the weights at the same time",
             )
-        log.info("router.weights_set", router=self.describe(), blue=after.blue, green=after.green)
+        log.info("weights changed", router=self.describe(), weights=str(after))
         return after
 
