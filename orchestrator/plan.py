@@ -85,9 +85,7 @@ def build(cfg: ReleaseConfig) -> tuple[list[Step], list[str]]:
         "indexes and constraints present and valid on green",
         [_s(validate.checksum_sql(t.qname, [c.name for c in t.columns if not c.generated],
                                   cfg.validate_.checksums)) for t in tables[:20]]))
-    labels = {"service": cfg.release.service, "namespace": cfg.release.namespace,
-              "version": cfg.release.version, "release": cfg.release.name,
-              "window": format_window(cfg.canary.window), **cfg.prometheus.labels}
+    labels = cfg.template_variables(window=format_window(cfg.canary.window))
     checks = [f"{c.name}: {render(c.query, labels, 'green')}"
               + (f" <= {c.max}" if c.max is not None else "")
               + (f" >= {c.min}" if c.min is not None else "")

@@ -279,9 +279,7 @@ def _check_metrics(cfg: ReleaseConfig, metrics: MetricsSource, report: Preflight
         return
     if not cfg.canary.checks:
         report.warnings.append("canary.checks is empty: stages advance on time alone")
-    labels = {"window": "1m", **cfg.prometheus.labels, "service": cfg.release.service,
-              "namespace": cfg.release.namespace, "version": cfg.release.version,
-              "release": cfg.release.name}
+    labels = cfg.template_variables(window="1m")
     for check in cfg.canary.checks:
         try:
             metrics.query(render(check.query, labels, "blue"))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from structlog.testing import capture_logs
 
 from orchestrator.config import HAProxyRouterConfig
 from orchestrator.routers.base import RouterError, TrafficRouter, WeightDriftError, Weights
@@ -176,6 +177,26 @@ def test_check_reports_missing_backend_server_and_socket(
     with pytest.raises(RouterError, match="cannot reach the HAProxy runtime API"):
         missing.check()
     assert time.monotonic() - started < 5  # bounded retries
+
+
+def test_a_weight_change_is_logged_under_the_kubernetes_routers_event(
+    router: HAProxyRouter,
+) -> None:
+    with capture_logs() as logs:
+        router.set_weights(Weights.green_at(5))
+    changed = [e for e in logs if e["event"] == "weights changed"]
+    assert changed == [{"event": "weights changed", "log_level": "info",
+                        "router": router.describe(), "weights": "blue 95% / green 5%"}]
+
+
+def test_an_unreachable_socket_is_retried_by_the_socket_policy(sandbox_dir: Path) -> None:
+    missing = HAProxyRouter(
+        HAProxyRouterConfig(kind="haproxy", socket=str(sandbox_dir / "none.sock"), timeout=1)
+    )
+    with capture_logs() as logs, pytest.raises(RouterError, match=r"\(3 attempts\)"):
+        missing.current()
+    retries = [e for e in logs if e["event"] == "call failed, retrying"]
+    assert [(e["policy"], e["attempt"]) for e in retries] == [("socket", 1), ("socket", 2)]
 
 
 def test_router_over_tcp_runtime_api(router: HAProxyRouter, proxy: HAProxyServer) -> None:

@@ -42,6 +42,9 @@ def format_window(seconds: float) -> str:
 
 
 def render(query: str, labels: dict[str, str], colour: str) -> str:
+    """``query`` filled in for one side. ``labels`` comes from
+    ``ReleaseConfig.template_variables`` (which documents the precedence); the side's
+    ``$colour`` and ``$other_colour`` are set last and win over everything."""
     values = {**labels, "colour": colour, "other_colour": "blue" if colour == "green" else "green"}
     return Template(query).safe_substitute(values)
 

@@ -34,22 +34,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import requests
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_exponential,
-    wait_random,
-)
 
 from orchestrator.config import Webhook
 from orchestrator.errors import ConfigError
-from orchestrator.logging import get_logger, scrub
+from orchestrator.logging import scrub
+from orchestrator.retry import TransientError, http_retrying
 
 __all__ = ["HookResult", "Webhook", "call_hook", "run_hooks"]
 
-log = get_logger("orchestrate.hooks")
 
 RETRY_STATUSES = frozenset({408, 425, 429, 502, 503, 504})
 # Enough of the answer to say why a smoke test failed, not a whole page.
@@ -80,7 +72,7 @@ class HookResult:
                 + (f" ({self.detail})" if self.detail else ""))
 
 
-class _TryAgain(Exception):
+class _TryAgain(TransientError):
     """An answer or a failure worth another attempt."""
 
     def __init__(self, detail: str, status: int | None = None) -> None:
@@ -129,22 +121,9 @@ def call_hook(hook: Webhook, body: Mapping[str, Any], *, phase: str,
             raise _TryAgain(_excerpt(response), response.status_code)
         return response.status_code, _excerpt(response)
 
-    def before_sleep(state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        log.warning("hook attempt failed, retrying", hook=hook.name, phase=phase,
-                    attempt=state.attempt_number,
-                    detail=exc.detail if isinstance(exc, _TryAgain) else str(exc))
-
-    retrying = Retrying(
-        retry=retry_if_exception_type(_TryAgain),
-        stop=stop_after_attempt(hook.retries + 1),
-        # wait_exponential_jitter's arguments changed between tenacity 8 and 9; this
-        # spelling means the same in both: 0.5 s, 1 s, 2 s... up to 5 s, plus jitter.
-        wait=wait_exponential(multiplier=0.5, max=5.0) + wait_random(0, 0.5),
-        sleep=sleep,
-        before_sleep=before_sleep,
-        reraise=True,
-    )
+    # 0.5 s, 1 s, 2 s... up to 5 s, plus up to 0.5 s of jitter.
+    retrying = http_retrying(f"{phase} hook {hook.name}", attempts=hook.retries + 1,
+                             multiplier=0.5, max_wait=5.0, jitter=0.5, sleep=sleep)
     try:
         status, detail = retrying(attempt)
     except _TryAgain as exc:

@@ -13,15 +13,10 @@ import requests
 from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
 from requests.adapters import Retry
-from tenacity import (
-    Retrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
 
 from orchestrator.config import PrometheusConfig
 from orchestrator.errors import ExternalError
+from orchestrator.retry import http_retrying
 
 
 class MetricsUnavailable(ExternalError):
@@ -60,32 +55,27 @@ class PrometheusMetrics:
         headers = None
         if cfg.bearer_token is not None:
             headers = {"Authorization": f"Bearer {cfg.bearer_token.resolve()}"}
-        # The client's own urllib3 retries are switched off: tenacity below bounds
-        # attempts and total time explicitly.
+        # The client's own urllib3 retries are switched off: the http policy bounds
+        # attempts explicitly.
         self._client = PrometheusConnect(url=cfg.url.rstrip("/"), headers=headers,
                                          retry=Retry(total=0), timeout=cfg.timeout)
         self._url = cfg.url
         self._timeout = cfg.timeout
-        self._retrying = Retrying(
-            retry=retry_if_exception_type(requests.RequestException),
-            stop=stop_after_attempt(attempts),
-            wait=wait_exponential_jitter(multiplier=0.2, max=2.0),
-            reraise=True,
-        )
+        self._attempts = attempts
 
     def _raw(self, promql: str) -> list[dict[str, Any]]:
+        retrying = http_retrying(f"prometheus query at {self._url}", attempts=self._attempts,
+                                 multiplier=0.2, max_wait=2.0)
         try:
-            for attempt in self._retrying:
-                with attempt:
-                    result: list[dict[str, Any]] = self._client.custom_query(
-                        promql, params={"timeout": f"{int(self._timeout * 1000)}ms"})
-                    return result
+            result: list[dict[str, Any]] = retrying(
+                self._client.custom_query, promql,
+                params={"timeout": f"{int(self._timeout * 1000)}ms"})
         except requests.RequestException as exc:
             raise MetricsUnavailable(f"Prometheus at {self._url} is unreachable: "
                                      f"{type(exc).__name__}") from exc
         except PrometheusApiClientException as exc:
             raise MetricsUnavailable(f"Prometheus rejected the query {promql!r}: {exc}") from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+        return result
 
     def check(self) -> None:
         value = _reduce(self._raw("vector(1)"))

@@ -69,6 +69,23 @@ class ReleaseConfig(_Model):
     def state_db(self) -> DatabaseConfig:
         return self.state.database or self.blue
 
+    def template_variables(self, *, window: str | None = None) -> dict[str, str]:
+        """The values ``$name`` templates are filled with: check queries, alert
+        matchers, and anything else that names this release. Every builder uses this.
+
+        Precedence, lowest first: the release's own ``$service``, ``$namespace``,
+        ``$version``, ``$release`` (and ``$window`` when given); then
+        ``prometheus.labels``, which may override any of them (a metric whose label
+        spells the service differently); last, set per evaluation by
+        ``canary.analysis.render``, ``$colour`` and ``$other_colour``, which nothing
+        overrides.
+        """
+        own = {"service": self.release.service, "namespace": self.release.namespace,
+               "version": self.release.version, "release": self.release.name}
+        if window is not None:
+            own["window"] = window
+        return {**own, **self.prometheus.labels}
+
     @model_validator(mode="after")
     def _distinct_databases(self) -> ReleaseConfig:
         b, g = self.blue, self.green

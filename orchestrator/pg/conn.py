@@ -115,10 +115,11 @@ def connect(
         conn.peer = f"{role or 'the'} database {db.describe()}".strip()
         return conn
 
+    where = db.describe() if dbname is None else f"{db.user}@{db.host}:{db.port}/{dbname}"
     try:
-        return call_with_retry(_open, policy=pg_retrying(attempts=attempts))
+        return call_with_retry(_open, policy=pg_retrying(attempts=attempts,
+                                                         what=f"connect to {where}"))
     except psycopg.Error as exc:
-        where = db.describe() if dbname is None else f"{db.user}@{db.host}:{db.port}/{dbname}"
         what = f"{role} database" if role in {"blue", "green"} else "database"
         refused = refused_by_server(exc)
         if refused == "credentials":

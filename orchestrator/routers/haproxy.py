@@ -14,15 +14,9 @@ import socket
 from pathlib import Path
 
 import structlog
-from tenacity import (
-    RetryError,
-    Retrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_exponential,
-)
 
 from orchestrator.config import HAProxyRouterConfig
+from orchestrator.retry import socket_retrying
 from orchestrator.routers.base import RouterError, WeightDriftError, Weights
 
 log = structlog.get_logger()
@@ -87,25 +81,18 @@ class HAProxyRouter:
         """One command on one short connection. Every command we send is idempotent
         (reads, or sets an absolute weight), so retrying after a broken connection
         cannot apply a change twice."""
-        retrying = Retrying(
-            stop=stop_after_attempt(_CONNECT_ATTEMPTS),
-            wait=wait_exponential(multiplier=0.2, max=2.0),
-            retry=retry_if_exception_type(OSError),
-            reraise=False,
-        )
+        retrying = socket_retrying(f"haproxy {command.split(' ', 1)[0]} via {self.cfg.socket}",
+                                   attempts=_CONNECT_ATTEMPTS)
         try:
-            for attempt in retrying:
-                with attempt:
-                    return self._send_once(command)
-        except RetryError as exc:
-            cause = exc.last_attempt.exception()
-            reason = (getattr(cause, "strerror", None) or str(cause)) if cause else "unknown"
+            answer: str = retrying(self._send_once, command)
+        except OSError as cause:
+            reason = getattr(cause, "strerror", None) or str(cause)
             raise RouterError(
                 f"cannot reach the HAProxy runtime API at {self.cfg.socket} "
                 f"({_CONNECT_ATTEMPTS} attempts): {reason}",
                 hint=_HINT,
             ) from cause
-        raise AssertionError("unreachable")  # pragma: no cover
+        return answer
 
     def _get_weight(self, server: str) -> int:
         answer = self._command(f"get weight {self.backend}/{server}")
@@ -215,6 +202,6 @@ class HAProxyRouter:
                 f"set {target} on {self.describe()}, but it reads back {after}",
                 hint="someone may be changing the weights at the same time",
             )
-        log.info("router.weights_set", router=self.describe(), blue=after.blue, green=after.green)
+        log.info("weights changed", router=self.describe(), weights=str(after))
         return after
 

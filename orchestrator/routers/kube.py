@@ -7,10 +7,11 @@ Two layers, each usable alone (the routers' shared patch loop is in ``weighted.p
   kubeconfig). The library's process-wide default configuration is never read or
   written, so two routers pointed at two clusters cannot leak into each other.
 * ``KubeObjects`` reads and JSON-patches namespaced objects as plain dicts. Every
-  call carries ``_request_timeout`` from ``target.timeout`` and runs under a bounded
-  tenacity policy that retries only what is transient (5xx, 429, transport errors).
-  Conflicts (409, failed JSON Patch ``test``) are *not* retried here: only the caller
-  knows how to re-read and rebuild its patch.
+  call carries ``_request_timeout`` from ``target.timeout`` and runs under the
+  ``kubernetes`` retry policy (``orchestrator.retry``). ``kube_error`` maps each
+  failure to one class per meaning; the transient ones (5xx, 429, transport errors)
+  are retried. Conflicts (``KubeConflict``: 409, a failed JSON Patch ``test``) are
+  *not* retried here: only the caller knows how to re-read and rebuild its patch.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from kubernetes.config.config_exception import ConfigException
 
 from orchestrator.config import KubeTarget
 from orchestrator.errors import ExternalError
+from orchestrator.retry import TransientError, kube_retrying
 
 log = structlog.get_logger(__name__)
 
@@ -53,7 +55,11 @@ class KubeError(ExternalError):
 
 
 class KubeApiError(KubeError):
-    """The API server answered with an error status (after any retries)."""
+    """The API server answered with an error status (after any retries).
+
+    ``kube_error`` picks the subclass from the status, once; callers test the class
+    (``except KubeConflict``), never the number. ``status`` stays for messages and logs.
+    """
 
     def __init__(
         self,
@@ -68,23 +74,49 @@ class KubeApiError(KubeError):
         self.reason = reason
         self.details: Mapping[str, Any] = details or {}
 
-    @property
-    def is_conflict(self) -> bool:
-        """The object changed under us: re-read it and try again.
 
-        Two answers mean that. 409 Conflict is what the registry returns when the
-        resourceVersion carried by the patched object is stale (store.go,
-        OptimisticLockErrorMsg). A JSON Patch whose ``test`` op fails never reaches
-        the registry: the patch handler answers 422 with reason Invalid, the generic
-        message "the server rejected our request due to an error in our request" and
-        empty details (patch.go: NewGenericServerResponse(422, ...)). A 422 from
-        *validation* names the object and lists causes, and must not be retried.
-        """
-        if self.status == 409:
-            return True
-        return (
-            self.status == 422 and not self.details.get("causes") and not self.details.get("name")
-        )
+class KubeConflict(KubeApiError):
+    """The object changed under us: re-read it and try again (the caller's job).
+
+    Two answers mean that. 409 Conflict is what the registry returns when the
+    resourceVersion carried by the patched object is stale (store.go,
+    OptimisticLockErrorMsg). A JSON Patch whose ``test`` op fails never reaches the
+    registry: the patch handler answers 422 with reason Invalid, the generic message
+    "the server rejected our request due to an error in our request" and empty
+    details (patch.go: NewGenericServerResponse(422, ...)).
+    """
+
+
+class KubeInvalid(KubeApiError):
+    """422 from validation: it names the object and lists causes; never retried."""
+
+
+class KubeNotFound(KubeApiError):
+    """404: the object, or (no name in the details) the whole resource type, is absent."""
+
+
+class KubeUnauthorized(KubeApiError):
+    """401: the credentials were not accepted."""
+
+
+class KubeForbidden(KubeApiError):
+    """403: RBAC does not allow the verb on this resource."""
+
+
+class KubeTooManyRequests(KubeApiError, TransientError):
+    """429: the API server sheds load; its Retry-After is honoured (up to a bound)."""
+
+    def __init__(self, *args: Any, retry_after: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.retry_after = retry_after
+
+
+class KubeServerError(KubeApiError, TransientError):
+    """5xx: the API server or something behind it failed; worth another try."""
+
+
+class KubeUnreachable(KubeError, TransientError):
+    """No answer: connection refused or reset, a timeout."""
 
 
 @dataclass(frozen=True)
@@ -177,15 +209,27 @@ class RetryPolicy:
     max_retry_after: float = 10.0
 
 
-def is_transient(exc: BaseException) -> bool:
-    """5xx, 429 and transport failures are worth another try; nothing else is.
+def kube_error(exc: BaseException, what: str, server: str, *, attempts: int = 0) -> KubeError:
+    """The one mapping from what the client raised to our error classes.
 
-    409 is deliberately absent: a conflict needs a fresh read and a rebuilt patch,
-    which only the caller can do.
+    An ``ApiException`` becomes the class of its status (``_STATUS_CLASSES``); a
+    transport failure becomes ``KubeUnreachable``, except a certificate problem, which
+    will not fix itself by waiting. ``attempts`` > 0: the retries are spent, and the
+    message says so. 409 is not transient: a conflict needs a fresh read and a rebuilt
+    patch, which only the caller can do.
     """
     if isinstance(exc, ApiException):
-        status = int(exc.status or 0)
-        return status == 429 or 500 <= status <= 599
+        return _api_error(exc, what, attempts)
+    if not _transport_may_recover(exc):
+        return KubeError(f"{what} failed: {exc}")
+    after = f" after {attempts} attempts" if attempts else ""
+    return KubeUnreachable(
+        f"cannot reach {server} ({what}){after}: {exc}",
+        hint="check the network path to the API server and router.timeout",
+    )
+
+
+def _transport_may_recover(exc: BaseException) -> bool:
     if isinstance(exc, urllib3.exceptions.MaxRetryError):
         # A certificate problem will not fix itself by waiting.
         return not isinstance(exc.reason, urllib3.exceptions.SSLError)
@@ -194,8 +238,41 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, urllib3.exceptions.HTTPError | ConnectionError | TimeoutError)
 
 
-def _retry_after(exc: BaseException | None) -> float:
-    if not isinstance(exc, ApiException) or exc.status != 429 or not exc.headers:
+_STATUS_CLASSES: dict[int, type[KubeApiError]] = {
+    401: KubeUnauthorized, 403: KubeForbidden, 404: KubeNotFound, 409: KubeConflict,
+}
+
+
+def _api_error(exc: ApiException, what: str, attempts: int) -> KubeApiError:
+    status = int(exc.status or 0)
+    reason, message, details = str(exc.reason or ""), "", {}
+    try:
+        body = json.loads(exc.body) if exc.body else None
+    except (TypeError, ValueError):
+        body = None
+    if isinstance(body, dict) and body.get("kind") == "Status":
+        reason = str(body.get("reason") or reason)
+        message = str(body.get("message") or "")
+        raw_details = body.get("details")
+        details = raw_details if isinstance(raw_details, dict) else {}
+    cls = _STATUS_CLASSES.get(status, KubeApiError)
+    if status == 422:
+        # A failed ``test`` op has empty details; a validation error names the object.
+        cls = KubeInvalid if details.get("causes") or details.get("name") else KubeConflict
+    elif status == 429:
+        cls = KubeTooManyRequests
+    elif 500 <= status <= 599:
+        cls = KubeServerError
+    text = f"{what}: HTTP {status} {reason}" + (f": {message}" if message else "")
+    if attempts and issubclass(cls, TransientError):
+        text += f" (after {attempts} attempts)"
+    if cls is KubeTooManyRequests:
+        return KubeTooManyRequests(status, reason, text, details, retry_after=_retry_after(exc))
+    return cls(status, reason, text, details)
+
+
+def _retry_after(exc: ApiException) -> float:
+    if not exc.headers:
         return 0.0
     try:
         return max(0.0, float(exc.headers.get("Retry-After", 0)))
@@ -203,39 +280,15 @@ def _retry_after(exc: BaseException | None) -> float:
         return 0.0
 
 
-def retrying(policy: RetryPolicy, what: str) -> tenacity.Retrying:
-    """A tenacity controller for one logical call; ``what`` names it in logs."""
-
+def _backoff(policy: RetryPolicy) -> Callable[[tenacity.RetryCallState], float]:
     def wait(state: tenacity.RetryCallState) -> float:
         exp = policy.initial_wait * 2.0 ** (state.attempt_number - 1)
         backoff = min(policy.max_wait, exp) + random.uniform(0, policy.jitter)  # noqa: S311
         exc = state.outcome.exception() if state.outcome else None
-        return max(backoff, min(_retry_after(exc), policy.max_retry_after))
+        retry_after = exc.retry_after if isinstance(exc, KubeTooManyRequests) else 0.0
+        return max(backoff, min(retry_after, policy.max_retry_after))
 
-    def before_sleep(state: tenacity.RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        log.warning(
-            "kubernetes call failed, retrying",
-            call=what,
-            attempt=state.attempt_number,
-            of=policy.attempts,
-            error=_short_error(exc),
-            wait_s=round(state.upcoming_sleep, 3),
-        )
-
-    return tenacity.Retrying(
-        stop=tenacity.stop_after_attempt(policy.attempts),
-        wait=wait,
-        retry=tenacity.retry_if_exception(is_transient),
-        before_sleep=before_sleep,
-        reraise=True,
-    )
-
-
-def _short_error(exc: BaseException | None) -> str:
-    if isinstance(exc, ApiException):
-        return f"HTTP {exc.status} {exc.reason}"
-    return repr(exc)
+    return wait
 
 
 # --------------------------------------------------------------------------- objects
@@ -324,21 +377,23 @@ class KubeObjects:
         return self._run(f"{verb} {res.qualified} {ns}/{name}", call)
 
     def _run(self, what: str, call: Callable[[], Any]) -> JsonObject:
+        def attempt() -> Any:
+            try:
+                return call()
+            except KubeError:
+                raise
+            except Exception as exc:
+                raise kube_error(exc, what, self.server) from exc
+
         try:
-            response = retrying(self.retry, what)(call)
-        except ApiException as exc:
-            retried = f" (after {self.retry.attempts} attempts)" if is_transient(exc) else ""
-            raise _api_error(exc, what, retried) from exc
-        except KubeError:
-            raise
-        except Exception as exc:
-            if is_transient(exc):
-                raise KubeError(
-                    f"cannot reach {self.server} ({what}) after {self.retry.attempts} "
-                    f"attempts: {exc}",
-                    hint="check the network path to the API server and router.timeout",
-                ) from exc
-            raise KubeError(f"{what} failed: {exc}") from exc
+            response = kube_retrying(what, attempts=self.retry.attempts,
+                                     wait=_backoff(self.retry))(attempt)
+        except TransientError as exc:
+            # Retries spent: the same error, saying so.
+            cause = exc.__cause__
+            if cause is None:
+                raise
+            raise kube_error(cause, what, self.server, attempts=self.retry.attempts) from cause
         try:
             data = json.loads(response.data)
         except (TypeError, ValueError) as exc:
@@ -352,18 +407,3 @@ class KubeObjects:
             raise KubeError(f"{what}: the API server sent {type(data).__name__}, not an object")
         return data
 
-
-def _api_error(exc: ApiException, what: str, suffix: str = "") -> KubeApiError:
-    status = int(exc.status or 0)
-    reason, message, details = str(exc.reason or ""), "", {}
-    try:
-        body = json.loads(exc.body) if exc.body else None
-    except (TypeError, ValueError):
-        body = None
-    if isinstance(body, dict) and body.get("kind") == "Status":
-        reason = str(body.get("reason") or reason)
-        message = str(body.get("message") or "")
-        raw_details = body.get("details")
-        details = raw_details if isinstance(raw_details, dict) else {}
-    text = f"{what}: HTTP {status} {reason}" + (f": {message}" if message else "") + suffix
-    return KubeApiError(status, reason, text, details)

@@ -20,8 +20,12 @@ from orchestrator.routers.base import RouterError, WeightDriftError, Weights
 from orchestrator.routers.kube import (
     JsonObject,
     KubeApiError,
+    KubeConflict,
     KubeError,
+    KubeForbidden,
+    KubeNotFound,
     KubeObjects,
+    KubeUnauthorized,
     PatchOp,
     Resource,
     RetryPolicy,
@@ -110,10 +114,8 @@ class WeightedObjectRouter(ABC):
         )
         try:
             self.objects.json_patch(self.resource, self.name, ops, dry_run=True)
-        except KubeApiError as exc:
-            if exc.is_conflict:
-                return  # it changed since our read: we could patch it, which is the point
-            raise self._router_error(exc) from exc
+        except KubeConflict:
+            return  # it changed since our read: we could patch it, which is the point
         except KubeError as exc:
             raise self._router_error(exc) from exc
 
@@ -138,9 +140,7 @@ class WeightedObjectRouter(ABC):
             ops += self.weight_ops(obj, target)
             try:
                 self.objects.json_patch(self.resource, self.name, ops)
-            except KubeApiError as exc:
-                if not exc.is_conflict:
-                    raise self._router_error(exc) from exc
+            except KubeConflict as exc:
                 log.info(
                     "weights patch conflicted, re-reading",
                     router=self.describe(),
@@ -176,7 +176,7 @@ class WeightedObjectRouter(ABC):
         if not isinstance(exc, KubeApiError):
             return RouterError(exc.message, hint=exc.hint)
         res, ns = self.resource, self.target.namespace
-        if exc.status == 404:
+        if isinstance(exc, KubeNotFound):
             if not exc.details.get("name"):
                 # Only the *type* is unknown: no object name in the Status details.
                 return RouterError(
@@ -189,7 +189,7 @@ class WeightedObjectRouter(ABC):
                 hint=f"check the router's name and namespace ({ns!r}) in the release "
                 f"config, or create the {res.kind} first",
             )
-        if exc.status in (401, 403):
+        if isinstance(exc, KubeUnauthorized | KubeForbidden):
             return RouterError(
                 f"not allowed to read or patch {self.where}: {exc.message}",
                 hint=f"grant get and patch on {res.qualified} in namespace {ns!r} "

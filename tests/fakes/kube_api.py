@@ -84,6 +84,8 @@ MERGE_PATCH = "application/merge-patch+json"
 
 _REASONS = {
     400: ("BadRequest", "the server rejected our request for an unknown reason"),
+    401: ("Unauthorized", "Unauthorized"),
+    403: ("Forbidden", "forbidden: the request is not allowed by RBAC"),
     404: ("NotFound", "the server could not find the requested resource"),
     409: ("Conflict", OPTIMISTIC_LOCK),
     422: ("Invalid", PATCH_REJECTED),
