@@ -88,10 +88,7 @@ class AlertReceiver:
         max_stores: int = 4,
     ) -> None:
         self.name = cfg.release.name
-        variables = {"service": cfg.release.service, "namespace": cfg.release.namespace,
-                     "version": cfg.release.version, "release": cfg.release.name,
-                     **cfg.prometheus.labels}
-        self.matchers = Matchers(cfg.alerts.matchers, variables)
+        self.matchers = Matchers(cfg.alerts.matchers, cfg.template_variables())
         self.selector = AlertSelector(self.name, cfg.alerts.release_label, self.matchers)
         self.state_timeout = cfg.alerts.state_timeout
         if token is not None:
