@@ -44,10 +44,9 @@ import psycopg
 from psycopg import sql
 
 from orchestrator.config import DatabaseConfig
+from orchestrator.control_schema import DEFERRED_TABLE, ensure_green
 from orchestrator.errors import ReleaseFailed
 from orchestrator.logging import scrub
-
-DEFERRED_TABLE = "initial_copy_deferred"
 
 # Steps, run in this order; items of one step run in parallel.
 STEP_BUILD = 1  # CREATE INDEX, ADD exclusion constraint
@@ -97,15 +96,7 @@ class PostDataStats:
 
 
 def ensure_table(conn: psycopg.Connection[Any], control_schema: str) -> None:
-    conn.execute(sql.SQL(
-        "CREATE SCHEMA IF NOT EXISTS {s}; "
-        "CREATE TABLE IF NOT EXISTS {s}.{t} ("
-        " id bigserial PRIMARY KEY, step int NOT NULL, kind text NOT NULL,"
-        " schema_name text NOT NULL, table_name text NOT NULL, object_name text NOT NULL,"
-        " statements text[] NOT NULL, validate boolean NOT NULL DEFAULT false,"
-        " ref_schema text, ref_table text,"
-        " UNIQUE (kind, schema_name, table_name, object_name))"
-    ).format(s=sql.Identifier(control_schema), t=sql.Identifier(DEFERRED_TABLE)))
+    ensure_green(conn, control_schema)
 
 
 def _q(conn: psycopg.Connection[Any], obj: sql.Composable) -> str:
