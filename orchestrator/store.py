@@ -9,7 +9,7 @@ says otherwise):
 - ``release_log``: what happened, with a level (debug .. critical), per state.
 - ``stage_measurements``: every canary evaluation, for ``status`` and the report.
 
-Their DDL, and its upgrades, are in ``orchestrator.control_schema``.
+Their DDL, and its upgrades, are in ``orchestrator.pg.control_schema``.
 
 A session-level advisory lock, held on a dedicated connection for the whole run,
 keeps two orchestrators off the same control schema; PostgreSQL drops it the moment
@@ -33,10 +33,10 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from orchestrator import control_schema
 from orchestrator.config import DatabaseConfig, ReleaseConfig
 from orchestrator.errors import ConnectError, LockedError, StateUnavailable
 from orchestrator.logging import scrub
+from orchestrator.pg import control_schema
 from orchestrator.pg.conn import connect
 from orchestrator.record import NO_ROLLBACK_FROM, Facts, State, Status, parse_state, parse_status
 

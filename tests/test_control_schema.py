@@ -1,5 +1,5 @@
 """The control schema module against a real PostgreSQL: a control schema as the code
-before ``orchestrator.control_schema`` created it is upgraded in place with nothing
+before ``orchestrator.pg.control_schema`` created it is upgraded in place with nothing
 lost, a second ensure is a no-op, each object stays on its side, and concurrent
 orchestrators do not race."""
 
@@ -14,9 +14,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from orchestrator import control_schema
 from orchestrator.config import DatabaseConfig
-from orchestrator.pg import schema_sections
+from orchestrator.pg import control_schema, schema_sections
 from orchestrator.sandbox.pgcluster import PgCluster
 
 S = "orchestrate"

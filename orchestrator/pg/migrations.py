@@ -24,8 +24,8 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from orchestrator import control_schema
 from orchestrator.errors import PreflightError, ReleaseFailed
+from orchestrator.pg import control_schema
 
 _FILE = re.compile(r"^(?P<version>\d+)_(?P<name>[A-Za-z0-9_\-]+)\.up\.sql$")
 NO_TRANSACTION = "-- orchestrate:no-transaction"

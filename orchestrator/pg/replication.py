@@ -24,8 +24,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from orchestrator import control_schema
 from orchestrator.errors import ExternalError, ReleaseFailed
+from orchestrator.pg import control_schema
 from orchestrator.pg.catalog import Table
 from orchestrator.pg.conn import scalar
 from orchestrator.pg.names import QualifiedName

@@ -15,10 +15,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from orchestrator import control_schema
 from orchestrator.config import DatabaseConfig, GreenConfig
 from orchestrator.errors import ExternalError, PreflightError
-from orchestrator.pg import catalog
+from orchestrator.pg import catalog, control_schema
 from orchestrator.pg.conn import connection, scalar
 from orchestrator.pg.tools import PgTools, run_tool
 

@@ -44,10 +44,10 @@ import psycopg
 from psycopg import sql
 
 from orchestrator.config import DatabaseConfig
-from orchestrator.control_schema import DEFERRED_TABLE, ensure_green
 from orchestrator.errors import ReleaseFailed
 from orchestrator.logging import scrub
 from orchestrator.pg.conn import connect
+from orchestrator.pg.control_schema import DEFERRED_TABLE, ensure_green
 
 # Steps, run in this order; items of one step run in parallel.
 STEP_BUILD = 1  # CREATE INDEX, ADD exclusion constraint

@@ -8,8 +8,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from orchestrator.control_schema import COPY_STATE_TABLE, ensure_green
 from orchestrator.pg.conn import scalar
+from orchestrator.pg.control_schema import COPY_STATE_TABLE, ensure_green
 
 STATE_TABLE = COPY_STATE_TABLE
 # Every session of a copy carries this prefix and the slot in its application name,

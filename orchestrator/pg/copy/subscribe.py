@@ -8,7 +8,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from orchestrator import control_schema as ddl
+from orchestrator.pg import control_schema as ddl
 from orchestrator.pg import replication
 from orchestrator.pg.conn import scalar, server_major
 from orchestrator.pg.copy.state import ident, set_phase
