@@ -9,6 +9,8 @@ says otherwise):
 - ``release_log``: what happened, with a level (debug .. critical), per state.
 - ``stage_measurements``: every canary evaluation, for ``status`` and the report.
 
+Their DDL, and its upgrades, are in ``orchestrator.pg.control_schema``.
+
 A session-level advisory lock, held on a dedicated connection for the whole run,
 keeps two orchestrators off the same control schema; PostgreSQL drops it the moment
 the holder's connection dies (kill -9 included), so a crashed run never wedges the
@@ -34,62 +36,10 @@ from psycopg.types.json import Jsonb
 from orchestrator.config import DatabaseConfig, ReleaseConfig
 from orchestrator.errors import ConnectError, LockedError, StateUnavailable
 from orchestrator.logging import scrub
+from orchestrator.pg import control_schema
 from orchestrator.pg.conn import connect
 from orchestrator.record import NO_ROLLBACK_FROM, Facts, State, Status, parse_state, parse_status
 
-SCHEMA_VERSION = 1
-
-_DDL = """
-CREATE SCHEMA IF NOT EXISTS {schema};
-DO $$ BEGIN
-  CREATE TYPE {schema}.log_level AS ENUM ('debug', 'info', 'warning', 'error', 'critical');
-EXCEPTION WHEN duplicate_object THEN NULL; END $$;
-CREATE TABLE IF NOT EXISTS {schema}.schema_version (
-  version integer PRIMARY KEY,
-  applied_at timestamptz NOT NULL DEFAULT now()
-);
-CREATE TABLE IF NOT EXISTS {schema}.releases (
-  name text PRIMARY KEY,
-  state text NOT NULL,
-  status text NOT NULL CHECK (status IN ('running', 'promoted', 'rolled_back', 'failed')),
-  config_sha256 text NOT NULL,
-  config jsonb NOT NULL,
-  facts jsonb NOT NULL DEFAULT '{{}}',
-  owner text,
-  error text,
-  rollback_requested text,
-  approved_stage integer,
-  started_at timestamptz NOT NULL DEFAULT now(),
-  updated_at timestamptz NOT NULL DEFAULT now(),
-  finished_at timestamptz
-);
-CREATE TABLE IF NOT EXISTS {schema}.release_log (
-  id bigserial PRIMARY KEY,
-  release text NOT NULL REFERENCES {schema}.releases(name) ON DELETE CASCADE,
-  at timestamptz NOT NULL DEFAULT clock_timestamp(),
-  level {schema}.log_level NOT NULL DEFAULT 'info',
-  state text,
-  message text NOT NULL,
-  details jsonb,
-  duration interval
-);
-CREATE INDEX IF NOT EXISTS release_log_release_idx ON {schema}.release_log (release, id);
-CREATE TABLE IF NOT EXISTS {schema}.stage_measurements (
-  id bigserial PRIMARY KEY,
-  release text NOT NULL REFERENCES {schema}.releases(name) ON DELETE CASCADE,
-  stage integer NOT NULL,
-  weight integer NOT NULL,
-  at timestamptz NOT NULL DEFAULT clock_timestamp(),
-  check_name text NOT NULL,
-  value double precision,
-  baseline double precision,
-  verdict text NOT NULL CHECK (verdict IN ('pass', 'fail', 'inconclusive')),
-  detail text
-);
-CREATE INDEX IF NOT EXISTS stage_measurements_release_idx
-  ON {schema}.stage_measurements (release, stage, id);
-INSERT INTO {schema}.schema_version (version) VALUES ({version}) ON CONFLICT DO NOTHING;
-"""
 
 @dataclass
 class ReleaseRow:
@@ -179,13 +129,7 @@ class StateStore:
 
     @_state_call
     def ensure_schema(self) -> None:
-        # Several orchestrators may bootstrap at once; serialise on a transaction lock
-        # so CREATE TYPE/TABLE IF NOT EXISTS do not race each other.
-        with self.conn.transaction():
-            self.conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
-                              (f"orchestrate-ddl:{self.schema}",))
-            ddl = _DDL.replace("{version}", str(SCHEMA_VERSION))
-            self.conn.execute(self._q(ddl))
+        control_schema.ensure_state(self.conn, self.schema)
 
     @_state_call
     def exists(self) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Literal, TypeVar
 
@@ -90,6 +90,7 @@ def connect(
     connect_timeout: float | None = None,
     application_name: str | None = None,
     replication: Literal["database"] | None = None,
+    settings: Mapping[str, str] | None = None,
 ) -> psycopg.Connection[Any]:
     """Connect with retries on transient failures.
 
@@ -99,8 +100,10 @@ def connect(
     may legitimately take long, such as a migration) bounds every wait on the server.
     ``application_name`` replaces the one made from ``role`` (sessions found again by
     name); ``replication="database"`` opens a logical replication connection.
+    ``settings`` are further session settings, sent at startup like the timeouts.
     """
     options = f"-c lock_timeout={lock_timeout_ms} -c statement_timeout={statement_timeout_ms}"
+    options += "".join(f" -c {k}={v}" for k, v in (settings or {}).items())
     if connect_timeout is not None:
         # libpq counts whole seconds and takes 2 as its minimum.
         db = db.model_copy(update={"connect_timeout": max(2.0, connect_timeout)})

@@ -25,44 +25,10 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from orchestrator.errors import PreflightError, ReleaseFailed
+from orchestrator.pg import control_schema
 
 _FILE = re.compile(r"^(?P<version>\d+)_(?P<name>[A-Za-z0-9_\-]+)\.up\.sql$")
 NO_TRANSACTION = "-- orchestrate:no-transaction"
-
-TRACKING_DDL = """
-CREATE SCHEMA IF NOT EXISTS {schema};
-DO $$ BEGIN
-  CREATE TYPE {schema}.migration_status AS ENUM
-    ('pending', 'running', 'completed', 'failed', 'rolled_back');
-EXCEPTION WHEN duplicate_object THEN NULL; END $$;
-DO $$ BEGIN
-  CREATE TYPE {schema}.log_level AS ENUM ('debug', 'info', 'warning', 'error', 'critical');
-EXCEPTION WHEN duplicate_object THEN NULL; END $$;
-CREATE TABLE IF NOT EXISTS {schema}.migrations (
-  id serial PRIMARY KEY,
-  migration_name text NOT NULL UNIQUE,
-  version text NOT NULL,
-  description text,
-  sql_file text,
-  checksum text NOT NULL,
-  status {schema}.migration_status NOT NULL DEFAULT 'pending',
-  applied_at timestamptz,
-  applied_by text,
-  execution_time interval,
-  rollback_sql text,
-  release text,
-  error text
-);
-CREATE TABLE IF NOT EXISTS {schema}.migration_log (
-  id bigserial PRIMARY KEY,
-  migration_id integer REFERENCES {schema}.migrations(id) ON DELETE CASCADE,
-  log_level {schema}.log_level NOT NULL DEFAULT 'info',
-  message text NOT NULL,
-  timestamp timestamptz NOT NULL DEFAULT clock_timestamp(),
-  execution_time interval,
-  error_details jsonb
-);
-"""
 
 
 @dataclass(frozen=True)
@@ -193,10 +159,8 @@ def lint(migrations: list[Migration]) -> LintReport:
 
 
 def ensure_tracking(conn: psycopg.Connection[Any], schema: str) -> None:
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
-                     (f"orchestrate-migrations:{schema}",))
-        conn.execute(sql.SQL(TRACKING_DDL).format(schema=sql.Identifier(schema)))
+    """The tracking tables live with the rest of green's control schema."""
+    control_schema.ensure_green(conn, schema)
 
 
 def history(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, Any]]:

@@ -25,11 +25,12 @@ import psycopg
 from psycopg import sql
 
 from orchestrator.errors import ExternalError, ReleaseFailed
+from orchestrator.pg import control_schema
 from orchestrator.pg.catalog import Table
 from orchestrator.pg.conn import scalar
 from orchestrator.pg.names import QualifiedName
 
-HEARTBEAT_TABLE = "heartbeat"
+HEARTBEAT_TABLE = control_schema.HEARTBEAT_TABLE
 SLOT_PREFIX = "orch_"
 
 
@@ -78,11 +79,7 @@ def reverse(release: str) -> Names:
 
 def ensure_heartbeat(conn: psycopg.Connection[Any], schema: str) -> str:
     """Create the heartbeat table (on both sides: it is replicated like user data)."""
-    conn.execute(sql.SQL(
-        "CREATE SCHEMA IF NOT EXISTS {s}; "
-        "CREATE TABLE IF NOT EXISTS {s}.{t} (direction text PRIMARY KEY, "
-        "beat bigint NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp())"
-    ).format(s=sql.Identifier(schema), t=sql.Identifier(HEARTBEAT_TABLE)))
+    control_schema.ensure_peer(conn, schema)
     return QualifiedName(schema, HEARTBEAT_TABLE).display
 
 

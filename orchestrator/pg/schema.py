@@ -17,11 +17,12 @@ from psycopg import sql
 
 from orchestrator.config import DatabaseConfig, GreenConfig
 from orchestrator.errors import ExternalError, PreflightError
-from orchestrator.pg import catalog
+from orchestrator.pg import catalog, control_schema
 from orchestrator.pg.conn import connection, scalar
 from orchestrator.pg.tools import PgTools, run_tool
 
-MARKER_TABLE = "provisioned"
+MARKER_TABLE = control_schema.MARKER_TABLE
+marker_sql = control_schema.marker_sql
 
 
 def database_settings(blue: psycopg.Connection[Any]) -> dict[str, str]:
@@ -80,15 +81,6 @@ def dump_schema_cmd(tools: PgTools, blue: DatabaseConfig, schema: str, out: Path
     return [tools.path("pg_dump"), "--schema-only", "--no-publications", "--no-subscriptions",
             "--exclude-schema", schema, "--file", str(out),
             "--dbname", blue.conninfo(with_password=False)]
-
-
-def marker_sql(schema: str, release: str) -> str:
-    s = sql.Identifier(schema).as_string(None)
-    lit = sql.Literal(release).as_string(None)
-    return (f"CREATE SCHEMA IF NOT EXISTS {s}; "
-            f"CREATE TABLE IF NOT EXISTS {s}.{MARKER_TABLE} (release text PRIMARY KEY, "
-            "at timestamptz NOT NULL DEFAULT now()); "
-            f"INSERT INTO {s}.{MARKER_TABLE} (release) VALUES ({lit}) ON CONFLICT DO NOTHING;")
 
 
 def copy_schema(blue: DatabaseConfig, green: GreenConfig, tools: PgTools, *, schema: str,

@@ -46,8 +46,8 @@ from psycopg import sql
 from orchestrator.config import DatabaseConfig
 from orchestrator.errors import ReleaseFailed
 from orchestrator.logging import scrub
-
-DEFERRED_TABLE = "initial_copy_deferred"
+from orchestrator.pg.conn import connect
+from orchestrator.pg.control_schema import DEFERRED_TABLE, ensure_green
 
 # Steps, run in this order; items of one step run in parallel.
 STEP_BUILD = 1  # CREATE INDEX, ADD exclusion constraint
@@ -97,15 +97,7 @@ class PostDataStats:
 
 
 def ensure_table(conn: psycopg.Connection[Any], control_schema: str) -> None:
-    conn.execute(sql.SQL(
-        "CREATE SCHEMA IF NOT EXISTS {s}; "
-        "CREATE TABLE IF NOT EXISTS {s}.{t} ("
-        " id bigserial PRIMARY KEY, step int NOT NULL, kind text NOT NULL,"
-        " schema_name text NOT NULL, table_name text NOT NULL, object_name text NOT NULL,"
-        " statements text[] NOT NULL, validate boolean NOT NULL DEFAULT false,"
-        " ref_schema text, ref_table text,"
-        " UNIQUE (kind, schema_name, table_name, object_name))"
-    ).format(s=sql.Identifier(control_schema), t=sql.Identifier(DEFERRED_TABLE)))
+    ensure_green(conn, control_schema)
 
 
 def _q(conn: psycopg.Connection[Any], obj: sql.Composable) -> str:
@@ -391,18 +383,17 @@ def run_item(conn: psycopg.Connection[Any], item: Deferred) -> bool:
 
 def session(db: DatabaseConfig, *, maintenance_work_mem: str, parallel_workers: int,
              tag: str) -> psycopg.Connection[Any]:
-    options = " ".join([
-        "-c statement_timeout=0", "-c lock_timeout=300000",
-        f"-c maintenance_work_mem={maintenance_work_mem}",
-        f"-c max_parallel_maintenance_workers={parallel_workers}",
-        # Nobody waits for these commits: a crash before the end reruns the step.
-        "-c synchronous_commit=off",
-        # A backend whose orchestrator died notices it within a second and stops,
-        # instead of building an index nobody will use.
-        "-c client_connection_check_interval=1000",
-    ])
-    return psycopg.connect(db.conninfo(), autocommit=True, application_name=tag[:63],
-                           options=options)
+    # An index build may legitimately run for hours: no client deadline.
+    return connect(db, role="green", application_name=tag[:63], lock_timeout_ms=300_000,
+                   statement_timeout_ms=0, deadline=None, settings={
+                       "maintenance_work_mem": maintenance_work_mem,
+                       "max_parallel_maintenance_workers": str(parallel_workers),
+                       # Nobody waits for these commits: a crash before the end reruns
+                       # the step.
+                       "synchronous_commit": "off",
+                       # A backend whose orchestrator died notices it within a second
+                       # and stops, instead of building an index nobody will use.
+                       "client_connection_check_interval": "1000"})
 
 
 def done_ids(conn: psycopg.Connection[Any], control_schema: str, ids: list[int]) -> None:
@@ -442,7 +433,7 @@ def restore_post_data(
     """
     started = time.monotonic()
     stats = PostDataStats()
-    with psycopg.connect(db.conninfo(), autocommit=True, application_name=tag[:63]) as conn:
+    with connect(db, role="green", application_name=tag[:63]) as conn:
         items = pending(conn, control_schema)
         if not items:
             # Nothing was left over by ``copy_initial``: its ANALYZE ran too.
@@ -505,7 +496,7 @@ def restore_post_data(
             _parallel(tables, sessions, _analyze, deadline,
                       on_done=_reporter(progress, done, total))
             stats.seconds_by_step["analyze"] = round(time.monotonic() - step_started, 3)
-        with psycopg.connect(db.conninfo(), autocommit=True, application_name=tag[:63]) as conn:
+        with connect(db, role="green", application_name=tag[:63]) as conn:
             done_ids(conn, control_schema, [i.id for i in items])
     finally:
         for s in sessions:

@@ -8,10 +8,10 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from orchestrator.pg import schema_sections
 from orchestrator.pg.conn import scalar
+from orchestrator.pg.control_schema import COPY_STATE_TABLE, ensure_green
 
-STATE_TABLE = "initial_copy"
+STATE_TABLE = COPY_STATE_TABLE
 # Every session of a copy carries this prefix and the slot in its application name,
 # so that a rerun can end the sessions a dead run left (their psql may outlive it).
 COPY_APP_PREFIX = "orch-copy:"
@@ -33,13 +33,8 @@ def ident(*parts: str) -> sql.Composed:
 
 
 def ensure_state_tables(conn: psycopg.Connection[Any], control_schema: str) -> None:
-    conn.execute(sql.SQL(
-        "CREATE SCHEMA IF NOT EXISTS {s}; "
-        "CREATE TABLE IF NOT EXISTS {s}.{t} (slot text PRIMARY KEY, phase text NOT NULL, "
-        " consistent_point text, jobs int, started_at timestamptz NOT NULL DEFAULT now(), "
-        " updated_at timestamptz NOT NULL DEFAULT now())"
-    ).format(s=sql.Identifier(control_schema), t=sql.Identifier(STATE_TABLE)))
-    schema_sections.ensure_table(conn, control_schema)
+    """The copy's progress and deferred post-data tables (with the rest of green's)."""
+    ensure_green(conn, control_schema)
 
 
 def copy_state(conn: psycopg.Connection[Any], control_schema: str, slot: str

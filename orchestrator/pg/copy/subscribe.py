@@ -8,11 +8,12 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from orchestrator.pg import control_schema as ddl
 from orchestrator.pg import replication
 from orchestrator.pg.conn import scalar, server_major
 from orchestrator.pg.copy.state import ident, set_phase
 
-SETTINGS_TABLE = "initial_copy_settings"
+SETTINGS_TABLE = ddl.SETTINGS_TABLE
 
 
 def streaming_options(blue_major: int, green_major: int, *, origin_none: bool,
@@ -88,10 +89,7 @@ def tune_sync_workers(blue: psycopg.Connection[Any], green: psycopg.Connection[A
     reports when they cap the parallelism.
     """
     result = TuneResult()
-    green.execute(sql.SQL(
-        "CREATE SCHEMA IF NOT EXISTS {s}; CREATE TABLE IF NOT EXISTS {s}.{t} ("
-        "name text PRIMARY KEY, previous text)").format(
-            s=sql.Identifier(control_schema), t=sql.Identifier(SETTINGS_TABLE)))
+    ddl.ensure_green(green, control_schema)
 
     def num(conn: psycopg.Connection[Any], name: str) -> int:
         return int(scalar(conn, "SELECT setting FROM pg_settings WHERE name = %s", name) or 0)
