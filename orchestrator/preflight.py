@@ -78,6 +78,19 @@ def _check_blue(cfg: ReleaseConfig, blue: psycopg.Connection[Any], report: Prefl
                 control: str) -> None:
     major = server_major(blue)
     report.majors["blue"] = major
+    _check_blue_publishes(cfg, blue, report)
+    _check_blue_tables(cfg, blue, report, control)
+    _check_uncarried(cfg, blue, report, control)
+    _check_blue_app_role(cfg, blue, report)
+    try:
+        find_tools(major, cfg.tools.pg_bindir)
+    except PreflightError as exc:
+        report.problems.append(f"tools: {exc.message} ({exc.hint})")
+
+
+def _check_blue_publishes(cfg: ReleaseConfig, blue: psycopg.Connection[Any],
+                          report: PreflightReport) -> None:
+    """What blue needs to be a logical replication publisher."""
     if catalog.setting(blue, "wal_level") != "logical":
         report.problems.append(
             "blue: wal_level is not 'logical'; set wal_level = logical in postgresql.conf and "
@@ -92,6 +105,11 @@ def _check_blue(cfg: ReleaseConfig, blue: psycopg.Connection[Any], report: Prefl
         report.problems.append(
             f"blue: role {cfg.blue.user} needs the REPLICATION attribute (or superuser) to "
             "publish changes")
+
+
+def _check_blue_tables(cfg: ReleaseConfig, blue: psycopg.Connection[Any],
+                       report: PreflightReport, control: str) -> None:
+    """Every replicated table needs a way to identify its rows' UPDATEs and DELETEs."""
     tables = catalog.user_tables(blue, exclude_schemas=(control,),
                                  exclude_tables=tuple(cfg.sync.exclude_tables))
     for t in tables:
@@ -106,17 +124,16 @@ def _check_blue(cfg: ReleaseConfig, blue: psycopg.Connection[Any], report: Prefl
                                    "UPDATE/DELETE scans the table on green")
     if not tables:
         report.warnings.append("blue has no user tables: only the schema will be carried")
-    _check_uncarried(cfg, blue, report, control)
+
+
+def _check_blue_app_role(cfg: ReleaseConfig, blue: psycopg.Connection[Any],
+                         report: PreflightReport) -> None:
     for app_role in filter(None, [cfg.blue.app_role]):
         if not catalog.role_exists(blue, app_role):
             report.problems.append(f"blue: blue.app_role {app_role} does not exist")
     if not cfg.blue.app_role:
         report.warnings.append("blue.app_role is not set: at switchover orchestrate cannot "
                                "fence the application's writes on blue")
-    try:
-        find_tools(major, cfg.tools.pg_bindir)
-    except PreflightError as exc:
-        report.problems.append(f"tools: {exc.message} ({exc.hint})")
 
 
 def _check_uncarried(cfg: ReleaseConfig, blue: psycopg.Connection[Any],
@@ -206,23 +223,38 @@ def _check_pair(cfg: ReleaseConfig, blue: psycopg.Connection[Any],
     if g < b:
         report.problems.append(f"green runs PostgreSQL {g}, older than blue's {b}: a release "
                                "may upgrade the major version, never downgrade it")
+    _choose_mode(cfg, b, g, report)
+    _check_green_roles_and_extensions(blue, green_server, report, control)
+    if fresh and catalog.database_exists(green_server, cfg.green.dbname):
+        _check_green_empty(cfg, report, control)
+
+
+def _choose_mode(cfg: ReleaseConfig, b: int, g: int, report: PreflightReport) -> None:
+    """Bidirectional when both sides can replicate loop-free; else one switchover, and
+    partial canary stages would lose green's writes on a rollback."""
     partial = [s.weight for s in cfg.canary.stages if 0 < s.weight < 100]
     if b >= BIDIRECTIONAL_MIN_MAJOR and g >= BIDIRECTIONAL_MIN_MAJOR:
         report.mode = "bidirectional"
-    else:
-        report.mode = "switchover"
-        if partial and not cfg.sync.accept_write_loss_risk:
-            report.problems.append(
-                f"canary stages {partial}% would send writes to green while blue still takes "
-                f"writes, but blue runs PostgreSQL {b}: changes made on green cannot flow back "
-                "to blue without looping (origin = none needs 16+ on both sides), so a rollback "
-                "would LOSE green's writes. Use stages with weights 0 and 100 only (green takes "
-                "writes at one switchover with a short write pause), upgrade blue to 16+, or "
-                "set sync.accept_write_loss_risk: true to accept the loss")
-        elif partial:
-            report.warnings.append(
-                "sync.accept_write_loss_risk is set: writes green takes during partial canary "
-                "stages will not reach blue if the release is rolled back")
+        return
+    report.mode = "switchover"
+    if partial and not cfg.sync.accept_write_loss_risk:
+        report.problems.append(
+            f"canary stages {partial}% would send writes to green while blue still takes "
+            f"writes, but blue runs PostgreSQL {b}: changes made on green cannot flow back "
+            "to blue without looping (origin = none needs 16+ on both sides), so a rollback "
+            "would LOSE green's writes. Use stages with weights 0 and 100 only (green takes "
+            "writes at one switchover with a short write pause), upgrade blue to 16+, or "
+            "set sync.accept_write_loss_risk: true to accept the loss")
+    elif partial:
+        report.warnings.append(
+            "sync.accept_write_loss_risk is set: writes green takes during partial canary "
+            "stages will not reach blue if the release is rolled back")
+
+
+def _check_green_roles_and_extensions(blue: psycopg.Connection[Any],
+                                      green_server: psycopg.Connection[Any],
+                                      report: PreflightReport, control: str) -> None:
+    """The roles and extensions blue's schema refers to, which its restore on green needs."""
     for role in sorted(catalog.referenced_roles(blue, exclude_schemas=(control,))):
         if not catalog.role_exists(green_server, role):
             report.problems.append(f"green: role {role} owns or is granted objects on blue but "
@@ -231,18 +263,20 @@ def _check_pair(cfg: ReleaseConfig, blue: psycopg.Connection[Any],
     for ext in sorted(missing):
         report.problems.append(f"green: extension {ext} (used on blue) is not available on "
                                "green's server")
-    if fresh and catalog.database_exists(green_server, cfg.green.dbname):
-        try:
-            green = connect(cfg.green, role="preflight", attempts=1)
-        except OrchestrateError as exc:
-            report.problems.append(f"green: {exc.message}")
-            return
-        with green:
-            leftovers = schema.foreign_tables(green, control)
-        if leftovers:
-            report.problems.append(
-                f"green: database {cfg.green.dbname} already holds tables "
-                f"({', '.join(leftovers[:5])}); a release needs an empty green database")
+
+
+def _check_green_empty(cfg: ReleaseConfig, report: PreflightReport, control: str) -> None:
+    try:
+        green = connect(cfg.green, role="preflight", attempts=1)
+    except OrchestrateError as exc:
+        report.problems.append(f"green: {exc.message}")
+        return
+    with green:
+        leftovers = schema.foreign_tables(green, control)
+    if leftovers:
+        report.problems.append(
+            f"green: database {cfg.green.dbname} already holds tables "
+            f"({', '.join(leftovers[:5])}); a release needs an empty green database")
 
 
 def _check_migrations(cfg: ReleaseConfig, report: PreflightReport) -> None:

@@ -51,33 +51,51 @@ def render(query: str, labels: dict[str, str], colour: str) -> str:
 
 def evaluate(check: MetricCheck, source: MetricsSource, labels: dict[str, str]) -> Evaluation:
     try:
-        value = source.query(render(check.query, labels, "green"))
-        baseline = None
-        if check.compares_with_blue:
-            baseline = source.query(render(check.baseline_query or check.query, labels, "blue"))
+        value, baseline = _measure(check, source, labels)
     except MetricsUnavailable as exc:
         return Evaluation(check.name, None, None, "inconclusive", exc.message)
     if value is None:
         return Evaluation(check.name, None, baseline, "inconclusive", "no data for green")
+    if check.compares_with_blue and baseline is None:
+        return Evaluation(check.name, value, None, "inconclusive", "no data for blue")
+    problems = [*_bound_problems(check, value), *_blue_problems(check, value, baseline)]
+    if problems:
+        return Evaluation(check.name, value, baseline, "fail", "; ".join(problems))
+    return Evaluation(check.name, value, baseline, "pass", "within limits")
+
+
+def _measure(check: MetricCheck, source: MetricsSource,
+             labels: dict[str, str]) -> tuple[float | None, float | None]:
+    """Green's value, and blue's when the check compares with it."""
+    value = source.query(render(check.query, labels, "green"))
+    baseline = None
+    if check.compares_with_blue:
+        baseline = source.query(render(check.baseline_query or check.query, labels, "blue"))
+    return value, baseline
+
+
+def _bound_problems(check: MetricCheck, value: float) -> list[str]:
     problems = []
     if check.max is not None and value > check.max:
         problems.append(f"{value:.4g} > max {check.max:.4g}")
     if check.min is not None and value < check.min:
         problems.append(f"{value:.4g} < min {check.min:.4g}")
-    if check.compares_with_blue:
-        if baseline is None:
-            return Evaluation(check.name, value, None, "inconclusive", "no data for blue")
-        if (check.max_increase_over_blue is not None
-                and value > baseline + check.max_increase_over_blue):
-            problems.append(f"{value:.4g} > blue {baseline:.4g} + "
-                            f"{check.max_increase_over_blue:.4g}")
-        if (check.max_decrease_from_blue is not None
-                and value < baseline - check.max_decrease_from_blue):
-            problems.append(f"{value:.4g} < blue {baseline:.4g} - "
-                            f"{check.max_decrease_from_blue:.4g}")
-    if problems:
-        return Evaluation(check.name, value, baseline, "fail", "; ".join(problems))
-    return Evaluation(check.name, value, baseline, "pass", "within limits")
+    return problems
+
+
+def _blue_problems(check: MetricCheck, value: float, baseline: float | None) -> list[str]:
+    if baseline is None:
+        return []
+    problems = []
+    if (check.max_increase_over_blue is not None
+            and value > baseline + check.max_increase_over_blue):
+        problems.append(f"{value:.4g} > blue {baseline:.4g} + "
+                        f"{check.max_increase_over_blue:.4g}")
+    if (check.max_decrease_from_blue is not None
+            and value < baseline - check.max_decrease_from_blue):
+        problems.append(f"{value:.4g} < blue {baseline:.4g} - "
+                        f"{check.max_decrease_from_blue:.4g}")
+    return problems
 
 
 def run_stage(

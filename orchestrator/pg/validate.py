@@ -254,18 +254,28 @@ def _table_messages(report: ValidationReport, t: TableResult, cfg: ValidateConfi
         report.problems.append(f"{t.table}: could not be compared: {t.error}")
         return
     if t.diffs:
-        kinds = {k: sum(d.count for d in t.diffs if d.kind == k)
-                 for k in ("missing_on_green", "extra_on_green", "changed")}
-        parts = [f"{n} {k.replace('_', ' ')}" for k, n in kinds.items() if n]
-        more = "at least " if not t.complete else ""
-        report.problems.append(f"{t.table}: {more}{t.differing_keys} differing row(s) "
-                               f"({', '.join(parts)})")
-        for d in t.diffs[: cfg.max_reported_keys]:
-            report.problems.append(f"{t.table} {d.key_text()}: {describe_diff(d)}")
+        _diff_problems(report, t, cfg)
     if t.unexplained:
         report.problems.append(f"{t.table}: {t.unexplained}")
     if t.method == "counts" and t.blue_rows != t.green_rows:
         report.problems.append(f"{t.table}: {t.blue_rows} rows on blue, {t.green_rows} on green")
+    _unsettled_notes(report, t)
+
+
+def _diff_problems(report: ValidationReport, t: TableResult, cfg: ValidateConfig) -> None:
+    """One summary line per table, then one line per differing key (up to the limit)."""
+    kinds = {k: sum(d.count for d in t.diffs if d.kind == k)
+             for k in ("missing_on_green", "extra_on_green", "changed")}
+    parts = [f"{n} {k.replace('_', ' ')}" for k, n in kinds.items() if n]
+    more = "at least " if not t.complete else ""
+    report.problems.append(f"{t.table}: {more}{t.differing_keys} differing row(s) "
+                           f"({', '.join(parts)})")
+    for d in t.diffs[: cfg.max_reported_keys]:
+        report.problems.append(f"{t.table} {d.key_text()}: {describe_diff(d)}")
+
+
+def _unsettled_notes(report: ValidationReport, t: TableResult) -> None:
+    """Rows that differed but were never shown to differ: notes, not problems."""
     if t.unconfirmed:
         report.notes.append(f"{t.table}: {t.unconfirmed} row(s) kept changing while compared "
                             "and could not be confirmed either way")
@@ -279,42 +289,64 @@ def _table_messages(report: ValidationReport, t: TableResult, cfg: ValidateConfi
 
 def render_text(report: ValidationReport) -> str:
     """A readable report for the CLI: one line per table, then problems and notes."""
+    lines = _render_tables(report)
+    lines += _render_sequences(report)
+    lines += _render_matviews(report)
+    lines += _render_differing(report)
+    lines += _render_list("problems", report.problems)
+    lines += _render_list("notes", report.notes)
+    lines += ["", f"{'OK: green matches blue' if report.ok else 'FAILED: green differs'} "
+                  f"({report.seconds:.1f}s)"]
+    return "\n".join(lines)
+
+
+def _verdict(t: TableResult) -> str:
+    if t.error:
+        return "ERROR"
+    if t.ok:
+        return "ok" if t.method == "chunked" else f"ok ({t.method})"
+    return "DIFFERS"
+
+
+def _render_tables(report: ValidationReport) -> list[str]:
     head = f"{'table':<40} {'blue rows':>12} {'green rows':>12} {'chunks':>7} " \
            f"{'diff keys':>9}  verdict"
     lines = [head, "-" * len(head)]
     for t in report.tables:
-        if t.error:
-            verdict = "ERROR"
-        elif t.ok:
-            verdict = "ok" if t.method == "chunked" else f"ok ({t.method})"
-        else:
-            verdict = "DIFFERS"
         keys = f"{'>=' if not t.complete else ''}{t.differing_keys}"
         lines.append(f"{t.table:<40} {t.blue_rows:>12} {t.green_rows:>12} {t.chunks:>7} "
-                     f"{keys:>9}  {verdict}")
+                     f"{keys:>9}  {_verdict(t)}")
     if report.under_writes:
         lines.append("(compared while replication streams: row counts are taken at slightly "
                      "different moments; differences were confirmed after catch-up)")
+    return lines
+
+
+def _render_sequences(report: ValidationReport) -> list[str]:
     behind = [s for s in report.sequences if s.status != "ahead"]
-    if behind:
-        lines += ["", f"{'sequence':<40} {'blue':>14} {'green':>14}  status"]
-        lines += [f"{s.sequence:<40} {s.blue!s:>14} {s.green!s:>14}  {s.status}" for s in behind]
-    lines += _render_matviews(report)
-    differing = [t for t in report.tables if t.diffs]
-    for t in differing:
+    if not behind:
+        return []
+    lines = ["", f"{'sequence':<40} {'blue':>14} {'green':>14}  status"]
+    lines += [f"{s.sequence:<40} {s.blue!s:>14} {s.green!s:>14}  {s.status}" for s in behind]
+    return lines
+
+
+def _render_differing(report: ValidationReport) -> list[str]:
+    lines: list[str] = []
+    for t in report.tables:
+        if not t.diffs:
+            continue
         shown = t.diffs[: report.max_reported_keys]
         lines += ["", f"differing rows of {t.table} (first {len(shown)} of "
                       f"{'at least ' if not t.complete else ''}{t.differing_keys}):"]
         lines += [f"  {d.key_text():<30} {describe_diff(d)}" for d in shown]
-    if report.problems:
-        lines += ["", f"problems ({len(report.problems)}):"]
-        lines += [f"  - {p}" for p in report.problems]
-    if report.notes:
-        lines += ["", f"notes ({len(report.notes)}):"]
-        lines += [f"  - {n}" for n in report.notes]
-    lines += ["", f"{'OK: green matches blue' if report.ok else 'FAILED: green differs'} "
-                  f"({report.seconds:.1f}s)"]
-    return "\n".join(lines)
+    return lines
+
+
+def _render_list(title: str, items: list[str]) -> list[str]:
+    if not items:
+        return []
+    return ["", f"{title} ({len(items)}):", *(f"  - {i}" for i in items)]
 
 
 def _render_matviews(report: ValidationReport) -> list[str]:

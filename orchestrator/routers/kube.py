@@ -212,7 +212,7 @@ class RetryPolicy:
 def kube_error(exc: BaseException, what: str, server: str, *, attempts: int = 0) -> KubeError:
     """The one mapping from what the client raised to our error classes.
 
-    An ``ApiException`` becomes the class of its status (``_STATUS_CLASSES``); a
+    An ``ApiException`` becomes the class of its status (``_error_class``); a
     transport failure becomes ``KubeUnreachable``, except a certificate problem, which
     will not fix itself by waiting. ``attempts`` > 0: the retries are spent, and the
     message says so. 409 is not transient: a conflict needs a fresh read and a rebuilt
@@ -240,35 +240,44 @@ def _transport_may_recover(exc: BaseException) -> bool:
 
 _STATUS_CLASSES: dict[int, type[KubeApiError]] = {
     401: KubeUnauthorized, 403: KubeForbidden, 404: KubeNotFound, 409: KubeConflict,
+    429: KubeTooManyRequests,
 }
 
 
 def _api_error(exc: ApiException, what: str, attempts: int) -> KubeApiError:
     status = int(exc.status or 0)
-    reason, message, details = str(exc.reason or ""), "", {}
-    try:
-        body = json.loads(exc.body) if exc.body else None
-    except (TypeError, ValueError):
-        body = None
-    if isinstance(body, dict) and body.get("kind") == "Status":
-        reason = str(body.get("reason") or reason)
-        message = str(body.get("message") or "")
-        raw_details = body.get("details")
-        details = raw_details if isinstance(raw_details, dict) else {}
-    cls = _STATUS_CLASSES.get(status, KubeApiError)
-    if status == 422:
-        # A failed ``test`` op has empty details; a validation error names the object.
-        cls = KubeInvalid if details.get("causes") or details.get("name") else KubeConflict
-    elif status == 429:
-        cls = KubeTooManyRequests
-    elif 500 <= status <= 599:
-        cls = KubeServerError
+    reason, message, details = _status_body(exc)
+    cls = _error_class(status, details)
     text = f"{what}: HTTP {status} {reason}" + (f": {message}" if message else "")
     if attempts and issubclass(cls, TransientError):
         text += f" (after {attempts} attempts)"
     if cls is KubeTooManyRequests:
         return KubeTooManyRequests(status, reason, text, details, retry_after=_retry_after(exc))
     return cls(status, reason, text, details)
+
+
+def _status_body(exc: ApiException) -> tuple[str, str, dict[str, Any]]:
+    """Reason, message and details: from the body when it is a ``Status`` object,
+    else the bare HTTP reason."""
+    reason = str(exc.reason or "")
+    try:
+        body = json.loads(exc.body) if exc.body else None
+    except (TypeError, ValueError):
+        body = None
+    if not (isinstance(body, dict) and body.get("kind") == "Status"):
+        return reason, "", {}
+    raw_details = body.get("details")
+    return (str(body.get("reason") or reason), str(body.get("message") or ""),
+            raw_details if isinstance(raw_details, dict) else {})
+
+
+def _error_class(status: int, details: Mapping[str, Any]) -> type[KubeApiError]:
+    if status == 422:
+        # A failed ``test`` op has empty details; a validation error names the object.
+        return KubeInvalid if details.get("causes") or details.get("name") else KubeConflict
+    if 500 <= status <= 599:
+        return KubeServerError
+    return _STATUS_CLASSES.get(status, KubeApiError)
 
 
 def _retry_after(exc: ApiException) -> float:

@@ -75,6 +75,15 @@ def _utc(at: datetime) -> str:
     return at.strftime("%Y-%m-%dT%H:%M:%SZ") if at.utcoffset() is not None else at.isoformat()
 
 
+def _since_release(alerts: list[Alert], row: ReleaseRow) -> list[Alert]:
+    """The alerts that began after the release did: an older one is about the version
+    before it."""
+    begun = row.started_at
+    if begun is None:
+        return alerts
+    return [a for a in alerts if a.started is None or a.started >= begun]
+
+
 class AlertReceiver:
     def __init__(
         self,
@@ -172,30 +181,41 @@ class AlertReceiver:
         if row.status != Status.RUNNING:
             return self._ignored(f"release {self.name} is {row.status} (state "
                                  f"{row.state}); only a running release is rolled back")
-        if row.started_at is not None:
-            begun = row.started_at
-            current = [a for a in concerned if a.started is None or a.started >= begun]
-            if not current:
-                old = concerned[0]
-                assert old.started is not None
-                return self._ignored(
-                    f"alert {old.name} started at {_utc(old.started)}, before release "
-                    f"{self.name} started at {_utc(begun)}: it is about the version "
-                    "before this release")
-            concerned = current
+        current = _since_release(concerned, row)
+        if not current:
+            return self._ignored(self._older_than_release(concerned[0], row))
+        new = self._request_rollback(store, ticket, row, current)
+        return self._answer(row, current, new)
+
+    def _older_than_release(self, old: Alert, row: ReleaseRow) -> str:
+        assert old.started is not None
+        assert row.started_at is not None
+        return (f"alert {old.name} started at {_utc(old.started)}, before release "
+                f"{self.name} started at {_utc(row.started_at)}: it is about the version "
+                "before this release")
+
+    def _request_rollback(self, store: ReceiverStore, ticket: Ticket, row: ReleaseRow,
+                          concerned: list[Alert]) -> bool:
+        """Record the request unless one is already there. True if this alert made it."""
+        if row.state == State.ROLLBACK or row.rollback_requested:
+            return False
         alert = concerned[0]
         reason = alert.describe()
-        new = False
-        if row.state != State.ROLLBACK and not row.rollback_requested:
-            new = self._with_store(store, ticket,
-                                   lambda: store.request_rollback(self.name, reason))
-            if new:
-                self._with_store(store, ticket, lambda: store.log(
-                    self.name, "warning", f"rollback requested by Alertmanager: {reason}",
-                    state=row.state, details={
-                        "alertname": alert.name, "labels": alert.labels,
-                        "fingerprint": alert.fingerprint, "starts_at": alert.starts_at,
-                        "matching_alerts": len(concerned)}))
+        new: bool = self._with_store(store, ticket,
+                                     lambda: store.request_rollback(self.name, reason))
+        if new:
+            self._with_store(store, ticket, lambda: store.log(
+                self.name, "warning", f"rollback requested by Alertmanager: {reason}",
+                state=row.state, details={
+                    "alertname": alert.name, "labels": alert.labels,
+                    "fingerprint": alert.fingerprint, "starts_at": alert.starts_at,
+                    "matching_alerts": len(concerned)}))
+        return new
+
+    def _answer(self, row: ReleaseRow, concerned: list[Alert], new: bool) -> Decision:
+        """Make sure someone executes the rollback, and say who and why."""
+        alert = concerned[0]
+        reason = alert.describe()
         pending = row.rollback_requested or row.error or reason
         started = self._ensure_executor(reason if new else pending)
         executor = "receiver" if self.rollback_running() else "orchestrator"
