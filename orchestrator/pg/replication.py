@@ -29,6 +29,19 @@ from orchestrator.pg import control_schema
 from orchestrator.pg.catalog import Table
 from orchestrator.pg.conn import scalar
 from orchestrator.pg.names import QualifiedName
+from orchestrator.pg.reverse_columns import full_identity_tables, reverse_column_lists
+
+# The reverse publication's column lists live in ``reverse_columns``; callers keep
+# using them from here.
+__all__ = [
+    "HEARTBEAT_TABLE", "REPEATED_ERRORS", "SLOT_PREFIX", "Names", "SlotInfo",
+    "SubscriptionOptions", "applied_beat", "beat", "check_healthy", "drop_publication",
+    "drop_slot", "drop_subscription", "ensure_enabled", "ensure_heartbeat",
+    "ensure_publication", "ensure_subscription", "error_count", "forward",
+    "full_identity_tables", "lag_bytes", "orchestrate_slots", "publication_sql", "reverse",
+    "reverse_column_lists", "subscription_exists", "subscription_sql", "subscription_state",
+    "wait_applied", "wait_initial_copy",
+]
 
 HEARTBEAT_TABLE = control_schema.HEARTBEAT_TABLE
 SLOT_PREFIX = "orch_"
@@ -162,67 +175,6 @@ def ensure_publication(
             n=sql.Identifier(name), tables=_table_list(tables, columns)))
     else:
         conn.execute(publication_sql(name, tables, columns))
-
-
-def full_identity_tables(conn: psycopg.Connection[Any], tables: list[Table]) -> set[QualifiedName]:
-    """The tables (by name) whose replica identity is FULL, on the table
-    itself or on any of its partitions: PostgreSQL checks the identity of the leaf a
-    row lives in against the column list published through the root."""
-    wanted = {t.qname for t in tables}
-    rows = conn.execute(
-        """
-        SELECT n.nspname, c.relname
-        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
-          AND (c.relreplident = 'f' OR EXISTS (
-                SELECT 1 FROM pg_partition_tree(c.oid) t JOIN pg_class p ON p.oid = t.relid
-                WHERE p.relreplident = 'f'))
-        """
-    ).fetchall()
-    return {QualifiedName(s, n) for s, n in rows} & wanted
-
-
-def reverse_column_lists(green: psycopg.Connection[Any], blue_tables: list[Table],
-                         green_tables: list[Table]) -> dict[QualifiedName, list[str]]:
-    """The column list of each table in the reverse publication (green -> blue).
-
-    Green may have columns blue lacks (a migration added them): those stay on green,
-    so the table is published with the columns blue has. A table whose replica
-    identity is FULL cannot have a column list at all (PostgreSQL then refuses every
-    UPDATE and DELETE of the table on green, the forward apply's included), so it is
-    published whole, which is right only when both sides have the same columns.
-    Otherwise the table cannot replicate in both directions: raised here, so that the
-    release stops before green takes writes. Tables absent from the result get no
-    column list.
-    """
-    blue_by = {t.qname: t for t in blue_tables}
-    common = [t for t in green_tables if t.qname in blue_by]
-    full = full_identity_tables(green, common)
-    columns: dict[QualifiedName, list[str]] = {}
-    refused: list[str] = []
-    for t in common:
-        blue_cols = [c.name for c in blue_by[t.qname].columns if not c.generated]
-        green_cols = [c.name for c in t.columns if not c.generated]
-        if t.qname not in full:
-            columns[t.qname] = [c for c in green_cols if c in blue_cols]
-            continue
-        only_green = [c for c in green_cols if c not in blue_cols]
-        only_blue = [c for c in blue_cols if c not in green_cols]
-        if only_green or only_blue:
-            parts = ([f"green has {', '.join(only_green)} that blue lacks"] if only_green
-                     else []) + ([f"blue has {', '.join(only_blue)} that green lacks"]
-                                 if only_blue else [])
-            refused.append(f"{t.qname} ({'; '.join(parts)})")
-    if refused:
-        raise ReleaseFailed(
-            "table(s) with REPLICA IDENTITY FULL whose columns differ between blue and green: "
-            f"{', '.join(refused)}. A FULL identity is the whole row, so replication can "
-            "neither leave a column out (PostgreSQL refuses the UPDATEs and DELETEs of such a "
-            "table) nor find a row by columns one side does not have",
-            hint="give the table a primary key, or a unique index over NOT NULL columns with "
-            "ALTER TABLE … REPLICA IDENTITY USING INDEX (on blue, or in a migration of this "
-            "release), or leave the column change out of this release; then release again")
-    return columns
 
 
 def drop_publication(conn: psycopg.Connection[Any], name: str) -> None:
