@@ -45,11 +45,7 @@ class StageRunner:
     def run(self) -> None:
         """Every stage from the one the facts say is next; raises ``CanaryFailed``."""
         ctx = self.ctx
-        labels = {
-            "service": ctx.cfg.release.service, "namespace": ctx.cfg.release.namespace,
-            "version": ctx.cfg.release.version, "release": ctx.name,
-            "window": format_window(ctx.cfg.canary.window), **ctx.cfg.prometheus.labels,
-        }
+        labels = ctx.cfg.template_variables(window=format_window(ctx.cfg.canary.window))
         for index in range(ctx.facts.stage, len(ctx.cfg.canary.stages)):
             self._stage(index, labels)
 

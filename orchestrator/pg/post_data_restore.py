@@ -125,6 +125,36 @@ def _table_sizes(conn: psycopg.Connection[Any], items: list[Deferred]) -> dict[t
     return {(r[0], r[1]): int(r[2]) for r in rows}
 
 
+def _units(todo: list[Deferred], step: int, sizes: dict[tuple[str, str], int]
+           ) -> list[list[Deferred]]:
+    """The items of one step as units of work, each run in one session."""
+    # Largest table first: the longest build starts at once and the small ones fill
+    # the other sessions around it.
+    todo = sorted(todo, key=lambda i: -sizes.get((i.schema, i.table), 0))
+    if step != STEP_ATTACH:
+        return [[i] for i in todo]
+    # One table's ALTERs take its ACCESS EXCLUSIVE lock: run them in one session, one
+    # table after another, different tables side by side.
+    groups: dict[tuple[str, str], list[Deferred]] = {}
+    for item in todo:
+        groups.setdefault((item.schema, item.table), []).append(item)
+    return list(groups.values())
+
+
+def _restore_unit(unit: list[Deferred], conn: psycopg.Connection[Any]) -> int:
+    worked = 0
+    for item in unit:
+        try:
+            worked += int(run_item(conn, item))
+        except psycopg.Error as exc:
+            raise ReleaseFailed(
+                f"restoring {item.kind} {item.schema}.{item.name} on green failed: "
+                f"{scrub(str(exc)).strip()}",
+                hint="a migration may have made an index or constraint that blue's data "
+                "violates; fix the migration") from exc
+    return worked
+
+
 def restore_post_data(
     db: DatabaseConfig,
     *,
@@ -164,33 +194,7 @@ def restore_post_data(
                             (STEP_FOREIGN_KEYS, "foreign keys")):
             step_started = time.monotonic()
             todo = [i for i in items if i.step == step]
-            # Largest table first: the longest build starts at once and the small ones
-            # fill the other sessions around it.
-            todo.sort(key=lambda i: -sizes.get((i.schema, i.table), 0))
-            if step == STEP_ATTACH:
-                # One table's ALTERs take its ACCESS EXCLUSIVE lock: run them in one
-                # session, one table after another, different tables side by side.
-                groups: dict[tuple[str, str], list[Deferred]] = {}
-                for item in todo:
-                    groups.setdefault((item.schema, item.table), []).append(item)
-                units = list(groups.values())
-            else:
-                units = [[i] for i in todo]
-
-            def _unit(unit: list[Deferred], conn: psycopg.Connection[Any]) -> int:
-                worked = 0
-                for item in unit:
-                    try:
-                        worked += int(run_item(conn, item))
-                    except psycopg.Error as exc:
-                        raise ReleaseFailed(
-                            f"restoring {item.kind} {item.schema}.{item.name} on green failed: "
-                            f"{scrub(str(exc)).strip()}",
-                            hint="a migration may have made an index or constraint that "
-                            "blue's data violates; fix the migration") from exc
-                return worked
-
-            worked = _parallel(units, sessions, _unit, deadline,
+            worked = _parallel(_units(todo, step, sizes), sessions, _restore_unit, deadline,
                                on_done=_reporter(progress, done, total))
             done += len(todo)
             stats.skipped += len(todo) - worked
