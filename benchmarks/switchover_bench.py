@@ -29,7 +29,6 @@ import argparse
 import itertools
 import os
 import secrets
-import shutil
 import sys
 import tempfile
 import threading
@@ -42,6 +41,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.cleanup import stop_and_clean
 from orchestrator.config import DatabaseConfig, GreenConfig, SecretRef
 from orchestrator.pg import catalog, fence, initial_copy, replication, schema, sequences
 from orchestrator.pg.tools import find_tools
@@ -364,12 +364,7 @@ def main() -> int:
         load = os.getloadavg()
         print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (after)")
     finally:
-        blue.stop()
-        green.stop()
-        if args.keep:
-            print(f"kept {base}")
-        else:
-            shutil.rmtree(base, ignore_errors=True)
+        stop_and_clean(base, args.keep, blue, green)
     bad = [r for r in results if r["missing_green"] or r["longest_gap"] >= 1.0]
     return 1 if bad else 0
 

@@ -36,6 +36,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.cleanup import stop_and_clean
 from orchestrator.config import GreenConfig, SecretRef
 from orchestrator.pg import catalog, initial_copy, replication, schema
 from orchestrator.pg.tools import PgTools, find_tools
@@ -314,12 +315,7 @@ def main() -> int:
         report(results, int(sizes[0]), int(sizes[1]))
         print(f"load average {loadavg()} (after)")
     finally:
-        blue.stop()
-        green.stop()
-        if args.keep:
-            print(f"kept {base}")
-        else:
-            shutil.rmtree(base, ignore_errors=True)
+        stop_and_clean(base, args.keep, blue, green)
     return 0
 
 

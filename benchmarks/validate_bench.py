@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 import threading
@@ -38,6 +37,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.cleanup import stop_and_clean
 from orchestrator.config import DatabaseConfig, SecretRef, ValidateConfig
 from orchestrator.pg.validate import ValidationReport, render_text, validate
 from orchestrator.sandbox.pgcluster import PgCluster
@@ -214,12 +214,7 @@ def main(argv: list[str] | None = None) -> int:
               "(target 3x)")
         return 0 if ok else 1
     finally:
-        blue.stop()
-        green.stop()
-        if args.keep:
-            print(f"kept {base}")
-        else:
-            shutil.rmtree(base, ignore_errors=True)
+        stop_and_clean(base, args.keep, blue, green)
 
 
 if __name__ == "__main__":

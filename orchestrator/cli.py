@@ -28,6 +28,7 @@ from orchestrator.ui import make_display
 CONFIG = click.option("--config", "-c", "config_path", type=click.Path(path_type=Path),
                       default=Path("release.yaml"), show_default=True,
                       help="Release configuration (YAML).")
+OUTPUT = click.option("--output", type=click.Choice(["text", "json"]), default="text")
 
 
 def _load(ctx: click.Context, path: Path) -> ReleaseConfig:
@@ -201,7 +202,7 @@ def promote(ctx: click.Context, config_path: Path) -> None:
 
 @cli.command()
 @CONFIG
-@click.option("--output", type=click.Choice(["text", "json"]), default="text")
+@OUTPUT
 @click.pass_context
 def status(ctx: click.Context, config_path: Path, output: str) -> None:
     """Show where the release is, what it measured, and its recent log."""
@@ -242,7 +243,7 @@ def status(ctx: click.Context, config_path: Path, output: str) -> None:
 
 @cli.command()
 @CONFIG
-@click.option("--output", type=click.Choice(["text", "json"]), default="text")
+@OUTPUT
 @click.pass_context
 def plan(ctx: click.Context, config_path: Path, output: str) -> None:
     """Print every step and the SQL it would run. Changes nothing."""
@@ -256,7 +257,7 @@ def plan(ctx: click.Context, config_path: Path, output: str) -> None:
 
 @cli.command()
 @CONFIG
-@click.option("--output", type=click.Choice(["text", "json"]), default="text")
+@OUTPUT
 @click.pass_context
 def validate(ctx: click.Context, config_path: Path, output: str) -> None:
     """Compare green with blue now (counts, checksums, schema)."""

@@ -9,23 +9,18 @@ from collections.abc import Iterator
 
 import pytest
 
-from orchestrator.config import DatabaseConfig, SecretRef
+from orchestrator.config import DatabaseConfig
 from orchestrator.errors import ConnectError
 from orchestrator.pg.conn import StatementDeadline, connect
 from orchestrator.sandbox.pgcluster import PgCluster
-from tests.conftest import short_tmpdir
 from tests.faults.netns import IsolatedAddress
+from tests.pg_helpers import superuser_config, tmp_cluster
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[PgCluster]:
-    with short_tmpdir("orch-bh-") as base:
-        pg = PgCluster("bh", 17, base)
-        pg.start()
-        try:
-            yield pg
-        finally:
-            pg.stop()
+    with tmp_cluster("bh", 17, "orch-bh-") as pg:
+        yield pg
 
 
 @pytest.fixture
@@ -36,10 +31,8 @@ def isolated(cluster: PgCluster) -> Iterator[IsolatedAddress]:
 
 def _db(address: IsolatedAddress, pg: PgCluster, monkeypatch: pytest.MonkeyPatch,
         **kw: object) -> DatabaseConfig:
-    monkeypatch.setenv("ORCH_BH_PW", pg.password)
-    return DatabaseConfig(host=address.host, port=address.port, dbname="postgres",
-                          user=pg.superuser, password=SecretRef(env="ORCH_BH_PW"),
-                          sslmode="disable", **kw)
+    return superuser_config(pg, monkeypatch, "ORCH_BH_PW",
+                            address=(address.host, address.port), **kw)
 
 
 def test_a_statement_on_a_blackholed_path_ends_at_its_deadline_and_the_path_comes_back(

@@ -10,25 +10,20 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from orchestrator.config import DatabaseConfig, SecretRef
+from orchestrator.config import DatabaseConfig
 from orchestrator.errors import ConnectError
 from orchestrator.pg.conn import connect
 from orchestrator.retry import refused_by_server
 from orchestrator.sandbox.pgcluster import PgCluster
 from orchestrator.sandbox.ports import free_port
-from tests.conftest import short_tmpdir
 from tests.faults.proxy import Proxy
+from tests.pg_helpers import superuser_config, tmp_cluster
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[PgCluster]:
-    with short_tmpdir("orch-cut-") as base:
-        pg = PgCluster("cut", 16, base)
-        pg.start()
-        try:
-            yield pg
-        finally:
-            pg.stop()
+    with tmp_cluster("cut", 16, "orch-cut-") as pg:
+        yield pg
 
 
 @pytest.fixture
@@ -38,10 +33,8 @@ def proxy(cluster: PgCluster) -> Iterator[Proxy]:
 
 
 def _db(proxy: Proxy, pg: PgCluster, monkeypatch: pytest.MonkeyPatch) -> DatabaseConfig:
-    monkeypatch.setenv("ORCH_CUT_PW", pg.password)
-    return DatabaseConfig(host=proxy.host, port=proxy.port, dbname="postgres",
-                          user=pg.superuser, password=SecretRef(env="ORCH_CUT_PW"),
-                          sslmode="disable", connect_timeout=2)
+    return superuser_config(pg, monkeypatch, "ORCH_CUT_PW", address=(proxy.host, proxy.port),
+                            connect_timeout=2)
 
 
 def test_a_cut_connection_fails_the_statement_at_once_and_the_next_one_works(

@@ -11,29 +11,22 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from orchestrator.config import DatabaseConfig, SecretRef
+from orchestrator.config import DatabaseConfig
 from orchestrator.errors import ConnectError
 from orchestrator.pg.conn import StatementDeadline, connect
 from orchestrator.sandbox.pgcluster import PgCluster
-from tests.conftest import short_tmpdir
 from tests.faults.freeze import frozen
+from tests.pg_helpers import superuser_config, tmp_cluster
 
 
 @pytest.fixture(scope="module", params=[15, 18])
 def cluster(request: pytest.FixtureRequest) -> Iterator[PgCluster]:
-    with short_tmpdir("orch-dl-") as base:
-        pg = PgCluster("dl", request.param, base)
-        pg.start()
-        try:
-            yield pg
-        finally:
-            pg.stop()
+    with tmp_cluster("dl", request.param, "orch-dl-") as pg:
+        yield pg
 
 
 def _db(pg: PgCluster, monkeypatch: pytest.MonkeyPatch, **kw: object) -> DatabaseConfig:
-    monkeypatch.setenv("ORCH_DL_PW", pg.password)
-    return DatabaseConfig(host=pg.host, port=pg.port, dbname="postgres", user=pg.superuser,
-                          password=SecretRef(env="ORCH_DL_PW"), sslmode="disable", **kw)
+    return superuser_config(pg, monkeypatch, "ORCH_DL_PW", **kw)
 
 
 def test_a_statement_on_a_frozen_server_ends_at_its_deadline(

@@ -197,13 +197,15 @@ def _service_set_green(obj: JsonObject, pct: int) -> None:
     obj["spec"]["selector"]["colour"] = "green" if pct == 100 else "blue"
 
 
+def _target(kubeconfig: Path) -> dict[str, Any]:
+    """Where every router under test points: the fake API server's namespace."""
+    return {"kubeconfig": kubeconfig, "context": "fake", "namespace": NS, "timeout": 5}
+
+
 def _gateway(kubeconfig: Path) -> GatewayRouter:
     cfg = GatewayRouterConfig(
         kind="gateway",
-        kubeconfig=kubeconfig,
-        context="fake",
-        namespace=NS,
-        timeout=5,
+        **_target(kubeconfig),
         route="web",
         blue_service="web-blue",
         green_service="web-green",
@@ -214,10 +216,7 @@ def _gateway(kubeconfig: Path) -> GatewayRouter:
 def _ingress(kubeconfig: Path) -> IngressNginxRouter:
     cfg = IngressNginxRouterConfig(
         kind="ingress-nginx",
-        kubeconfig=kubeconfig,
-        context="fake",
-        namespace=NS,
-        timeout=5,
+        **_target(kubeconfig),
         canary_ingress="web-canary",
     )
     return IngressNginxRouter(cfg, retry=FAST)
@@ -226,10 +225,7 @@ def _ingress(kubeconfig: Path) -> IngressNginxRouter:
 def _service(kubeconfig: Path) -> ServiceSelectorRouter:
     cfg = ServiceRouterConfig(
         kind="service",
-        kubeconfig=kubeconfig,
-        context="fake",
-        namespace=NS,
-        timeout=5,
+        **_target(kubeconfig),
         service="web",
     )
     return ServiceSelectorRouter(cfg, retry=FAST)

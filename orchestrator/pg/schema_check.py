@@ -13,9 +13,9 @@ missing on green but an object with the same definition exists under another nam
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import psycopg
 
@@ -39,6 +39,8 @@ __all__ = [
     "check_indexes", "check_sequences", "check_tables", "column_info", "note",
     "pair_columns", "problem",
 ]
+
+_T = TypeVar("_T")
 
 _SYSTEM_SCHEMAS = ["pg_catalog", "information_schema", "pg_toast"]
 
@@ -82,12 +84,20 @@ class _Index:
     definition: str  # without the index name
 
 
+def _by_table_and_name(conn: psycopg.Connection[Any], query: str, skip: list[str],
+                       tables: set[QualifiedName], make: Callable[[tuple[Any, ...]], _T]
+                       ) -> dict[tuple[QualifiedName, str], _T]:
+    """Rows of ``query`` (schema, table, name, then the object's own columns) of
+    ``tables`` only, keyed by table and name; ``make`` builds the object from the rest."""
+    rows = conn.execute(query, {"skip": skip}).fetchall()
+    found = {(QualifiedName(r[0], r[1]), r[2]): make(tuple(r[3:])) for r in rows}
+    return {k: v for k, v in found.items() if k[0] in tables}
+
+
 def _indexes(conn: psycopg.Connection[Any], skip: list[str], tables: set[QualifiedName]
              ) -> dict[tuple[QualifiedName, str], _Index]:
-    rows = conn.execute(_INDEXES, {"skip": skip}).fetchall()
-    found = {(QualifiedName(r[0], r[1]), r[2]): _Index(bool(r[3]), bool(r[4]), str(r[5]))
-             for r in rows}
-    return {k: v for k, v in found.items() if k[0] in tables}
+    return _by_table_and_name(conn, _INDEXES, skip, tables,
+                              lambda r: _Index(bool(r[0]), bool(r[1]), str(r[2])))
 
 
 def check_indexes(blue: psycopg.Connection[Any], green: psycopg.Connection[Any], *,
@@ -158,10 +168,8 @@ class _Constraint:
 
 def _constraints(conn: psycopg.Connection[Any], skip: list[str], tables: set[QualifiedName]
                  ) -> dict[tuple[QualifiedName, str], _Constraint]:
-    rows = conn.execute(_CONSTRAINTS, {"skip": skip}).fetchall()
-    found = {(QualifiedName(r[0], r[1]), r[2]): _Constraint(str(r[3]), bool(r[4]), str(r[5]))
-             for r in rows}
-    return {k: v for k, v in found.items() if k[0] in tables}
+    return _by_table_and_name(conn, _CONSTRAINTS, skip, tables,
+                              lambda r: _Constraint(str(r[0]), bool(r[1]), str(r[2])))
 
 
 def check_constraints(blue: psycopg.Connection[Any], green: psycopg.Connection[Any], *,

@@ -17,6 +17,7 @@ import psycopg
 from orchestrator.config import HAProxyRouterConfig
 from orchestrator.routers.base import Weights
 from orchestrator.routers.haproxy import HAProxyRouter
+from orchestrator.sandbox.loadgen import LoadReport
 from orchestrator.sandbox.stack import APP_DATABASE, APP_ROLE, Sandbox
 
 REPO = Path(__file__).resolve().parents[2]
@@ -177,3 +178,29 @@ def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.2) -> bo
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+def blue_fenced(sb: Sandbox) -> bool:
+    """Whether blue's application role is still read-only in the app database."""
+    with blue_conn(sb) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole "
+            "JOIN pg_database d ON d.oid = s.setdatabase WHERE r.rolname = %s "
+            "AND d.datname = %s AND 'default_transaction_read_only=on' = ANY(s.setconfig)",
+            (APP_ROLE, APP_DATABASE)).fetchone()
+    return bool(row and row[0])
+
+
+def assert_acked_writes_on_blue(sb: Sandbox, load: LoadReport) -> None:
+    """Every write the load generator saw acknowledged is in blue."""
+    with blue_conn(sb) as b:
+        missing = set(load.acked_order_ids) - order_ids(b)
+    assert missing == set(), f"{len(missing)} acknowledged writes missing on blue"
+
+
+def assert_left_clean(sb: Sandbox, load: LoadReport) -> None:
+    """What every rollback must leave behind."""
+    assert not blue_fenced(sb), "blue's application role is still read-only"
+    assert router(sb).current() == Weights.green_at(0)
+    assert replication_leftovers(sb) == []
+    assert_acked_writes_on_blue(sb, load)

@@ -27,7 +27,7 @@ from orchestrator.config import GreenConfig, SecretRef
 from orchestrator.pg import children, initial_copy
 from orchestrator.pg.tools import find_tools
 from orchestrator.sandbox.pgcluster import PgCluster
-from tests.conftest import short_tmpdir
+from tests.pg_helpers import tmp_cluster
 
 REPO = Path(__file__).resolve().parents[2]
 SLOT = "children_test"
@@ -36,19 +36,14 @@ APP = initial_copy.COPY_APP_PREFIX + SLOT
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[PgCluster]:
-    with short_tmpdir("orch-ch-") as base:
-        pg = PgCluster("c16", 16, base)
-        pg.start()
-        try:
-            pg.create_database("blue")
-            pg.create_database("green")
-            pg.execute("CREATE VIEW slow AS SELECT g AS id, "
-                       "repeat('x', 20000) || pg_sleep(0.01)::text AS payload "
-                       "FROM generate_series(1, 100000) g", dbname="blue")
-            pg.execute("CREATE TABLE slow (id int, payload text)", dbname="green")
-            yield pg
-        finally:
-            pg.stop()
+    with tmp_cluster("c16", 16, "orch-ch-") as pg:
+        pg.create_database("blue")
+        pg.create_database("green")
+        pg.execute("CREATE VIEW slow AS SELECT g AS id, "
+                   "repeat('x', 20000) || pg_sleep(0.01)::text AS payload "
+                   "FROM generate_series(1, 100000) g", dbname="blue")
+        pg.execute("CREATE TABLE slow (id int, payload text)", dbname="green")
+        yield pg
 
 
 def _db(pg: PgCluster, dbname: str) -> GreenConfig:

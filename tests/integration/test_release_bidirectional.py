@@ -14,6 +14,7 @@ from orchestrator.routers.base import Weights
 from orchestrator.sandbox.loadgen import LoadGenerator
 from orchestrator.sandbox.stack import Sandbox
 from tests.integration.helpers import (
+    assert_acked_writes_on_blue,
     blue_conn,
     green_conn,
     order_ids,
@@ -87,10 +88,7 @@ def test_release_promotes_then_rolls_back_inside_the_window(sandbox_16_17: Sandb
                  > after_promotion.acked_by_colour.get("blue", 0) + 20, timeout=20)
     finally:
         report = load.stop()
-    acked_all = set(report.acked_order_ids)
-    with blue_conn(sb) as b:
-        missing = acked_all - order_ids(b)
-    assert missing == set(), f"{len(missing)} acknowledged writes missing on blue"
+    assert_acked_writes_on_blue(sb, report)
     row = release_row(sb, "promote-then-back")
     assert row is not None and row["status"] == "rolled_back"
     assert row["facts"]["rollback_from"] == "window" and row["facts"]["rolled_back_at"]
@@ -162,9 +160,7 @@ def test_abort_while_both_sides_take_writes_keeps_every_write(sandbox_16_17: San
             proc.kill()
         report = load.stop()
     assert report.acked_by_colour.get("green", 0) > 0 and report.acked_by_colour.get("blue", 0) > 0
-    with blue_conn(sb) as b:
-        missing = set(report.acked_order_ids) - order_ids(b)
-    assert missing == set(), f"{len(missing)} acknowledged writes missing on blue"
+    assert_acked_writes_on_blue(sb, report)
     row = release_row(sb, "abort-mid-canary")
     assert row is not None and row["status"] == "rolled_back"
     assert "test abort" in (row["error"] or "")

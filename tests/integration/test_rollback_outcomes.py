@@ -19,19 +19,17 @@ from orchestrator.config import load_config
 from orchestrator.errors import ReleaseFailed
 from orchestrator.machine import release_for
 from orchestrator.pg import fence, replication, sequences
-from orchestrator.routers.base import Weights
 from orchestrator.sandbox.loadgen import LoadGenerator, LoadReport
 from orchestrator.sandbox.ports import free_port
-from orchestrator.sandbox.stack import APP_DATABASE, APP_ROLE, Sandbox
+from orchestrator.sandbox.stack import Sandbox
 from tests.integration.helpers import (
     ORCHESTRATE,
     REPO,
+    assert_left_clean,
     blue_conn,
     order_ids,
     release_row,
-    replication_leftovers,
     reset,
-    router,
     run_cli,
     spawn_cli,
     wait_for,
@@ -43,26 +41,6 @@ pytestmark = pytest.mark.slow
 # Data, not metrics, is under test: no checks, short stages.
 QUICK = {"interval": "1s", "window": "10s", "checks": [], "stages": [
     {"weight": 0, "duration": "1s"}, {"weight": 100, "duration": "1s"}]}
-
-
-def _blue_fenced(sb: Sandbox) -> bool:
-    with blue_conn(sb) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole "
-            "JOIN pg_database d ON d.oid = s.setdatabase WHERE r.rolname = %s "
-            "AND d.datname = %s AND 'default_transaction_read_only=on' = ANY(s.setconfig)",
-            (APP_ROLE, APP_DATABASE)).fetchone()
-    return bool(row and row[0])
-
-
-def _assert_left_clean(sb: Sandbox, load: LoadReport) -> None:
-    """What every rollback must leave behind."""
-    assert not _blue_fenced(sb), "blue's application role is still read-only"
-    assert router(sb).current() == Weights.green_at(0)
-    assert replication_leftovers(sb) == []
-    with blue_conn(sb) as b:
-        missing = set(load.acked_order_ids) - order_ids(b)
-    assert missing == set(), f"{len(missing)} acknowledged writes missing on blue"
 
 
 def _blue_takes_writes_through_the_router(sb: Sandbox) -> None:
@@ -156,7 +134,7 @@ def test_switchover_failure_at_each_step_leaves_blue_serving_15_to_17(
     assert injector.fired, f"the switchover never reached {step}"
     assert outcome.status == "rolled_back", outcome
     assert f"injected failure: {step}" in (outcome.error or "")
-    _assert_left_clean(sb, load)
+    assert_left_clean(sb, load)
     _blue_takes_writes_through_the_router(sb)
 
 
@@ -171,7 +149,7 @@ def test_switchover_failure_at_each_step_leaves_blue_serving_bidirectional(
     assert outcome.status == "rolled_back", outcome
     # Green took writes at 100 % before the promotion's switchover: they came back.
     assert load.acked_by_colour.get("green", 0) > 0
-    _assert_left_clean(sb, load)
+    assert_left_clean(sb, load)
     _blue_takes_writes_through_the_router(sb)
 
 
@@ -212,7 +190,7 @@ def test_rollback_from_another_process_while_waiting_in_the_window(
     assert seen is not None
     # Obeyed within one poll interval (1 s), plus the second process's own start-up.
     assert float(seen[0]) - asked < 5.0
-    _assert_left_clean(sb, report)
+    assert_left_clean(sb, report)
 
 
 def test_rollback_of_a_finished_release_is_refused(sandbox_16_17: Sandbox) -> None:

@@ -21,16 +21,17 @@ from orchestrator.routers.base import Weights
 from orchestrator.sandbox.loadgen import LoadGenerator
 from orchestrator.sandbox.pgcluster import PgCluster
 from orchestrator.sandbox.ports import free_port
-from orchestrator.sandbox.stack import APP_DATABASE, APP_ROLE, Sandbox
+from orchestrator.sandbox.stack import Sandbox
 from tests.faults.freeze import frozen
 from tests.faults.netns import IsolatedAddress
 from tests.faults.proxy import Proxy
 from tests.integration.helpers import (
+    assert_left_clean,
     blue_conn,
+    blue_fenced,
     green_conn,
     order_ids,
     release_row,
-    replication_leftovers,
     reset,
     router,
     run_cli,
@@ -67,16 +68,6 @@ def short_timeouts(sandbox_16_17: Sandbox) -> Iterator[Sandbox]:
     finally:
         for cluster in (sb.blue, sb.green):
             _set_timeouts(cluster, None)
-
-
-def _blue_fenced(sb: Sandbox) -> bool:
-    with blue_conn(sb) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole "
-            "JOIN pg_database d ON d.oid = s.setdatabase WHERE r.rolname = %s "
-            "AND d.datname = %s AND 'default_transaction_read_only=on' = ANY(s.setconfig)",
-            (APP_ROLE, APP_DATABASE)).fetchone()
-    return bool(row and row[0])
 
 
 @pytest.mark.parametrize("fault", ["freeze", "rollback-requested", "blackhole"])
@@ -164,13 +155,8 @@ def _green_stops_answering_in_a_stage(
     assert reacted < 20.0
     row = release_row(sb, name)
     assert row is not None and row["status"] == "rolled_back"
-    assert router(sb).current() == Weights.green_at(0)
-    assert not _blue_fenced(sb)
-    assert replication_leftovers(sb) == []
     assert report.acked_by_colour.get("green", 0) > 0
-    with blue_conn(sb) as b:
-        missing = set(report.acked_order_ids) - order_ids(b)
-    assert missing == set(), f"{len(missing)} acknowledged writes missing on blue"
+    assert_left_clean(sb, report)
 
 
 def test_blue_frozen_longer_than_the_receiver_timeout_loses_no_write(
@@ -207,12 +193,7 @@ def test_blue_frozen_longer_than_the_receiver_timeout_loses_no_write(
         report = load.stop()
     row = release_row(sb, "blue-frozen")
     assert row is not None and row["status"] == "rolled_back", row
-    assert router(sb).current() == Weights.green_at(0)
-    assert not _blue_fenced(sb)
-    assert replication_leftovers(sb) == []
-    with blue_conn(sb) as b:
-        missing = set(report.acked_order_ids) - order_ids(b)
-    assert missing == set(), f"{len(missing)} acknowledged writes missing on blue"
+    assert_left_clean(sb, report)
 
 
 def test_green_frozen_in_the_window_rolls_back_once_it_answers(
@@ -253,12 +234,7 @@ def test_green_frozen_in_the_window_rolls_back_once_it_answers(
     assert reacted < 20.0
     row = release_row(sb, "window-frozen")
     assert row is not None and row["status"] == "rolled_back"
-    assert router(sb).current() == Weights.green_at(0)
-    assert not _blue_fenced(sb)
-    assert replication_leftovers(sb) == []
-    with blue_conn(sb) as b:
-        missing = set(report.acked_order_ids) - order_ids(b)
-    assert missing == set(), f"{len(missing)} acknowledged writes missing on blue"
+    assert_left_clean(sb, report)
 
 
 def test_green_frozen_during_the_initial_copy_fails_the_copy_naming_the_table(
@@ -299,7 +275,7 @@ def test_green_frozen_during_the_initial_copy_fails_the_copy_naming_the_table(
         assert re.search(r"copying public\.\w+: no byte moved for 3s", row["error"] or "")
         assert reacted < 3 + 20
         assert router(sb).current() == Weights.green_at(0)
-        assert not _blue_fenced(sb)
+        assert not blue_fenced(sb)
     finally:
         with blue_conn(sb) as conn:
             conn.execute("DROP TABLE public.big_copy")
@@ -344,12 +320,7 @@ def test_blue_frozen_with_the_state_stops_the_release_and_the_rerun_resumes(
             proc.kill()
         report = load.stop()
     assert reacted < 60.0
-    assert router(sb).current() == Weights.green_at(0)
-    assert not _blue_fenced(sb)
-    assert replication_leftovers(sb) == []
-    with blue_conn(sb) as b:
-        missing = set(report.acked_order_ids) - order_ids(b)
-    assert missing == set(), f"{len(missing)} acknowledged writes missing on blue"
+    assert_left_clean(sb, report)
 
 
 def test_connections_to_green_cut_during_a_stage_are_retried_and_the_release_promotes(

@@ -27,6 +27,7 @@ from orchestrator.sandbox.pgcluster import PgCluster
 from orchestrator.sandbox.stack import deep_merge
 from orchestrator.store import ReleaseRow, StateStore
 from tests.conftest import short_tmpdir
+from tests.pg_helpers import tmp_cluster
 
 PASSWORD_ENV = "ORCH_MACHINE_PW"
 _numbers = itertools.count()
@@ -34,13 +35,8 @@ _numbers = itertools.count()
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[PgCluster]:
-    with short_tmpdir("orch-m-") as base:
-        pg = PgCluster("machine", 15, base)
-        pg.start()
-        try:
-            yield pg
-        finally:
-            pg.stop()
+    with tmp_cluster("machine", 15, "orch-m-") as pg:
+        yield pg
 
 
 def _admin(pg: PgCluster) -> psycopg.Connection[Any]:
