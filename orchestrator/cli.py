@@ -263,22 +263,23 @@ def validate(ctx: click.Context, config_path: Path, output: str) -> None:
     """Compare green with blue now (counts, checksums, schema)."""
     from orchestrator.pg import replication
     from orchestrator.pg import validate as validation
-    from orchestrator.pg.conn import connect
+    from orchestrator.pg.endpoint import Endpoint
 
     cfg = _load(ctx, config_path)
     schema = cfg.state.schema_name
+    blue_end, green_end = Endpoint(cfg.blue, "blue"), Endpoint(cfg.green, "green")
     fwd, rev = replication.forward(cfg.release.name), replication.reverse(cfg.release.name)
     # While replication streams, differences are re-checked after the subscriber has
     # provably applied what the publisher committed; which side publishes depends on
     # whether the release was promoted (then green leads and its sequences must be
     # ahead of blue's).
-    with connect(cfg.blue, role="validate") as blue, connect(cfg.green, role="validate") as green:
+    with blue_end.connect("validate") as blue, green_end.connect("validate") as green:
         forward_live = replication.subscription_exists(green, fwd.subscription)
         reverse_live = replication.subscription_exists(blue, rev.subscription)
     promoted = reverse_live and not forward_live
 
     def catch_up() -> None:
-        with connect(cfg.blue, role="validate") as b, connect(cfg.green, role="validate") as g:
+        with blue_end.connect("validate") as b, green_end.connect("validate") as g:
             if promoted:
                 replication.wait_applied(g, b, schema=schema, direction="rev",
                                          subscription=rev.subscription,
@@ -289,7 +290,7 @@ def validate(ctx: click.Context, config_path: Path, output: str) -> None:
                                          timeout=cfg.sync.catchup_timeout)
 
     report = validation.validate(
-        cfg.blue, cfg.green, cfg.validate_, control_schema=schema,
+        blue_end, green_end, cfg.validate_, control_schema=schema,
         exclude_tables=tuple(cfg.sync.exclude_tables),
         catch_up=catch_up if (forward_live or reverse_live) else None,
         expect_sequences_ahead=promoted, publisher="green" if promoted else "blue")

@@ -21,7 +21,7 @@ from orchestrator.config import ReleaseConfig
 from orchestrator.errors import OrchestrateError
 from orchestrator.logging import get_logger
 from orchestrator.pg import catalog, fingerprint
-from orchestrator.pg.conn import connect
+from orchestrator.pg.endpoint import Endpoint
 from orchestrator.record import Facts
 from orchestrator.routers.base import TrafficRouter, WeightDriftError, Weights
 from orchestrator.store import StateStore
@@ -70,9 +70,15 @@ class ReleaseContext:
     sleep: Callable[[float], None] = time.sleep
     display: Display = field(default_factory=NoDisplay)
     journal: Journal = field(init=False)
+    blue_endpoint: Endpoint = field(init=False)
+    green_endpoint: Endpoint = field(init=False)
 
     def __post_init__(self) -> None:
         self.journal = Journal(self.store, self.name)
+        # Built once: every session, client tool and peer conninfo of the release
+        # comes from these two.
+        self.blue_endpoint = Endpoint(self.cfg.blue, "blue")
+        self.green_endpoint = Endpoint(self.cfg.green, "green")
 
     @property
     def name(self) -> str:
@@ -82,6 +88,11 @@ class ReleaseContext:
     def schema(self) -> str:
         """The control schema, left out of everything compared or replicated."""
         return self.cfg.state.schema_name
+
+    @property
+    def excluded(self) -> tuple[str, ...]:
+        """``sync.exclude_tables``: neither replicated nor compared."""
+        return tuple(self.cfg.sync.exclude_tables)
 
     @property
     def facts(self) -> Facts:
@@ -96,10 +107,10 @@ class ReleaseContext:
     # ------------------------------------------------------------- connections
 
     def blue(self, **kw: Any) -> psycopg.Connection[Any]:
-        return connect(self.cfg.blue, role="blue", **kw)
+        return self.blue_endpoint.connect(**kw)
 
     def green(self, **kw: Any) -> psycopg.Connection[Any]:
-        return connect(self.cfg.green, role="green", **kw)
+        return self.green_endpoint.connect(**kw)
 
     def green_if_exists(self) -> psycopg.Connection[Any] | None:
         """Green's database, or None when it was never created or cannot be reached."""
@@ -113,7 +124,7 @@ class ReleaseContext:
 
     def tables(self, conn: psycopg.Connection[Any]) -> list[catalog.Table]:
         return catalog.user_tables(conn, exclude_schemas=(self.schema,),
-                                   exclude_tables=tuple(self.cfg.sync.exclude_tables))
+                                   exclude_tables=self.excluded)
 
     # ------------------------------------------------------------ blue's schema
 
@@ -122,13 +133,13 @@ class ReleaseContext:
         if self.facts.blue_fingerprint is None:
             self.fact(blue_fingerprint=fingerprint.schema_fingerprint(
                 blue, exclude_schemas=(self.schema,),
-                exclude_tables=tuple(self.cfg.sync.exclude_tables)))
+                exclude_tables=self.excluded))
 
     def verify_blue_schema(self, blue: psycopg.Connection[Any], when: str) -> None:
         if self.facts.blue_fingerprint is not None:
             fingerprint.verify(blue, self.facts.blue_fingerprint, when=when,
                                exclude_schemas=(self.schema,),
-                               exclude_tables=tuple(self.cfg.sync.exclude_tables))
+                               exclude_tables=self.excluded)
 
     # ------------------------------------------------------------------ traffic
     # Here, not with the stages: the switchover and the rollback move traffic too.

@@ -21,7 +21,7 @@ import psycopg
 from orchestrator.context import ReleaseContext
 from orchestrator.errors import OrchestrateError, ReleaseFailed
 from orchestrator.pg import catalog, fence, initial_copy, matviews, replication, sequences
-from orchestrator.pg.conn import connect, server_major
+from orchestrator.pg.conn import server_major
 from orchestrator.pg.tools import find_tools
 from orchestrator.record import Status
 from orchestrator.routers.base import Weights
@@ -59,7 +59,7 @@ class ReplicationPair:
             replication.reverse_column_lists(green, tables, ctx.tables(green))
         labels = {"copy": "initial copy (bytes)", "post-data": "indexes and constraints"}
         report = initial_copy.initial_sync(
-            ctx.cfg.blue, ctx.cfg.green, tables, names=self.fwd, tools=tools,
+            ctx.blue_endpoint, ctx.green_endpoint, tables, names=self.fwd, tools=tools,
             control_schema=ctx.schema, config=sync.initial_copy,
             origin_none=ctx.facts.mode == "bidirectional",
             copy_timeout=sync.initial_copy_timeout,
@@ -160,7 +160,7 @@ class ReplicationPair:
             copy_data=False, origin_none=ctx.facts.mode == "bidirectional",
             binary=min((ctx.facts.majors or {}).values() or [0]) >= 16)
         replication.ensure_subscription(blue, self.rev.subscription,
-                                        ctx.cfg.green.conninfo(for_peer=True),
+                                        ctx.green_endpoint.peer_conninfo(),
                                         self.rev.publication, opts)
         # Proves the reverse path works end to end before anyone depends on it.
         self._wait_reverse(blue, green)
@@ -266,17 +266,17 @@ class ReplicationPair:
     def drop_green_database(self) -> None:
         from psycopg import sql
 
-        with connect(self.ctx.cfg.green, dbname="postgres", role="green") as conn:
+        with self.ctx.green(dbname="postgres") as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
                 sql.Identifier(self.ctx.cfg.green.dbname)))
         self.ctx.note("green database dropped")
 
     def drop_leftovers(self) -> None:
         """Slots of finished or abandoned releases make the server keep WAL forever."""
-        cfg = self.ctx.cfg
-        for db, role in ((cfg.blue, "blue"), (cfg.green, "green")):
+        for end in (self.ctx.blue_endpoint, self.ctx.green_endpoint):
+            role = end.role
             try:
-                conn = connect(db, role=role, attempts=1)
+                conn = end.connect(attempts=1)
             except OrchestrateError:
                 continue  # green's database may not exist yet
             with conn:

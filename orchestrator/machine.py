@@ -298,7 +298,7 @@ class Release:
             tables = backup.expected_data(blue, self.ctx.tables(blue))
         recorded = self.facts.backup
         previous = recorded.model_dump() if recorded is not None else None
-        result = backup.backup(self.cfg.blue, tools, self.cfg.backup, release=self.name,
+        result = backup.backup(self.ctx.blue_endpoint, tools, self.cfg.backup, release=self.name,
                                tables=tables, previous=previous)
         self.ctx.fact(backup=result.as_fact())
         self.ctx.note("blue backed up and verified", path=result.path, sha256=result.sha256,
@@ -310,7 +310,7 @@ class Release:
             settings = schema.database_settings(blue)
             tools = find_tools(server_major(blue), self.cfg.tools.pg_bindir)
             self.ctx.record_blue_schema(blue)
-        created = schema.ensure_database(self.cfg.green, settings)
+        created = schema.ensure_database(self.ctx.green_endpoint, settings)
         with self.ctx.green() as green:
             if schema.is_provisioned(green, self.schema, self.name):
                 self.ctx.note("green already holds blue's schema")
@@ -321,8 +321,8 @@ class Release:
                     f"green database {self.cfg.green.dbname} already holds tables "
                     f"({', '.join(leftovers[:5])}) that this release did not create",
                     hint="point green at an empty database, or drop these tables")
-        schema.copy_schema(self.cfg.blue, self.cfg.green, tools, schema=self.schema,
-                           release=self.name)
+        schema.copy_schema(self.ctx.blue_endpoint, self.ctx.green_endpoint, tools,
+                           schema=self.schema, release=self.name)
         self.ctx.note("green provisioned with blue's schema", database_created=created)
         return State.MIGRATE
 
@@ -354,8 +354,8 @@ class Release:
                 self.pair.catch_up(blue, green)
 
             report = validation.validate(
-                self.cfg.blue, self.cfg.green, self.cfg.validate_, control_schema=self.schema,
-                exclude_tables=tuple(self.cfg.sync.exclude_tables), catch_up=catch_up)
+                self.ctx.blue_endpoint, self.ctx.green_endpoint, self.cfg.validate_,
+                control_schema=self.schema, exclude_tables=self.ctx.excluded, catch_up=catch_up)
         self.ctx.fact(validation=report.as_dict())
         for note in report.notes:
             self.ctx.note(note)

@@ -16,7 +16,8 @@ from orchestrator.canary.analysis import format_window, render
 from orchestrator.config import ReleaseConfig
 from orchestrator.errors import OrchestrateError
 from orchestrator.pg import catalog, fence, migrations, replication, schema, validate
-from orchestrator.pg.conn import connect, server_major
+from orchestrator.pg.conn import server_major
+from orchestrator.pg.endpoint import Endpoint
 
 
 @dataclass
@@ -43,7 +44,7 @@ class _Blue:
 def _read_blue(cfg: ReleaseConfig, notes: list[str]) -> _Blue:
     found = _Blue()
     try:
-        with connect(cfg.blue, role="plan", attempts=1) as blue:
+        with Endpoint(cfg.blue, "blue").connect("plan", attempts=1) as blue:
             blue.read_only = True
             found.tables = catalog.user_tables(
                 blue, exclude_schemas=(cfg.state.schema_name,),
@@ -108,7 +109,7 @@ def _sync_step(cfg: ReleaseConfig, tables: list[catalog.Table]) -> Step:
     fwd = replication.forward(cfg.release.name)
     heartbeat = catalog.Table(cfg.state.schema_name, replication.HEARTBEAT_TABLE, ["direction"])
     pub_tables = [*tables, heartbeat] if tables else [catalog.Table("<schema>", "<table>")]
-    redacted = cfg.blue.conninfo(for_peer=True, with_password=False) + " password=***"
+    redacted = Endpoint(cfg.blue, "blue").redacted_peer_conninfo()
     return Step(
         "sync", f"logical replication blue -> green of {len(tables)} table(s), initial copy "
         f"then streaming, until green applied blue's latest commit",

@@ -13,10 +13,11 @@ import psycopg
 
 from orchestrator.canary.analysis import render
 from orchestrator.canary.metrics import MetricsSource, MetricsUnavailable
-from orchestrator.config import DatabaseConfig, ReleaseConfig
+from orchestrator.config import ReleaseConfig
 from orchestrator.errors import OrchestrateError, PreflightError
 from orchestrator.pg import catalog, migrations, schema
-from orchestrator.pg.conn import connect, scalar, server_major
+from orchestrator.pg.conn import scalar, server_major
+from orchestrator.pg.endpoint import Endpoint
 from orchestrator.pg.tools import find_tools
 from orchestrator.routers.base import TrafficRouter
 
@@ -41,10 +42,10 @@ class PreflightReport:
             hint="fix them and run the same command again")
 
 
-def _try_connect(db: DatabaseConfig, report: PreflightReport, what: str,
+def _try_connect(db: Endpoint, report: PreflightReport, what: str,
                  dbname: str | None = None) -> psycopg.Connection[Any] | None:
     try:
-        return connect(db, dbname=dbname, role="preflight", attempts=2)
+        return db.connect("preflight", dbname=dbname, attempts=2)
     except OrchestrateError as exc:
         report.problems.append(f"{what}: {exc.message}")
         return None
@@ -55,8 +56,9 @@ def run(cfg: ReleaseConfig, *, router: TrafficRouter, metrics: MetricsSource,
     """``fresh``: the release has not started, so green must not hold anything yet."""
     report = PreflightReport()
     control = cfg.state.schema_name
-    blue = _try_connect(cfg.blue, report, "blue")
-    green_server = _try_connect(cfg.green, report, "green server", dbname="postgres")
+    blue = _try_connect(Endpoint(cfg.blue, "blue"), report, "blue")
+    green_server = _try_connect(Endpoint(cfg.green, "green"), report, "green server",
+                                dbname="postgres")
     try:
         if blue is not None:
             _check_blue(cfg, blue, report, control)
@@ -267,7 +269,7 @@ def _check_green_roles_and_extensions(blue: psycopg.Connection[Any],
 
 def _check_green_empty(cfg: ReleaseConfig, report: PreflightReport, control: str) -> None:
     try:
-        green = connect(cfg.green, role="preflight", attempts=1)
+        green = Endpoint(cfg.green, "green").connect("preflight", attempts=1)
     except OrchestrateError as exc:
         report.problems.append(f"green: {exc.message}")
         return

@@ -194,7 +194,8 @@ class StageRunner:
         """Green's (and blue's) own health, probed in the background for a stage or
         the window: a paused server is invisible to Prometheus."""
         cfg = self.ctx.cfg
-        sides = [(cfg.green, "green")] + ([(cfg.blue, "blue")] if blue_too else [])
+        sides = [(self.ctx.green_endpoint, "green")] + (
+            [(self.ctx.blue_endpoint, "blue")] if blue_too else [])
         probe = cfg.canary.probe
         probes = [SideProbe(db, side, interval=probe.interval or interval,
                             timeout=probe.timeout, failure_limit=probe.failure_limit)

@@ -33,11 +33,11 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from orchestrator.config import DatabaseConfig, ReleaseConfig
+from orchestrator.config import ReleaseConfig
 from orchestrator.errors import ConnectError, LockedError, StateUnavailable
 from orchestrator.logging import scrub
 from orchestrator.pg import control_schema
-from orchestrator.pg.conn import connect
+from orchestrator.pg.endpoint import Endpoint
 from orchestrator.record import NO_ROLLBACK_FROM, Facts, State, Status, parse_state, parse_status
 
 
@@ -101,7 +101,7 @@ def _owner() -> str:
 class StateStore:
     """Reads and writes the control schema. One instance per process."""
 
-    def __init__(self, db: DatabaseConfig, schema: str = "orchestrate") -> None:
+    def __init__(self, db: Endpoint, schema: str = "orchestrate") -> None:
         self.db = db
         self.schema = schema
         self._conn: psycopg.Connection[Any] | None = None
@@ -109,13 +109,13 @@ class StateStore:
 
     @classmethod
     def for_config(cls, cfg: ReleaseConfig) -> StateStore:
-        return cls(cfg.state_db, cfg.state.schema_name)
+        return cls(Endpoint(cfg.state_db, "state"), cfg.state.schema_name)
 
     # connection management -------------------------------------------------
     @property
     def conn(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
-            self._conn = connect(self.db, role="state")
+            self._conn = self.db.connect("state")
         return self._conn
 
     def close(self) -> None:
@@ -143,7 +143,7 @@ class StateStore:
         """Hold the control schema for this process, or raise LockedError."""
         if self._lock_conn is not None and not self._lock_conn.closed:
             return
-        conn = connect(self.db, role="lock")
+        conn = self.db.connect("lock")
         key = f"orchestrate-release:{self.schema}"
         got = conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (key,))
         row = got.fetchone()

@@ -42,10 +42,11 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from orchestrator.config import BackupConfig, DatabaseConfig
+from orchestrator.config import BackupConfig
 from orchestrator.errors import ReleaseFailed
 from orchestrator.logging import get_logger
 from orchestrator.pg.catalog import Table
+from orchestrator.pg.endpoint import Endpoint, EndpointLike
 from orchestrator.pg.tools import PgTools, run_tool
 
 log = get_logger("orchestrate")
@@ -121,10 +122,11 @@ def expected_data(conn: psycopg.Connection[Any],
     return list(seen.values())
 
 
-def verify(path: Path, tools: PgTools, db: DatabaseConfig, expected: Sequence[TableData]
-           ) -> tuple[int, int]:
+def verify(path: Path, tools: PgTools, db: EndpointLike,
+           expected: Sequence[TableData]) -> tuple[int, int]:
     """pg_restore --list reads the whole table of contents; every expected relation
     must have its TABLE DATA entry. Returns (TOC entries, TABLE DATA entries)."""
+    db = Endpoint.of(db, "blue")
     listing = run_tool([tools.path("pg_restore"), "--list", str(path)], db, timeout=300,
                        what="pg_restore --list")
     entries = [ln for ln in listing.splitlines() if ln and not ln.startswith(";")]
@@ -175,10 +177,11 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def backup(db: DatabaseConfig, tools: PgTools, cfg: BackupConfig, *, release: str,
-           tables: Sequence[TableData], previous: dict[str, Any] | None = None
+def backup(db: EndpointLike, tools: PgTools, cfg: BackupConfig, *,
+           release: str, tables: Sequence[TableData], previous: dict[str, Any] | None = None
            ) -> BackupResult:
     """Dump blue unless a verified backup of this release already exists."""
+    db = Endpoint.of(db, "blue")
     _private_folder(cfg.dir)
     suffix = ".dump" if cfg.format == "custom" else ".dir"
     final = cfg.dir / f"{release}-blue{suffix}"
@@ -205,10 +208,10 @@ def backup(db: DatabaseConfig, tools: PgTools, cfg: BackupConfig, *, release: st
     return BackupResult(str(final), cfg.format, digest, size, round(seconds, 3), toc, with_data)
 
 
-def _dump(db: DatabaseConfig, tools: PgTools, cfg: BackupConfig, tmp: Path) -> None:
+def _dump(db: Endpoint, tools: PgTools, cfg: BackupConfig, tmp: Path) -> None:
     """pg_dump into ``tmp``, private from creation and on disk when this returns."""
     cmd = [tools.path("pg_dump"), "--format", cfg.format,
-           "--dbname", db.conninfo(with_password=False), "--no-sync"]
+           "--dbname", db.tool_conninfo(), "--no-sync"]
     what, hint = "pg_dump of blue", "raise backup.timeout"
     # fsync by orchestrate after the dump: --no-sync saved time during it, but a backup
     # that a power cut can truncate is not a backup.

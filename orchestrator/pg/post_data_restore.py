@@ -15,10 +15,9 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import sql
 
-from orchestrator.config import DatabaseConfig
 from orchestrator.errors import ReleaseFailed
 from orchestrator.logging import scrub
-from orchestrator.pg.conn import connect
+from orchestrator.pg.endpoint import Endpoint, EndpointLike
 from orchestrator.pg.post_data import (
     STEP_ATTACH,
     STEP_BUILD,
@@ -98,19 +97,19 @@ def run_item(conn: psycopg.Connection[Any], item: Deferred) -> bool:
     return True
 
 
-def session(db: DatabaseConfig, *, maintenance_work_mem: str, parallel_workers: int,
-             tag: str) -> psycopg.Connection[Any]:
+def session(db: EndpointLike, *, maintenance_work_mem: str,
+            parallel_workers: int, tag: str) -> psycopg.Connection[Any]:
     # An index build may legitimately run for hours: no client deadline.
-    return connect(db, role="green", application_name=tag[:63], lock_timeout_ms=300_000,
-                   statement_timeout_ms=0, deadline=None, settings={
-                       "maintenance_work_mem": maintenance_work_mem,
-                       "max_parallel_maintenance_workers": str(parallel_workers),
-                       # Nobody waits for these commits: a crash before the end reruns
-                       # the step.
-                       "synchronous_commit": "off",
-                       # A backend whose orchestrator died notices it within a second
-                       # and stops, instead of building an index nobody will use.
-                       "client_connection_check_interval": "1000"})
+    return Endpoint.of(db, "green").connect(
+        "green", application_name=tag[:63], lock_timeout_ms=300_000,
+        statement_timeout_ms=0, deadline=None, settings={
+            "maintenance_work_mem": maintenance_work_mem,
+            "max_parallel_maintenance_workers": str(parallel_workers),
+            # Nobody waits for these commits: a crash before the end reruns the step.
+            "synchronous_commit": "off",
+            # A backend whose orchestrator died notices it within a second and
+            # stops, instead of building an index nobody will use.
+            "client_connection_check_interval": "1000"})
 
 
 def _table_sizes(conn: psycopg.Connection[Any], items: list[Deferred]) -> dict[tuple[str, str],
@@ -156,7 +155,7 @@ def _restore_unit(unit: list[Deferred], conn: psycopg.Connection[Any]) -> int:
 
 
 def restore_post_data(
-    db: DatabaseConfig,
+    db: EndpointLike,
     *,
     control_schema: str,
     jobs: int,
@@ -171,9 +170,10 @@ def restore_post_data(
 
     Safe to run again at any point, and a no-op when nothing is recorded.
     """
+    db = Endpoint.of(db, "green")
     started = time.monotonic()
     stats = PostDataStats()
-    with connect(db, role="green", application_name=tag[:63]) as conn:
+    with db.connect("green", application_name=tag[:63]) as conn:
         items = pending(conn, control_schema)
         if not items:
             # Nothing was left over by ``copy_initial``: its ANALYZE ran too.
@@ -210,7 +210,7 @@ def restore_post_data(
             _parallel(tables, sessions, _analyze, deadline,
                       on_done=_reporter(progress, done, total))
             stats.seconds_by_step["analyze"] = round(time.monotonic() - step_started, 3)
-        with connect(db, role="green", application_name=tag[:63]) as conn:
+        with db.connect("green", application_name=tag[:63]) as conn:
             done_ids(conn, control_schema, [i.id for i in items])
     finally:
         for s in sessions:

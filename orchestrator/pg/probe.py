@@ -17,10 +17,9 @@ from typing import Any
 
 import psycopg
 
-from orchestrator.config import DatabaseConfig
 from orchestrator.errors import OrchestrateError
 from orchestrator.logging import scrub
-from orchestrator.pg.conn import connect
+from orchestrator.pg.endpoint import Endpoint
 
 
 @dataclass(frozen=True)
@@ -34,7 +33,7 @@ class ProbeResult:
 class SideProbe:
     """Probes one database every ``interval`` until stopped."""
 
-    def __init__(self, db: DatabaseConfig, side: str, *, interval: float, timeout: float,
+    def __init__(self, db: Endpoint, side: str, *, interval: float, timeout: float,
                  failure_limit: int) -> None:
         self.db = db
         self.side = side
@@ -93,8 +92,9 @@ class SideProbe:
         started = time.monotonic()
         try:
             if self._conn is None or self._conn.closed:
-                self._conn = connect(self.db, role=f"probe-{self.side}", attempts=1,
-                                     deadline=self.timeout, connect_timeout=self.timeout)
+                self._conn = self.db.connect(f"probe-{self.side}", attempts=1,
+                                             deadline=self.timeout,
+                                             connect_timeout=self.timeout)
             self._conn.execute("SELECT 1")
             result = ProbeResult(self.side, True, time.monotonic() - started, "answered")
         except (OrchestrateError, psycopg.Error) as exc:

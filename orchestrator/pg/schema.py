@@ -15,10 +15,10 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from orchestrator.config import DatabaseConfig, GreenConfig
 from orchestrator.errors import ExternalError, PreflightError
 from orchestrator.pg import catalog, control_schema
-from orchestrator.pg.conn import connection, scalar
+from orchestrator.pg.conn import scalar
+from orchestrator.pg.endpoint import Endpoint, EndpointLike
 from orchestrator.pg.tools import PgTools, run_tool
 
 MARKER_TABLE = control_schema.MARKER_TABLE
@@ -40,14 +40,14 @@ def create_database_sql(name: str, settings: dict[str, str]) -> sql.Composed:
              sql.Literal(settings["lc_collate"]), sql.Literal(settings["lc_ctype"]))
 
 
-def ensure_database(green: GreenConfig, settings: dict[str, str]) -> bool:
+def ensure_database(green: Endpoint, settings: dict[str, str]) -> bool:
     """Create green's database like blue's (encoding, collation). True if created."""
-    with connection(green, dbname="postgres", role="provision") as conn:
+    with green.connection("provision", dbname="postgres") as conn:
         if catalog.database_exists(conn, green.dbname):
             return False
         if not green.create_database:
             raise PreflightError(
-                f"database {green.dbname} does not exist on green ({green.host}:{green.port})",
+                f"database {green.dbname} does not exist on green ({green.server})",
                 hint="create it, or set green.create_database: true")
         try:
             conn.execute(create_database_sql(green.dbname, settings))
@@ -77,15 +77,16 @@ def foreign_tables(green: psycopg.Connection[Any], schema: str) -> list[str]:
     return [t.qname.display for t in catalog.user_tables(green, exclude_schemas=(schema,))]
 
 
-def dump_schema_cmd(tools: PgTools, blue: DatabaseConfig, schema: str, out: Path) -> list[str]:
+def dump_schema_cmd(tools: PgTools, blue: Endpoint, schema: str, out: Path) -> list[str]:
     return [tools.path("pg_dump"), "--schema-only", "--no-publications", "--no-subscriptions",
             "--exclude-schema", schema, "--file", str(out),
-            "--dbname", blue.conninfo(with_password=False)]
+            "--dbname", blue.tool_conninfo()]
 
 
-def copy_schema(blue: DatabaseConfig, green: GreenConfig, tools: PgTools, *, schema: str,
-                release: str, timeout: float = 1800.0) -> None:
+def copy_schema(blue: EndpointLike, green: EndpointLike,
+                tools: PgTools, *, schema: str, release: str, timeout: float = 1800.0) -> None:
     """Restore blue's schema into green in one transaction, with the marker row."""
+    blue, green = Endpoint.of(blue, "blue"), Endpoint.of(green, "green")
     with tempfile.TemporaryDirectory(prefix="orchestrate-schema-") as tmp:
         out = Path(tmp) / "schema.sql"
         run_tool(dump_schema_cmd(tools, blue, schema, out), blue, timeout=timeout,
@@ -93,7 +94,7 @@ def copy_schema(blue: DatabaseConfig, green: GreenConfig, tools: PgTools, *, sch
         restore = [tools.path("psql"), "--no-psqlrc", "--quiet", "--set", "ON_ERROR_STOP=1",
                    "--single-transaction", "--file", str(out),
                    "--command", marker_sql(schema, release),
-                   "--dbname", green.conninfo(with_password=False)]
+                   "--dbname", green.tool_conninfo()]
         try:
             run_tool(restore, green, timeout=timeout, what="restoring blue's schema into green")
         except ExternalError as exc:

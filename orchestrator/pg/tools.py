@@ -13,10 +13,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.config import DatabaseConfig
 from orchestrator.errors import ExternalError, PreflightError
 from orchestrator.logging import scrub
 from orchestrator.pg import children
+from orchestrator.pg.endpoint import Endpoint
 
 
 @dataclass(frozen=True)
@@ -89,16 +89,16 @@ def find_tools(server_major: int, configured: Path | None = None) -> PgTools:
     return best
 
 
-def run_tool(cmd: list[str], db: DatabaseConfig, *, timeout: float, what: str,
+def run_tool(cmd: list[str], db: Endpoint, *, timeout: float, what: str,
              timeout_hint: str | None = None, stdout: int | None = None) -> str:
     """Run pg_dump/pg_restore/psql against ``db``; its stdout, or a readable error.
 
-    The password travels in the environment (``DatabaseConfig.subprocess_env``), never
+    The password travels in the environment (``Endpoint.tool_env``), never
     on argv, and stderr is scrubbed before it reaches an error message. ``stdout``, a
     file descriptor, receives the output instead (and "" is returned). The child dies
     with orchestrate (``children``).
     """
-    env = {**os.environ, **db.subprocess_env()}
+    env = db.tool_env()
     try:
         rc, out, err = children.run(cmd, env=env, timeout=timeout,
                                     stdout=subprocess.PIPE if stdout is None else stdout)

@@ -27,10 +27,10 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from orchestrator.config import DatabaseConfig, ValidateConfig
+from orchestrator.config import ValidateConfig
 from orchestrator.pg import catalog, diff, generated, matviews, schema_check
-from orchestrator.pg.conn import connection
 from orchestrator.pg.diff import Progress, RowDiff, TablePlan, TableResult
+from orchestrator.pg.endpoint import Endpoint, EndpointLike
 from orchestrator.pg.names import QualifiedName, parse_qualified
 from orchestrator.pg.schema_check import Finding, SequenceResult, Side
 
@@ -84,8 +84,8 @@ def checksum_sql(table: QualifiedName, cols: list[str], checksums: bool) -> sql.
 
 
 def validate(
-    blue_db: DatabaseConfig,
-    green_db: DatabaseConfig,
+    blue_db: EndpointLike,
+    green_db: EndpointLike,
     cfg: ValidateConfig,
     *,
     control_schema: str,
@@ -104,14 +104,14 @@ def validate(
     ``expect_sequences_ahead``: green already takes writes, so a green sequence behind
     blue's is a problem (before that it is a note: orchestrate moves them later).
     """
+    blue_db, green_db = Endpoint.of(blue_db, "blue"), Endpoint.of(green_db, "green")
     started = time.monotonic()
     report = ValidationReport(under_writes=catch_up is not None,
                               max_reported_keys=cfg.max_reported_keys)
     exclude = (control_schema,)
     exclude_tables = tuple(exclude_tables)
     plans: list[TablePlan] = []
-    with connection(blue_db, role="validate") as blue, \
-            connection(green_db, role="validate") as green:
+    with blue_db.connection("validate") as blue, green_db.connection("validate") as green:
         blue_tables = catalog.user_tables(blue, exclude_schemas=exclude,
                                           exclude_tables=exclude_tables)
         green_tables = catalog.user_tables(green, exclude_schemas=exclude,

@@ -18,10 +18,11 @@ from typing import Any
 
 import psycopg
 
-from orchestrator.config import DatabaseConfig, ReleaseConfig
+from orchestrator.config import ReleaseConfig
 from orchestrator.errors import ExternalError, LockedError
 from orchestrator.logging import get_logger, scrub
 from orchestrator.pg.conn import APPLICATION_NAME, open_connection
+from orchestrator.pg.endpoint import Endpoint
 from orchestrator.store import StateStore
 
 log = get_logger("orchestrate.serve")
@@ -46,17 +47,16 @@ def connection_params(timeout_s: float) -> dict[str, Any]:
 class ReceiverStateStore(StateStore):
     """A ``StateStore`` whose connections never wait long (see the module docstring)."""
 
-    def __init__(self, db: DatabaseConfig, schema: str, *, timeout_s: float) -> None:
-        # The lock probe opens its own connection from the config: cap its connect
+    def __init__(self, db: Endpoint, schema: str, *, timeout_s: float) -> None:
+        # The lock probe opens its own connection from the endpoint: cap its connect
         # timeout too.
-        capped = db.model_copy(update={
-            "connect_timeout": min(db.connect_timeout, max(1.0, math.ceil(timeout_s / 2)))})
-        super().__init__(capped, schema)
+        super().__init__(db.with_connect_timeout(max(1.0, math.ceil(timeout_s / 2))), schema)
         self.timeout_s = timeout_s
 
     @classmethod
     def for_receiver(cls, cfg: ReleaseConfig) -> ReceiverStateStore:
-        return cls(cfg.state_db, cfg.state.schema_name, timeout_s=cfg.alerts.state_timeout)
+        return cls(Endpoint(cfg.state_db, "state"), cfg.state.schema_name,
+                   timeout_s=cfg.alerts.state_timeout)
 
     @property
     def conn(self) -> psycopg.Connection[Any]:
@@ -65,7 +65,7 @@ class ReceiverStateStore(StateStore):
             # a 503; a backoff here would outlast the answer.
             try:
                 self._conn = open_connection(
-                    psycopg.Connection, self.db.conninfo(), autocommit=True,
+                    psycopg.Connection, self.db.session_conninfo(), autocommit=True,
                     application_name=f"{APPLICATION_NAME}-serve",
                     **connection_params(self.timeout_s))
             except psycopg.Error as exc:

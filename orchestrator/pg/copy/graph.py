@@ -10,7 +10,6 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from orchestrator.config import DatabaseConfig
 from orchestrator.errors import ReleaseFailed
 from orchestrator.logging import scrub
 from orchestrator.pg import schema_sections
@@ -18,6 +17,7 @@ from orchestrator.pg.copy.pipes import Copier
 from orchestrator.pg.copy.plan import CopyPlan, CopyTask
 from orchestrator.pg.copy.schedule import Node, Scheduler, Sessions, bottom_levels
 from orchestrator.pg.copy.state import ident
+from orchestrator.pg.endpoint import Endpoint
 
 Progress = Callable[[str, int, int], None]
 
@@ -119,7 +119,7 @@ def _graph(plan: CopyPlan, items: list[schema_sections.Deferred],
 class _Runner:
     """Runs the graph with ``jobs`` slots: a slot is a COPY pipe or a green session."""
 
-    def __init__(self, copier: Copier, green: DatabaseConfig, *, jobs: int,
+    def __init__(self, copier: Copier, green: Endpoint, *, jobs: int,
                  control_schema: str, maintenance_work_mem: str, parallel_workers: int,
                  deadline: float, progress: Progress | None) -> None:
         self.copier = copier

@@ -19,20 +19,20 @@ from typing import IO
 
 from psycopg import sql
 
-from orchestrator.config import DatabaseConfig
 from orchestrator.errors import ExternalError, ReleaseFailed
 from orchestrator.logging import scrub
 from orchestrator.pg import children
 from orchestrator.pg.copy.plan import CopyTask
 from orchestrator.pg.copy.state import app_name, ident
+from orchestrator.pg.endpoint import Endpoint, EndpointLike
 from orchestrator.pg.tools import PgTools
 
 _PSQL_ENV_DROP = ("PGOPTIONS", "PGSERVICE", "PGSERVICEFILE", "PGDATABASE")
 
 
-def _env(db: DatabaseConfig, app: str, options: list[str], encoding: str) -> dict[str, str]:
+def _env(db: Endpoint, app: str, options: list[str], encoding: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _PSQL_ENV_DROP}
-    env.update(db.subprocess_env())
+    env.update(db.tool_settings())
     env.update({"PGAPPNAME": app, "PGOPTIONS": " ".join(f"-c {o}" for o in options),
                 "PGCLIENTENCODING": encoding})
     return env
@@ -64,13 +64,14 @@ class _Pipe:
 
 
 class Copier:
-    def __init__(self, blue: DatabaseConfig, green: DatabaseConfig, tools: PgTools, *,
-                 snapshot: str, slot: str, encoding: str, replica_role: bool,
-                 deadline: float, stall_timeout: float = 120.0) -> None:
+    def __init__(self, blue: EndpointLike, green: EndpointLike,
+                 tools: PgTools, *, snapshot: str, slot: str, encoding: str,
+                 replica_role: bool, deadline: float, stall_timeout: float = 120.0) -> None:
+        blue, green = Endpoint.of(blue, "blue"), Endpoint.of(green, "green")
         app = app_name(slot)
         self.psql = tools.path("psql")
-        self.blue_conninfo = blue.conninfo(with_password=False)
-        self.green_conninfo = green.conninfo(with_password=False)
+        self.blue_conninfo = blue.tool_conninfo()
+        self.green_conninfo = green.tool_conninfo()
         self.blue_env = _env(blue, app, _PORTABLE, encoding)
         green_opts = [*_PORTABLE, "synchronous_commit=off"]
         if replica_role:

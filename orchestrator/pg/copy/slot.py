@@ -9,12 +9,11 @@ from dataclasses import dataclass
 
 from psycopg import pq, sql
 
-from orchestrator.config import DatabaseConfig
 from orchestrator.errors import ExternalError
 from orchestrator.logging import scrub
-from orchestrator.pg import conn as pgconn
 from orchestrator.pg.conn import server_major
 from orchestrator.pg.copy.state import app_name
+from orchestrator.pg.endpoint import Endpoint
 
 
 @dataclass(frozen=True)
@@ -25,7 +24,7 @@ class ExportedSlot:
 
 
 @contextlib.contextmanager
-def exported_slot(db: DatabaseConfig, slot: str, *, timeout: float) -> Iterator[ExportedSlot]:
+def exported_slot(db: Endpoint, slot: str, *, timeout: float) -> Iterator[ExportedSlot]:
     """Create the logical slot over a replication connection, exporting its snapshot.
 
     The snapshot is importable while this context is open (the connection is idle).
@@ -34,8 +33,8 @@ def exported_slot(db: DatabaseConfig, slot: str, *, timeout: float) -> Iterator[
     # No lock_timeout: creating the slot waits for blue's open transactions (a lock
     # wait), which ``timeout`` bounds below with a hint; the application name lets a
     # rerun find this session.
-    conn = pgconn.connect(db, replication="database", application_name=app_name(slot),
-                          lock_timeout_ms=0, statement_timeout_ms=0, deadline=None)
+    conn = db.connect("", replication="database", application_name=app_name(slot),
+                      lock_timeout_ms=0, statement_timeout_ms=0, deadline=None)
     try:
         major = server_major(conn)
         ident = sql.Identifier(slot).as_string(conn)

@@ -16,10 +16,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from orchestrator.config import DatabaseConfig, InitialCopyConfig
+from orchestrator.config import InitialCopyConfig
 from orchestrator.errors import ReleaseFailed
 from orchestrator.logging import get_logger
-from orchestrator.pg import conn as pgconn
 from orchestrator.pg import replication, schema_sections
 from orchestrator.pg.catalog import Table
 from orchestrator.pg.conn import scalar, server_major
@@ -48,6 +47,7 @@ from orchestrator.pg.copy.subscribe import (
     subscribe_from_slot,
     tune_sync_workers,
 )
+from orchestrator.pg.endpoint import Endpoint, EndpointLike
 from orchestrator.pg.tools import PgTools
 
 log = get_logger("orchestrate")
@@ -183,8 +183,8 @@ def _record_plan(stats: CopyStats, prep: _Prepared) -> None:
 
 
 def copy_initial(
-    blue: DatabaseConfig,
-    green: DatabaseConfig,
+    blue: EndpointLike,
+    green: EndpointLike,
     tables: list[Table],
     *,
     slot_name: str,
@@ -209,13 +209,14 @@ def copy_initial(
     finds the copy done it returns at once, and ``restore_post_data`` finishes what a
     crash may have left of the rebuilds.
     """
+    blue, green = Endpoint.of(blue, "blue"), Endpoint.of(green, "green")
     cfg = config or InitialCopyConfig()
     jobs = effective_jobs(cfg)
     started = time.monotonic()
     stats = CopyStats(jobs=jobs)
     heartbeat = Table(control_schema, replication.HEARTBEAT_TABLE, ["direction"])
     every = [*tables, heartbeat]
-    with _control(blue, "blue") as bconn, _control(green, "green") as gconn:
+    with _control(blue) as bconn, _control(green) as gconn:
         ensure_state_tables(gconn, control_schema)
         for conn in (bconn, gconn):
             replication.ensure_heartbeat(conn, control_schema)
@@ -246,7 +247,7 @@ def copy_initial(
                 # Every copy session imported the snapshot long ago: let it go, so
                 # blue's vacuum is not held back by it during the rebuilds.
                 slot_stack.close()
-                with _control(green, "green") as conn:
+                with _control(green) as conn:
                     set_phase(conn, control_schema, slot_name, "copied",
                               consistent_point=stats.consistent_point)
                 copied = True
@@ -262,10 +263,10 @@ def copy_initial(
         except BaseException:
             if not copied:
                 # The slot of an unfinished copy is useless; the next run makes anew.
-                with contextlib.suppress(Exception), _control(blue, "blue") as bconn:
+                with contextlib.suppress(Exception), _control(blue) as bconn:
                     replication.drop_slot(bconn, slot_name)
             raise
-    with _control(green, "green") as gconn:
+    with _control(green) as gconn:
         schema_sections.done_ids(gconn, control_schema, [i.id for i in prep.items])
     stats.seconds = round(time.monotonic() - started, 3)
     log.info("initial copy done", rows=stats.rows, seconds=stats.seconds,
@@ -288,19 +289,19 @@ _STATEMENT_TIMEOUT_MS = 600_000
 
 
 @contextlib.contextmanager
-def _control(db: DatabaseConfig, role: str) -> Iterator[psycopg.Connection[Any]]:
+def _control(db: Endpoint) -> Iterator[psycopg.Connection[Any]]:
     # The server's statement_timeout ends a statement first; the client's deadline
     # only fires on a server that stopped answering altogether.
-    conn = pgconn.connect(db, role=f"{role}-copy", lock_timeout_ms=60_000,
-                          statement_timeout_ms=_STATEMENT_TIMEOUT_MS,
-                          deadline=_STATEMENT_TIMEOUT_MS / 1000 + 60)
+    conn = db.connect(f"{db.role}-copy", lock_timeout_ms=60_000,
+                      statement_timeout_ms=_STATEMENT_TIMEOUT_MS,
+                      deadline=_STATEMENT_TIMEOUT_MS / 1000 + 60)
     try:
         yield conn
     finally:
         conn.close()
 
 
-def restore_post_data(green: DatabaseConfig, tables: list[Table], *, control_schema: str,
+def restore_post_data(green: EndpointLike, tables: list[Table], *, control_schema: str,
                       config: InitialCopyConfig | None = None,
                       progress: Progress | None = None, analyze: bool = True,
                       timeout: float = 6 * 3600.0) -> schema_sections.PostDataStats:
@@ -346,8 +347,8 @@ class SyncReport:
 
 
 def initial_sync(
-    blue: DatabaseConfig,
-    green: DatabaseConfig,
+    blue: EndpointLike,
+    green: EndpointLike,
     tables: list[Table],
     *,
     names: replication.Names,
@@ -364,11 +365,12 @@ def initial_sync(
 
     Idempotent: the sync state can call it again after any failure.
     """
+    blue, green = Endpoint.of(blue, "blue"), Endpoint.of(green, "green")
     cfg = config or InitialCopyConfig()
     started = time.monotonic()
     report = SyncReport(cfg.method)
     heartbeat = Table(control_schema, replication.HEARTBEAT_TABLE, ["direction"])
-    with _control(blue, "blue") as bconn, _control(green, "green") as gconn:
+    with _control(blue) as bconn, _control(green) as gconn:
         for conn in (bconn, gconn):
             replication.ensure_heartbeat(conn, control_schema)
         replication.ensure_publication(bconn, names.publication, [*tables, heartbeat])
@@ -389,19 +391,19 @@ def initial_sync(
             report.copy_s = round(offset + report.copy.copy_seconds, 3)
         report.post_data_s = round(time.monotonic() - started - report.copy_s, 3)
         opts = streaming_options(*majors, origin_none=origin_none, copy_data=False)
-        with _control(green, "green") as gconn:
-            subscribe_from_slot(gconn, names.subscription, blue.conninfo(for_peer=True),
+        with _control(green) as gconn:
+            subscribe_from_slot(gconn, names.subscription, blue.peer_conninfo(),
                                 names.publication, opts, slot_name=names.slot,
                                 control_schema=control_schema)
     else:
         opts = streaming_options(*majors, origin_none=origin_none, copy_data=True)
-        with _control(blue, "blue") as bconn, _control(green, "green") as gconn:
+        with _control(blue) as bconn, _control(green) as gconn:
             tune = tune_sync_workers(bconn, gconn, effective_jobs(cfg),
                                      control_schema=control_schema)
             report.settings, report.warnings = tune.applied, tune.warnings
             try:
                 replication.ensure_subscription(gconn, names.subscription,
-                                                blue.conninfo(for_peer=True),
+                                                blue.peer_conninfo(),
                                                 names.publication, opts)
                 replication.wait_initial_copy(
                     gconn, names.subscription, timeout=copy_timeout, poll=poll,
@@ -410,7 +412,7 @@ def initial_sync(
                 restore_sync_settings(gconn, control_schema=control_schema)
         report.copy_s = round(time.monotonic() - started, 3)
     mark = time.monotonic()
-    with _control(blue, "blue") as bconn, _control(green, "green") as gconn:
+    with _control(blue) as bconn, _control(green) as gconn:
         replication.wait_applied(bconn, gconn, schema=control_schema, direction="fwd",
                                  subscription=names.subscription, timeout=catchup_timeout,
                                  poll=0.02)

@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 
-from orchestrator.config import DatabaseConfig, ValidateConfig
+from orchestrator.config import ValidateConfig
 from orchestrator.pg.columns import Side
 from orchestrator.pg.diff.queries import Key, TablePlan
 from orchestrator.pg.diff.rows import (
@@ -25,6 +25,7 @@ from orchestrator.pg.diff.rows import (
     lookup,
 )
 from orchestrator.pg.diff.sides import SidePool, open_session
+from orchestrator.pg.endpoint import Endpoint
 
 Conn = psycopg.Connection[Any]
 
@@ -62,7 +63,7 @@ def settle(keys: Iterable[Key], first: Rows, second: Rows, dst: Rows
 class Confirmer:
     """The last look at a table's candidate keys; one per comparison, sharing its pools."""
 
-    def __init__(self, cfg: ValidateConfig, dbs: dict[Side, DatabaseConfig],
+    def __init__(self, cfg: ValidateConfig, dbs: dict[Side, Endpoint],
                  pools: dict[Side, SidePool], *, catch_up: Callable[[], None] | None,
                  publisher: Side) -> None:
         self.cfg = cfg

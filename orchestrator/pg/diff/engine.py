@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from orchestrator.config import DatabaseConfig, ValidateConfig
+from orchestrator.config import ValidateConfig
 from orchestrator.pg.columns import Side
 from orchestrator.pg.diff.confirm import Confirmer
 from orchestrator.pg.diff.queries import (
@@ -48,6 +48,7 @@ from orchestrator.pg.diff.sides import (
     sample_keys,
     split_points,
 )
+from orchestrator.pg.endpoint import Endpoint, EndpointLike
 
 T = TypeVar("T")
 Conn = psycopg.Connection[Any]
@@ -107,16 +108,16 @@ class _Level:
 class Comparer:
     """Compares the rows of many tables; one instance per validation."""
 
-    def __init__(self, blue_db: DatabaseConfig, green_db: DatabaseConfig, cfg: ValidateConfig,
-                 *, catch_up: Callable[[], None] | None = None,
+    def __init__(self, blue_db: EndpointLike, green_db: EndpointLike,
+                 cfg: ValidateConfig, *, catch_up: Callable[[], None] | None = None,
                  publisher: Side = "blue", progress: Progress | None = None) -> None:
         self.cfg = cfg
-        self.dbs: dict[Side, DatabaseConfig] = {"blue": blue_db, "green": green_db}
+        self.dbs: dict[Side, Endpoint] = {"blue": Endpoint.of(blue_db, "blue"),
+                                          "green": Endpoint.of(green_db, "green")}
         self.catch_up = catch_up
         self.publisher: Side = publisher
         self.progress = progress
-        self.pools: dict[Side, SidePool] = {"blue": SidePool("blue", blue_db, cfg),
-                                             "green": SidePool("green", green_db, cfg)}
+        self.pools = {side: SidePool(side, db, cfg) for side, db in self.dbs.items()}
         self._confirmer = Confirmer(cfg, self.dbs, self.pools, catch_up=catch_up,
                                     publisher=publisher)
         self.counts_only = not cfg.checksums
@@ -431,7 +432,8 @@ class Comparer:
                                "run the validation again")
 
 
-def compare_tables(blue_db: DatabaseConfig, green_db: DatabaseConfig, cfg: ValidateConfig,
+def compare_tables(blue_db: EndpointLike, green_db: EndpointLike,
+                   cfg: ValidateConfig,
                    plans: list[TablePlan], *, catch_up: Callable[[], None] | None = None,
                    publisher: Side = "blue", progress: Progress | None = None
                    ) -> list[TableResult]:

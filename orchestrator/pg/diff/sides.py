@@ -15,9 +15,8 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import sql
 
-from orchestrator.config import DatabaseConfig, ValidateConfig
+from orchestrator.config import ValidateConfig
 from orchestrator.pg.columns import Side
-from orchestrator.pg.conn import connect
 from orchestrator.pg.diff.queries import (
     SESSION_SETTINGS,
     Key,
@@ -30,18 +29,19 @@ from orchestrator.pg.diff.queries import (
     split_points_query,
 )
 from orchestrator.pg.diff.rows import ChunkSum
+from orchestrator.pg.endpoint import Endpoint
 from orchestrator.pg.names import QualifiedName, with_params
 
 T = TypeVar("T")
 Conn = psycopg.Connection[Any]
 
 
-def open_session(db: DatabaseConfig, cfg: ValidateConfig, role: str) -> Conn:
+def open_session(db: Endpoint, cfg: ValidateConfig, role: str) -> Conn:
     # The server enforces statement_timeout while it runs; the client deadline a bit
     # later catches a server that stopped running at all.
-    conn = connect(db, role=role, statement_timeout_ms=int(cfg.statement_timeout * 1000),
-                   lock_timeout_ms=int(cfg.lock_timeout * 1000),
-                   deadline=cfg.statement_timeout + 30.0)
+    conn = db.connect(role, statement_timeout_ms=int(cfg.statement_timeout * 1000),
+                      lock_timeout_ms=int(cfg.lock_timeout * 1000),
+                      deadline=cfg.statement_timeout + 30.0)
     # Custom plans for every range: a generic plan cannot see how wide a range is.
     conn.prepare_threshold = None
     conn.execute(sql.SQL("SELECT {}").format(sql.SQL(", ").join(
@@ -84,7 +84,7 @@ def estimate(conn: Conn, table: QualifiedName) -> tuple[int, int]:
 class SidePool:
     """Worker threads of one side, each with its own connection (opened on first use)."""
 
-    def __init__(self, side: Side, db: DatabaseConfig, cfg: ValidateConfig) -> None:
+    def __init__(self, side: Side, db: Endpoint, cfg: ValidateConfig) -> None:
         self.side = side
         self._db = db
         self._cfg = cfg
