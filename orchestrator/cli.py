@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,9 @@ import click
 
 from orchestrator import logging as logs
 from orchestrator import plan as planner
+from orchestrator import rollback_request
 from orchestrator.config import ReleaseConfig, load_config
-from orchestrator.errors import LockedError, OrchestrateError
+from orchestrator.errors import OrchestrateError
 from orchestrator.machine import Release, release_for
 from orchestrator.record import State, Status
 from orchestrator.store import StateStore
@@ -106,83 +106,34 @@ def abort(ctx: click.Context, config_path: Path, reason: str) -> None:
 
 
 def _rollback(ctx: click.Context, cfg: ReleaseConfig, reason: str, timeout: float) -> int:
-    """Roll back here, or, while another process holds the release, ask it to and wait.
-
-    The lock is tried again on every poll: when the holder exits without acting (it
-    was past its last look at the request, or it crashed), this process does the
-    rollback itself instead of waiting for nobody. When the holder records that its
-    rollback failed (a peer that stopped answering, say), that is reported at the
-    next poll instead of waiting out the timeout for an outcome that will not come."""
-    deadline = time.monotonic() + timeout
-    asked = False
-    before: Any = None
+    """Roll back here, or ask the orchestrator holding the release to and wait: the
+    policy of ``orchestrator.rollback_request``."""
     machine = _release(ctx, cfg)
-    while True:
-        # Before trying the lock again: the holder may have failed and exited since
-        # the last poll, and retrying its rollback at once would only fail the same way.
-        failure = _holder_failure(cfg, before) if asked else None
-        if failure:
-            click.echo(f"release {cfg.release.name}: the running orchestrator could not "
-                       f"finish the rollback: {failure}")
-            click.echo("  the rollback resumes where it stopped: run `orchestrate rollback` "
-                       "again once the cause is fixed")
-            return 1
-        try:
-            outcome = machine.run(rollback=reason)
-        except LockedError:
-            if not asked:
-                before, asked = _ask_running_orchestrator(cfg, reason), True
-            if time.monotonic() >= deadline:
-                click.echo("the running orchestrator has not finished the rollback yet; see "
-                           "`orchestrate status`")
-                return 1
-            time.sleep(1.0)
-            continue
-        _echo_outcome(outcome)
-        return 0 if outcome.status == Status.ROLLED_BACK else 1
+    waited = rollback_request.request_and_wait(
+        cfg.release.name, reason, run=lambda why: machine.run(rollback=why),
+        open_store=lambda: _store(cfg), timeout=timeout, on_recorded=_echo_recorded)
+    if waited.holder_failure:
+        click.echo(f"release {cfg.release.name}: the running orchestrator could not "
+                   f"finish the rollback: {waited.holder_failure}")
+        click.echo("  the rollback resumes where it stopped: run `orchestrate rollback` "
+                   "again once the cause is fixed")
+        return 1
+    if waited.outcome is None:
+        click.echo("the running orchestrator has not finished the rollback yet; see "
+                   "`orchestrate status`")
+        return 1
+    _echo_outcome(waited.outcome)
+    return 0 if waited.outcome.status == Status.ROLLED_BACK else 1
 
 
-def _holder_failure(cfg: ReleaseConfig, since: Any) -> str | None:
-    """The rollback failure the lock holder logged after ``since`` (a log time), if
-    any. Not the row's status: a failed rollback stays resumable (state rollback,
-    status running)."""
-    store = _store(cfg)
-    try:
-        entries = store.log_entries(cfg.release.name, limit=20)
-    finally:
-        store.close()
-    for entry in reversed(entries):
-        if since is not None and entry["at"] <= since:
-            break
-        if entry["level"] == "error" and entry["state"] == State.ROLLBACK:
-            return str(entry["message"])
-    return None
-
-
-def _ask_running_orchestrator(cfg: ReleaseConfig, reason: str) -> Any:
-    """Record the request for the lock holder; the time of its newest log entry then
-    (None if it has none), to tell what it logs afterwards."""
-    store = _store(cfg)
-    try:
-        requested = store.request_rollback(cfg.release.name, reason)
-        row = store.get(cfg.release.name)
-        entries = store.log_entries(cfg.release.name, limit=1)
-    finally:
-        store.close()
-    before = entries[-1]["at"] if entries else None
-    if requested:
-        click.echo(f"rollback requested from the running orchestrator ({reason}); waiting")
-    elif row is not None and row.rollback_requested:
-        click.echo(f"a rollback was already requested ({row.rollback_requested}); waiting")
-    elif row is not None and row.state == State.ROLLBACK:
-        click.echo("the running orchestrator is already rolling back; waiting")
+def _echo_recorded(recorded: rollback_request.Recorded) -> None:
+    if recorded.new:
+        click.echo(f"rollback requested from the running orchestrator ({recorded.reason}); "
+                   "waiting")
+    elif recorded.requested:
+        click.echo(f"a rollback was already requested ({recorded.requested}); waiting")
     else:
-        state = row.state if row else "not started"
-        raise OrchestrateError(f"release {cfg.release.name} cannot be rolled back: it is "
-                               f"{state}",
-                               hint="a release past its rollback window rolls forward with "
-                               "a new release")
-    return before
+        click.echo("the running orchestrator is already rolling back; waiting")
 
 
 @cli.command()

@@ -18,11 +18,13 @@ from typing import Any, Protocol
 
 import psycopg
 
+from orchestrator import rollback_request
 from orchestrator.config import ReleaseConfig
-from orchestrator.errors import LockedError, OrchestrateError, StateUnavailable
+from orchestrator.errors import OrchestrateError, StateUnavailable
 from orchestrator.logging import get_logger, register_secret, scrub
 from orchestrator.matchers import AlertSelector, Matchers
-from orchestrator.record import State, Status
+from orchestrator.record import Status
+from orchestrator.rollback_request import NotRollbackable
 from orchestrator.server.payload import Alert
 from orchestrator.store import ReleaseRow
 
@@ -69,6 +71,22 @@ class Ticket:
         abort = getattr(self.store, "abort", None)
         if callable(abort):
             abort()
+
+
+class _Bounded:
+    """The receiver's store as ``rollback_request.record`` sees it: every call goes
+    through ``bound`` (``AlertReceiver._with_store``: bounded, retried once)."""
+
+    def __init__(self, store: ReceiverStore, bound: Callable[[Callable[[], Any]], Any]) -> None:
+        self.store, self.bound = store, bound
+
+    def get(self, name: str) -> ReleaseRow | None:
+        row: ReleaseRow | None = self.bound(lambda: self.store.get(name))
+        return row
+
+    def request_rollback(self, name: str, reason: str) -> bool:
+        new: bool = self.bound(lambda: self.store.request_rollback(name, reason))
+        return new
 
 
 def _utc(at: datetime) -> str:
@@ -184,8 +202,12 @@ class AlertReceiver:
         current = _since_release(concerned, row)
         if not current:
             return self._ignored(self._older_than_release(concerned[0], row))
-        new = self._request_rollback(store, ticket, row, current)
-        return self._answer(row, current, new)
+        try:
+            recorded = self._request_rollback(store, ticket, row, current)
+        except NotRollbackable as exc:
+            # The release moved on (cleanup, done) since it was read.
+            return self._ignored(exc.message)
+        return self._answer(row, current, recorded)
 
     def _older_than_release(self, old: Alert, row: ReleaseRow) -> str:
         assert old.started is not None
@@ -195,44 +217,43 @@ class AlertReceiver:
                 "before this release")
 
     def _request_rollback(self, store: ReceiverStore, ticket: Ticket, row: ReleaseRow,
-                          concerned: list[Alert]) -> bool:
-        """Record the request unless one is already there. True if this alert made it."""
-        if row.state == State.ROLLBACK or row.rollback_requested:
-            return False
+                          concerned: list[Alert]) -> rollback_request.Recorded:
+        """Record the request (``rollback_request.record``), each store call bounded."""
         alert = concerned[0]
         reason = alert.describe()
-        new: bool = self._with_store(store, ticket,
-                                     lambda: store.request_rollback(self.name, reason))
-        if new:
+        bounded = _Bounded(store, lambda call: self._with_store(store, ticket, call))
+        recorded = rollback_request.record(bounded, self.name, reason, row=row)
+        if recorded.new:
             self._with_store(store, ticket, lambda: store.log(
                 self.name, "warning", f"rollback requested by Alertmanager: {reason}",
                 state=row.state, details={
                     "alertname": alert.name, "labels": alert.labels,
                     "fingerprint": alert.fingerprint, "starts_at": alert.starts_at,
                     "matching_alerts": len(concerned)}))
-        return new
+        return recorded
 
-    def _answer(self, row: ReleaseRow, concerned: list[Alert], new: bool) -> Decision:
+    def _answer(self, row: ReleaseRow, concerned: list[Alert],
+                recorded: rollback_request.Recorded) -> Decision:
         """Make sure someone executes the rollback, and say who and why."""
         alert = concerned[0]
         reason = alert.describe()
-        pending = row.rollback_requested or row.error or reason
-        started = self._ensure_executor(reason if new else pending)
+        started = self._ensure_executor(recorded.reason)
         executor = "receiver" if self.rollback_running() else "orchestrator"
         body = {"release": self.name, "reason": reason, "executor": executor,
                 "state": row.state, "matching_alerts": len(concerned)}
-        if new:
+        if recorded.new:
             self.count("rollback_requested")
             log.warning("rollback requested", release=self.name, reason=reason,
                         alertname=alert.name, executor=executor)
             return Decision(202, {"action": "rollback_requested", **body})
         if started:
             self.count("rollback_started")
-            return Decision(202, {"action": "rollback_started", **body, "reason": pending})
+            return Decision(202, {"action": "rollback_started", **body,
+                                  "reason": recorded.reason})
         self.count("already_requested")
         return Decision(200, {"action": "none", **body, "reason": (
-            "a rollback is already under way" if row.state == State.ROLLBACK else
-            f"a rollback was already requested: {pending}")})
+            "a rollback is already under way" if recorded.rolling_back else
+            f"a rollback was already requested: {recorded.reason}")})
 
     def _ignored(self, reason: str) -> Decision:
         self.count("ignored")
@@ -326,10 +347,9 @@ class AlertReceiver:
 
     def _rollback(self, reason: str) -> None:
         try:
-            self._run_rollback(reason)
-        except LockedError:
-            log.info("an orchestrator took the release over; it performs the rollback",
-                     release=self.name)
+            if rollback_request.perform(self._run_rollback, reason) is None:
+                log.info("an orchestrator took the release over; it performs the rollback",
+                         release=self.name)
         except OrchestrateError as exc:
             self.count("rollback_failed")
             # An error meant for a person: its message says it all, no traceback.

@@ -247,6 +247,21 @@ def test_a_requested_rollback_nobody_performs_is_started_by_the_next_alert() -> 
     assert h.rollbacks == ["operator asked"] and h.store.requests == []
 
 
+def test_a_release_that_moved_past_its_window_meanwhile_is_ignored() -> None:
+    # Read in the window, in cleanup by the time the request is written: the write
+    # matches nothing and the row, read again, says why (not "already requested").
+    h = Harness(running(state="window"), lock_free=True)
+
+    def moved_on(name: str, reason: str) -> bool:
+        h.store.row = running(state="cleanup", status="promoted")
+        return False
+    h.store.request_rollback = moved_on  # type: ignore[method-assign]
+    code, body = h.send(alert())
+    assert code == 200 and body["action"] == "ignored"
+    assert "cannot be rolled back: it is cleanup" in body["reason"]
+    assert h.rollbacks == []
+
+
 def test_state_database_down_answers_503_so_alertmanager_retries() -> None:
     h = Harness(running())
     h.store.down = 2
