@@ -36,6 +36,15 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _counter = itertools.count(1)
 
 
+def _third_octet() -> int:
+    """Distinct per pytest-xdist worker (two workers must never share a subnet);
+    outside xdist, from the process id."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw") and worker[2:].isdigit():
+        return 100 + int(worker[2:]) % 150
+    return os.getpid() % 100
+
+
 def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
 
@@ -90,7 +99,7 @@ class IsolatedAddress:
         self.namespace = f"orch-{tag}-{secrets.token_hex(2)}"
         self.host_link, self.ns_link = f"ob{tag}"[:15], f"on{tag}"[:15]
         # A /30 per fixture: 10.213.<pid-derived>.<4n>
-        subnet = (os.getpid() % 250, (n % 60) * 4)
+        subnet = (_third_octet(), (n % 60) * 4)
         self.host_ip = f"10.213.{subnet[0]}.{subnet[1] + 1}"
         self.host = f"10.213.{subnet[0]}.{subnet[1] + 2}"
         self.port = port
