@@ -39,8 +39,8 @@ __all__ = [
     "drop_slot", "drop_subscription", "ensure_enabled", "ensure_heartbeat",
     "ensure_publication", "ensure_subscription", "error_count", "forward",
     "full_identity_tables", "lag_bytes", "orchestrate_slots", "publication_sql", "reverse",
-    "reverse_column_lists", "subscription_exists", "subscription_sql", "subscription_state",
-    "wait_applied", "wait_initial_copy",
+    "reverse_column_lists", "subscription_exists", "subscription_options", "subscription_sql",
+    "subscription_state", "wait_applied", "wait_initial_copy",
 ]
 
 HEARTBEAT_TABLE = control_schema.HEARTBEAT_TABLE
@@ -203,19 +203,28 @@ class SubscriptionOptions:
 def subscription_sql(name: str, publisher_conninfo: str, publication: str,
                      opts: SubscriptionOptions) -> sql.Composed:
     """The statement; it embeds the peer's conninfo, so it is shown only redacted."""
-    options = [
-        sql.SQL("copy_data = {}").format(sql.Literal(opts.copy_data)),
-        sql.SQL("create_slot = true"),
-        sql.SQL("slot_name = {}").format(sql.Literal(name)),
+    return sql.SQL("CREATE SUBSCRIPTION {n} CONNECTION {c} PUBLICATION {p} WITH ({o})").format(
+        n=sql.Identifier(name), c=sql.Literal(publisher_conninfo),
+        p=sql.Identifier(publication),
+        o=subscription_options(opts, copy_data=opts.copy_data, create_slot=True,
+                               slot_name=name))
+
+
+def subscription_options(opts: SubscriptionOptions, *, copy_data: bool, create_slot: bool,
+                         slot_name: str) -> sql.Composed:
+    """The WITH (...) list of every subscription orchestrate creates, one policy for
+    both ways of creating one (with its own slot, or on the initial copy's slot)."""
+    options: list[sql.Composable] = [
+        sql.SQL("copy_data = {}").format(sql.Literal(copy_data)),
+        sql.SQL("create_slot = {}").format(sql.Literal(create_slot)),
+        sql.SQL("slot_name = {}").format(sql.Literal(slot_name)),
         sql.SQL("binary = {}").format(sql.Literal(opts.binary)),
         sql.SQL("streaming = {}").format(sql.Literal(opts.streaming)),
         sql.SQL("disable_on_error = {}").format(sql.Literal(opts.disable_on_error)),
     ]
     if opts.origin_none:
         options.append(sql.SQL("origin = none"))
-    return sql.SQL("CREATE SUBSCRIPTION {n} CONNECTION {c} PUBLICATION {p} WITH ({o})").format(
-        n=sql.Identifier(name), c=sql.Literal(publisher_conninfo),
-        p=sql.Identifier(publication), o=sql.SQL(", ").join(options))
+    return sql.SQL(", ").join(options)
 
 
 def subscription_exists(conn: psycopg.Connection[Any], name: str) -> bool:

@@ -40,22 +40,15 @@ def subscribe_from_slot(green: psycopg.Connection[Any], name: str, publisher_con
     """
     if replication.subscription_exists(green, name):
         return False
-    options = [
-        sql.SQL("copy_data = false"), sql.SQL("create_slot = false"),
-        sql.SQL("slot_name = {}").format(sql.Literal(slot_name)),
-        sql.SQL("binary = {}").format(sql.Literal(opts.binary)),
-        sql.SQL("streaming = {}").format(sql.Literal(opts.streaming)),
-        sql.SQL("disable_on_error = {}").format(sql.Literal(opts.disable_on_error)),
-    ]
-    if opts.origin_none:
-        options.append(sql.SQL("origin = none"))
+    options = replication.subscription_options(opts, copy_data=False, create_slot=False,
+                                               slot_name=slot_name)
     with green.transaction():
         # Without create_slot the statement may run in a transaction: the phase and
         # the subscription commit together.
         green.execute(sql.SQL(
             "CREATE SUBSCRIPTION {n} CONNECTION {c} PUBLICATION {p} WITH ({o})").format(
                 n=sql.Identifier(name), c=sql.Literal(publisher_conninfo),
-                p=sql.Identifier(publication), o=sql.SQL(", ").join(options)))
+                p=sql.Identifier(publication), o=options))
         if control_schema is not None:
             set_phase(green, control_schema, slot_name, "streaming")
     return True
