@@ -87,6 +87,14 @@ def release_row(sb: Sandbox, name: str) -> dict[str, Any] | None:
     return {"state": row[0], "status": row[1], "error": row[2], "facts": row[3]}
 
 
+def green_weight(sb: Sandbox, name: str) -> int | None:
+    """The green weight the release last recorded; None before it set any."""
+    row = release_row(sb, name)
+    weights = (row["facts"].get("weights") or {}) if row else {}
+    green = weights.get("green")
+    return None if green is None else int(green)
+
+
 def replication_leftovers(sb: Sandbox) -> list[str]:
     """Every publication, subscription and slot still present on either side."""
     found: list[str] = []

@@ -17,6 +17,7 @@ from tests.integration.helpers import (
     assert_acked_writes_on_blue,
     blue_conn,
     green_conn,
+    green_weight,
     order_ids,
     release_row,
     replication_leftovers,
@@ -180,8 +181,7 @@ def test_broken_replication_during_a_stage_rolls_back(sandbox_16_17: Sandbox) ->
     proc = spawn_cli(sb, "release", "--config", str(cfg), log=sb.base_dir / "broken.log")
     try:
         def at_20() -> bool:
-            row = release_row(sb, "broken-sync")
-            return bool(row and (row["facts"].get("weights") or {}).get("green") == 20)
+            return green_weight(sb, "broken-sync") == 20
 
         assert wait_for(at_20, timeout=120), (sb.base_dir / "broken.log").read_text()[-3000:]
         with green_conn(sb) as g:

@@ -30,6 +30,7 @@ from tests.integration.helpers import (
     blue_conn,
     blue_fenced,
     green_conn,
+    green_weight,
     order_ids,
     release_row,
     reset,
@@ -109,9 +110,8 @@ def _green_stops_answering_in_a_stage(
     asker = None
     try:
         def green_takes_writes() -> bool:
-            row = release_row(sb, name)
-            at_20 = bool(row and (row["facts"].get("weights") or {}).get("green") == 20)
-            return at_20 and load.report().acked_by_colour.get("green", 0) > 10
+            return (green_weight(sb, name) == 20
+                    and load.report().acked_by_colour.get("green", 0) > 10)
 
         assert wait_for(green_takes_writes, timeout=180), log.read_text()[-3000:]
         with stop_answering():
@@ -176,9 +176,8 @@ def test_blue_frozen_longer_than_the_receiver_timeout_loses_no_write(
     proc = spawn_cli(sb, "release", "--config", str(cfg), log=log)
     try:
         def green_takes_writes() -> bool:
-            row = release_row(sb, "blue-frozen")
-            at_20 = bool(row and (row["facts"].get("weights") or {}).get("green") == 20)
-            return at_20 and load.report().acked_by_colour.get("green", 0) > 10
+            return (green_weight(sb, "blue-frozen") == 20
+                    and load.report().acked_by_colour.get("green", 0) > 10)
 
         assert wait_for(green_takes_writes, timeout=180), log.read_text()[-3000:]
         with frozen(sb.blue):
@@ -298,8 +297,7 @@ def test_blue_frozen_with_the_state_stops_the_release_and_the_rerun_resumes(
     proc = spawn_cli(sb, "release", "--config", str(cfg), log=log)
     try:
         def at_20() -> bool:
-            row = release_row(sb, "state-frozen")
-            return bool(row and (row["facts"].get("weights") or {}).get("green") == 20)
+            return green_weight(sb, "state-frozen") == 20
 
         assert wait_for(at_20, timeout=180), log.read_text()[-3000:]
         with frozen(sb.blue):
@@ -343,15 +341,9 @@ def test_connections_to_green_cut_during_a_stage_are_retried_and_the_release_pro
         proc = spawn_cli(sb, "release", "--config", str(cfg), log=log)
         cuts = 0
         try:
-            def at_20() -> bool:
-                row = release_row(sb, name)
-                return bool(row and (row["facts"].get("weights") or {}).get("green") == 20)
-
-            assert wait_for(at_20, timeout=180), log.read_text()[-3000:]
-            while proc.poll() is None:
-                row = release_row(sb, name)
-                if not row or (row["facts"].get("weights") or {}).get("green") != 20:
-                    break
+            assert wait_for(lambda: green_weight(sb, name) == 20, timeout=180), \
+                log.read_text()[-3000:]
+            while proc.poll() is None and green_weight(sb, name) == 20:
                 cuts += proxy.cut()
                 time.sleep(2.0)
             code = proc.wait(timeout=60)
