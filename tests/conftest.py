@@ -14,16 +14,16 @@ from pathlib import Path
 import pytest
 
 from orchestrator.sandbox.ports import DEFAULT_RANGE, RANGE_ENV
+from tests.workers import worker_count, worker_index
 
 
 def _worker_port_range() -> None:
     """Under pytest-xdist, give each worker its own slice of the sandbox port range,
     so that two workers starting servers at once never pick the same port."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    if not worker.startswith("gw") or RANGE_ENV in os.environ:
+    index = worker_index()
+    if index is None or RANGE_ENV in os.environ:
         return
-    index = int(worker[2:])
-    count = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), index + 1)
+    count = max(worker_count(), index + 1)
     span = (DEFAULT_RANGE[1] - DEFAULT_RANGE[0]) // count
     low = DEFAULT_RANGE[0] + index * span
     os.environ[RANGE_ENV] = f"{low}-{low + span - 1}"

@@ -30,6 +30,7 @@ from pathlib import Path
 from types import TracebackType
 
 from tests.faults.proxy import Forwarder
+from tests.workers import worker_index
 
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -39,10 +40,8 @@ _counter = itertools.count(1)
 def _third_octet() -> int:
     """Distinct per pytest-xdist worker (two workers must never share a subnet);
     outside xdist, from the process id."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    if worker.startswith("gw") and worker[2:].isdigit():
-        return 100 + int(worker[2:]) % 150
-    return os.getpid() % 100
+    index = worker_index()
+    return os.getpid() % 100 if index is None else 100 + index % 150
 
 
 def _ip(*args: str) -> None:
