@@ -19,6 +19,7 @@ import psycopg
 from orchestrator.canary.metrics import MetricsSource
 from orchestrator.config import ReleaseConfig
 from orchestrator.errors import OrchestrateError
+from orchestrator.events import Event, Events, Kind
 from orchestrator.logging import get_logger
 from orchestrator.pg import catalog, fingerprint
 from orchestrator.pg.endpoint import Endpoint
@@ -32,13 +33,18 @@ log = get_logger("orchestrate")
 
 class Journal:
     """What the release writes about itself, bound to it: notes (the release log and
-    the process log), facts, and canary measurements. ``facts`` is the release's
-    facts as last stored."""
+    the process log), facts, canary measurements, and the events its listeners
+    (notifications, metrics) hear. ``facts`` is the release's facts as last stored."""
 
-    def __init__(self, store: StateStore, name: str) -> None:
+    def __init__(self, store: StateStore, name: str, events: Events | None = None) -> None:
         self.store = store
         self.name = name
         self.facts = Facts()
+        self.events = events or Events()
+
+    def emit(self, kind: Kind, **fields: Any) -> None:
+        """Tell the listeners; never raises, never waits (``orchestrator.events``)."""
+        self.events.emit(Event(kind, self.name, **fields))
 
     def fact(self, **facts: Any) -> None:
         """Record facts (checked by ``Facts``: a misspelt one is an error) and take
@@ -55,6 +61,8 @@ class Journal:
         self.store.record_measurement(self.name, stage=stage, weight=weight, check=check,
                                       value=value, baseline=baseline, verdict=verdict,
                                       detail=detail)
+        self.emit(Kind.MEASUREMENT, stage=stage + 1, weight=weight, details={
+            "check": check, "value": value, "baseline": baseline, "verdict": verdict})
 
     def rollback_requested(self) -> str | None:
         row = self.store.get(self.name)
@@ -69,12 +77,13 @@ class ReleaseContext:
     metrics: MetricsSource
     sleep: Callable[[float], None] = time.sleep
     display: Display = field(default_factory=NoDisplay)
+    events: Events = field(default_factory=Events)
     journal: Journal = field(init=False)
     blue_endpoint: Endpoint = field(init=False)
     green_endpoint: Endpoint = field(init=False)
 
     def __post_init__(self) -> None:
-        self.journal = Journal(self.store, self.name)
+        self.journal = Journal(self.store, self.name, self.events)
         # Built once: every session, client tool and peer conninfo of the release
         # comes from these two.
         self.blue_endpoint = Endpoint(self.cfg.blue, "blue")

@@ -27,11 +27,8 @@ and the window's watch are ``orchestrator.stages``, both on ``orchestrator.conte
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -47,12 +44,22 @@ from orchestrator.errors import (
     ReleaseFailed,
     StateUnavailable,
 )
+from orchestrator.events import Events, Kind
 from orchestrator.logging import get_logger, scrub
 from orchestrator.pg import backup, fence, migrations, schema
 from orchestrator.pg import validate as validation
 from orchestrator.pg.conn import server_major
 from orchestrator.pg.tools import find_tools
-from orchestrator.record import AFTER_PROMOTION, TERMINAL, Facts, State, Status
+from orchestrator.record import (
+    AFTER_PROMOTION,
+    TERMINAL,
+    Facts,
+    Outcome,
+    Pause,
+    State,
+    Status,
+    config_digest,
+)
 from orchestrator.routers.base import TrafficRouter
 from orchestrator.stages import REQUEST_POLL_S, CanaryFailed, StageRunner
 from orchestrator.store import ReleaseRow, StateStore
@@ -60,42 +67,9 @@ from orchestrator.ui import Display, NoDisplay
 
 log = get_logger("orchestrate")
 
-# State, TERMINAL and AFTER_PROMOTION moved to orchestrator.record, REQUEST_POLL_S
-# and CanaryFailed to orchestrator.stages; all still importable from here.
+# Re-exported: State & co. live in orchestrator.record, the stage names in .stages.
 __all__ = ["AFTER_PROMOTION", "REQUEST_POLL_S", "TERMINAL", "CanaryFailed", "Outcome",
            "Pause", "Release", "State", "Status", "config_digest", "release_for"]
-
-
-@dataclass(frozen=True)
-class Pause:
-    """Not a failure: the release stops here for now (the rollback window is still
-    open) and the next run continues from the same state."""
-
-    message: str
-
-
-@dataclass(frozen=True)
-class Outcome:
-    name: str
-    state: State
-    status: Status
-    error: str | None
-
-    @property
-    def exit_code(self) -> int:
-        if self.status == Status.PROMOTED:
-            return 0
-        return 1
-
-
-def config_digest(cfg: ReleaseConfig) -> tuple[str, dict[str, Any]]:
-    """The config as stored with the release (secrets are references, never values),
-    and a hash of what the user wrote: defaults are left out of the hash, so that an
-    upgrade of orchestrate that adds a setting does not block resuming a release."""
-    data = json.loads(cfg.model_dump_json(by_alias=True))
-    written = json.loads(cfg.model_dump_json(by_alias=True, exclude_unset=True))
-    text = json.dumps(written, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest(), data
 
 
 class Release:
@@ -109,6 +83,7 @@ class Release:
         display: Display | None = None,
         sleep: Callable[[float], None] = time.sleep,
         wait_window: bool = False,
+        events: Events | None = None,
     ) -> None:
         self.wait_window = wait_window
         self.cfg = cfg
@@ -120,7 +95,8 @@ class Release:
         self.sleep = sleep
         self.schema = cfg.state.schema_name
         self.ctx = ReleaseContext(cfg, store, router, metrics, sleep=sleep,
-                                  display=self.display)
+                                  display=self.display, events=events or Events())
+        self.emit = self.ctx.journal.emit
         self.pair = ReplicationPair(self.ctx)
         self.stages = StageRunner(self.ctx, self.pair)
         self.fwd = self.pair.fwd
@@ -168,6 +144,7 @@ class Release:
         finally:
             self.store.release_lock()
             self.display.close()
+            self.ctx.events.close()
 
     def _start(self) -> ReleaseRow:
         sha, data = config_digest(self.cfg)
@@ -188,6 +165,7 @@ class Release:
                        details={"mode": report.mode, "warnings": report.warnings,
                                 "server_majors": report.majors})
         self.store.merge_facts(self.name, mode=report.mode, majors=report.majors)
+        self.emit(Kind.STARTED, state=State.BACKUP.value, details={"mode": report.mode})
         self.pair.drop_leftovers()
         row = self.store.get(self.name)
         assert row is not None
@@ -214,6 +192,7 @@ class Release:
             handler = self._handlers[state]
             started = time.monotonic()
             log.info("state", release=self.name, state=state.value)
+            self.emit(Kind.STATE, state=state.value)
             try:
                 following = handler()
             except StateUnavailable as lost:
@@ -222,6 +201,7 @@ class Release:
                 log.error("state database lost", release=self.name,  # noqa: TRY400
                           state=state.value,
                           error=lost.message)
+                self.emit(Kind.FAILED, state=state.value, reason=lost.message)
                 raise
             except OrchestrateError as exc:
                 state = self._on_failure(state, exc)
@@ -238,6 +218,7 @@ class Release:
             status = {State.WINDOW: Status.PROMOTED, State.DONE: Status.PROMOTED,
                       State.ROLLED_BACK: Status.ROLLED_BACK}.get(following)
             self.store.set_state(self.name, following, status=status, clear_error=False)
+            self._emit_transition(state, following, elapsed)
             state = following
         row = self.store.get(self.name)
         assert row is not None
@@ -253,6 +234,7 @@ class Release:
             # A failed rollback or cleanup is retried by running the command again;
             # it must not start another rollback on top of itself.
             self.store.set_state(self.name, state, error=message)
+            self.emit(Kind.FAILED, state=state.value, reason=message)
             raise ReleaseFailed(
                 f"{state.value} did not complete: {message}",
                 hint=exc.hint or f"fix the cause and run `orchestrate "
@@ -273,7 +255,19 @@ class Release:
         self.store.set_state(self.name, State.ROLLBACK, status=Status.RUNNING, error=reason)
         self.store.log(self.name, "warning", f"rolling back: {reason}", state=state.value)
         log.warning("rolling back", release=self.name, reason=reason)
+        self.emit(Kind.ROLLING_BACK, state=state.value, reason=reason)
         return State.ROLLBACK
+
+    def _emit_transition(self, state: State, following: State, elapsed: float) -> None:
+        self.emit(Kind.STATE_DONE, state=state.value, details={
+            "duration_s": round(elapsed, 3), "next": following.value})
+        milestone = {State.WINDOW: Kind.PROMOTED, State.DONE: Kind.DONE,
+                     State.ROLLED_BACK: Kind.ROLLED_BACK}.get(following)
+        if state == State.WINDOW and following == State.CLEANUP:
+            milestone = Kind.WINDOW_CLOSED
+        if milestone is not None:
+            self.emit(milestone, state=following.value, reason=self.facts.rollback_reason
+                      if milestone == Kind.ROLLED_BACK else None)
 
     def _outcome(self, row: ReleaseRow) -> Outcome:
         return Outcome(row.name, row.state, row.status, row.error)

@@ -31,7 +31,10 @@ floats today's rows hold into one and back would not give the same number.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -47,6 +50,7 @@ from pydantic import (
     model_validator,
 )
 
+from orchestrator.config import ReleaseConfig
 from orchestrator.errors import OrchestrateError
 from orchestrator.routers.base import Weights
 
@@ -207,3 +211,35 @@ class Facts(_Stored):
         merged = {**out, **self._extra}
         first = {k: merged[k] for k in self._order if k in merged}
         return {**first, **merged}
+
+
+@dataclass(frozen=True)
+class Pause:
+    """Not a failure: the release stops here for now (the rollback window is still
+    open) and the next run continues from the same state."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    name: str
+    state: State
+    status: Status
+    error: str | None
+
+    @property
+    def exit_code(self) -> int:
+        if self.status == Status.PROMOTED:
+            return 0
+        return 1
+
+
+def config_digest(cfg: ReleaseConfig) -> tuple[str, dict[str, Any]]:
+    """The config as stored with the release (secrets are references, never values),
+    and a hash of what the user wrote: defaults are left out of the hash, so that an
+    upgrade of orchestrate that adds a setting does not block resuming a release."""
+    data = json.loads(cfg.model_dump_json(by_alias=True))
+    written = json.loads(cfg.model_dump_json(by_alias=True, exclude_unset=True))
+    text = json.dumps(written, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest(), data

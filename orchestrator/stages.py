@@ -22,6 +22,7 @@ from orchestrator.canary.analysis import Evaluation, format_window, run_stage
 from orchestrator.context import ReleaseContext, log
 from orchestrator.datapath import ReplicationCheck, ReplicationPair
 from orchestrator.errors import ReleaseFailed
+from orchestrator.events import Kind
 from orchestrator.pg.probe import SideProbe
 from orchestrator.routers.base import Weights
 
@@ -76,7 +77,7 @@ class StageRunner:
             ctx.journal.measure(stage=index, weight=stage.weight, check=ev.check,
                                 value=ev.value, baseline=ev.baseline, verdict=ev.verdict,
                                 detail=ev.detail)
-            log.info("check", stage=index, check=ev.check, value=ev.value,
+            log.info("check", stage=index + 1, check=ev.check, value=ev.value,
                      verdict=ev.verdict, detail=ev.detail)
 
         # At 0 % green serves no users: there is nothing to measure, only gates.
@@ -110,6 +111,8 @@ class StageRunner:
             ctx.fact(awaiting_approval=None)
         self._hooks("after", index)
         ctx.fact(stage=index + 1)
+        ctx.journal.emit(Kind.STAGE_PASSED, state="canary", stage=index + 1,
+                         stages=len(canary.stages), weight=stage.weight)
 
     # ------------------------------------------------------------------- hooks
 
@@ -155,6 +158,9 @@ class StageRunner:
 
     def wait_for_approval(self, stage: int) -> None:
         ctx = self.ctx
+        stages = len(ctx.cfg.canary.stages)
+        # Past the last stage, what waits is the promotion, not a "stage N+1 of N".
+        what = f"stage {stage + 1}" if stage < stages else "the promotion"
         announced = False
         while True:
             row = ctx.store.get(ctx.name)
@@ -163,10 +169,13 @@ class StageRunner:
                 raise CanaryFailed(f"aborted while waiting for approval: "
                                    f"{row.rollback_requested}")
             if row.approved_stage is not None and row.approved_stage >= stage:
-                ctx.note(f"stage {stage + 1} approved")
+                ctx.note(f"{what} approved")
                 return
             if not announced:
-                ctx.note(f"waiting for approval of stage {stage + 1}: run `orchestrate "
+                ctx.journal.emit(Kind.AWAITING_APPROVAL, state="canary", stages=stages,
+                                 stage=stage + 1 if stage < stages else None,
+                                 details={"awaiting": what})
+                ctx.note(f"waiting for approval of {what}: run `orchestrate "
                          f"promote --release {ctx.name}` (or `orchestrate abort`)", "warning")
                 announced = True
             ctx.sleep(REQUEST_POLL_S)

@@ -19,6 +19,7 @@ from psycopg import sql
 
 from orchestrator.canary.metrics import FakeMetrics
 from orchestrator.config import ReleaseConfig, parse_config
+from orchestrator.events import Events, RecordingSink
 from orchestrator.machine import Release, config_digest
 from orchestrator.record import Facts, State, Status
 from orchestrator.routers.base import Weights
@@ -98,6 +99,7 @@ class Pair:
     name: str
     router: FakeRouter = field(default_factory=FakeRouter)
     metrics: FakeMetrics = field(default_factory=FakeMetrics)
+    events: RecordingSink = field(default_factory=RecordingSink)
     stores: list[StateStore] = field(default_factory=list)
 
     def config(self, **overrides: Any) -> ReleaseConfig:
@@ -137,7 +139,7 @@ class Pair:
     def release(self, cfg: ReleaseConfig, *, sleep: FakeSleep,
                 wait_window: bool = False) -> Release:
         return Release(cfg, store=self.store(cfg), router=self.router, metrics=self.metrics,
-                       sleep=sleep, wait_window=wait_window)
+                       sleep=sleep, wait_window=wait_window, events=Events([self.events]))
 
     def seed(self, cfg: ReleaseConfig, state: State, *, status: Status = Status.RUNNING,
              **facts: Any) -> StateStore:

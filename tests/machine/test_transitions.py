@@ -10,6 +10,7 @@ import psycopg
 import pytest
 
 from orchestrator.errors import OrchestrateError, PreflightError, ReleaseFailed
+from orchestrator.events import Kind
 from orchestrator.record import State, Status
 from orchestrator.routers.base import Weights
 from tests.machine.conftest import SWITCHED_OVER, FakeSleep, Pair, Stop, create_database
@@ -83,6 +84,11 @@ def test_a_rollback_requested_in_the_window_is_obeyed_at_the_next_poll(pair: Pai
     assert row.facts.rollback_from == State.WINDOW
     assert row.facts.rollback_reason == "error budget burnt"
     assert row.facts.rolled_back_at is not None
+    milestones = [e for e in pair.events.events
+                  if e.kind in {Kind.ROLLING_BACK, Kind.ROLLED_BACK}]
+    assert [(e.kind, e.state, e.reason) for e in milestones] == [
+        (Kind.ROLLING_BACK, "window", "error budget burnt"),
+        (Kind.ROLLED_BACK, "rolled_back", "error budget burnt")]
 
 
 def test_weights_drifted_to_the_target_are_adopted_on_resume(pair: Pair) -> None:
@@ -151,12 +157,21 @@ def test_an_inconclusive_stage_pauses_until_approved_then_goes_on(pair: Pair) ->
     assert pair.metrics.queries and "colour='green'" in pair.metrics.queries[0]
     messages = pair.log(cfg)
     assert any(m.startswith("stage 100% inconclusive, waiting for a person") for m in messages)
-    assert "stage 3 approved" in messages
+    assert "the promotion approved" in messages
     # Went on: promoted, and stopped in its (not waited for) rollback window.
     assert (outcome.state, outcome.status) == (State.WINDOW, Status.PROMOTED)
     row = pair.row(cfg)
     assert row.facts.awaiting_approval is None and row.facts.stage == 2
     assert row.facts.promoted_at is not None
+    kinds = pair.events.kinds()
+    assert kinds.count(Kind.AWAITING_APPROVAL) == 1
+    assert [(e.stage, e.stages) for e in pair.events.events
+            if e.kind == Kind.AWAITING_APPROVAL] == [(None, 2)]
+    assert Kind.STAGE_PASSED in kinds
+    assert kinds[-3:] == [Kind.STATE_DONE, Kind.PROMOTED, Kind.STATE]  # then the window
+    done = [e for e in pair.events.events if e.kind == Kind.STATE_DONE]
+    assert [e.state for e in done] == ["canary", "promote"]
+    assert all(e.details["duration_s"] >= 0 for e in done)
 
 
 def test_a_finished_release_refuses_a_rollback(pair: Pair) -> None:
