@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import traceback
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from orchestrator.config import ReleaseConfig, load_config
 from orchestrator.errors import OrchestrateError
 from orchestrator.machine import Release, release_for
 from orchestrator.record import State, Status
-from orchestrator.store import StateStore
+from orchestrator.store import ReleaseRow, StateStore
 from orchestrator.ui import make_display
 
 CONFIG = click.option("--config", "-c", "config_path", type=click.Path(path_type=Path),
@@ -166,13 +168,18 @@ def status(ctx: click.Context, config_path: Path, output: str) -> None:
     assert row is not None
     measurements = store.measurements(row.name)
     entries = store.log_entries(row.name, limit=20)
+    window = _window(cfg, row)
     if output == "json":
         # The facts as stored: the same JSON whichever version wrote them.
         release = {**row.__dict__, "facts": row.facts.for_storage()}
         click.echo(json.dumps({"release": release, "measurements": measurements,
-                               "log": entries}, default=str, indent=2))
+                               "log": entries, "rollback_window": window},
+                              default=str, indent=2))
         return
     click.echo(f"release {row.name}: state {row.state}, status {row.status}")
+    if window is not None:
+        click.echo(f"  rollback window: {window['remaining_s']:.0f}s left (closes "
+                   f"{window['closes_at']}); `orchestrate rollback` or an alert rolls back")
     if row.error:
         click.echo(f"  error: {row.error}")
     weights, b = row.facts.weights, row.facts.backup
@@ -190,6 +197,18 @@ def status(ctx: click.Context, config_path: Path, output: str) -> None:
     for e in entries:
         click.echo(f"    {e['at']:%H:%M:%S} {e['level']:<8} {e['state'] or '':<10} "
                    f"{e['message']}")
+
+
+def _window(cfg: ReleaseConfig, row: ReleaseRow) -> dict[str, Any] | None:
+    """The open rollback window of a promoted release: when it closes, time left."""
+    if row.state != State.WINDOW or row.facts.promoted_at is None:
+        return None
+    closes = row.facts.promoted_at + cfg.rollback.window
+    remaining = closes - time.time()
+    if remaining <= 0:
+        return None
+    return {"closes_at": datetime.fromtimestamp(closes, UTC).isoformat(timespec="seconds"),
+            "remaining_s": round(remaining, 1)}
 
 
 @cli.command()

@@ -28,13 +28,23 @@ from orchestrator.routers.base import Weights
 from orchestrator.store import ReleaseRow
 
 
+@dataclass(frozen=True)
+class Lag:
+    """One direction's lag: WAL not confirmed (bytes) and replay delay (seconds);
+    None where the publisher could not say (the slot not streamed)."""
+
+    direction: str
+    bytes: int | None
+    seconds: float | None
+
+
 @dataclass
 class ReplicationCheck:
     """What one data-path check found (see ``ReplicationPair.health``)."""
 
     problem: str | None = None
     postponed: str = ""  # could not look: why
-    lags: list[tuple[str, int | None]] = field(default_factory=list)
+    lags: list[Lag] = field(default_factory=list)
 
 
 class ReplicationPair:
@@ -235,7 +245,8 @@ class ReplicationPair:
                     except ReleaseFailed as exc:
                         result.problem = f"{what} replication stopped: {exc.message}"
                         return result
-                    result.lags.append((what, replication.lag_bytes(pub, slot)))
+                    result.lags.append(Lag(what, replication.lag_bytes(pub, slot),
+                                           replication.lag_seconds(pub, slot)))
         except psycopg.OperationalError as exc:
             # The server stopped answering mid-check: the probes judge that.
             return ReplicationCheck(postponed=str(exc).strip())

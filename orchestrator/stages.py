@@ -1,33 +1,33 @@
-"""The canary stages and the rollback window: weights, hooks, analysis, manual gates,
-and the guard that can end a stage besides its metrics.
+"""The canary stages and the rollback window: weights, hooks, analysis, manual gates.
 
 A stage runs: its ``before`` hooks (while the previous weights still hold), the
-router change, the analysis (``canary.analysis.run_stage``) under a guard that
-looks for a rollback request, probes both sides and checks the data path, then
-its ``after`` hooks. An inconclusive stage pauses for a person when the config
-says so. ``StageRunner.watch_window`` is the same guard (request and probes) for
-the rollback window after promotion.
+router change, the analysis (``canary.analysis.run_stage``) under a guard
+(``orchestrator.guard``: a rollback request, both sides' probes, the data path and
+its lag), then its ``after`` hooks. An inconclusive stage pauses for a person when
+the config says so. ``StageRunner.watch_window`` watches the rollback window after
+promotion the same way, with the last stage's checks.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from orchestrator.canary.analysis import Evaluation, format_window, run_stage
 from orchestrator.context import ReleaseContext, log
-from orchestrator.datapath import ReplicationCheck, ReplicationPair
+from orchestrator.datapath import ReplicationPair
 from orchestrator.errors import ReleaseFailed
 from orchestrator.events import Kind
-from orchestrator.pg.probe import SideProbe
+from orchestrator.guard import Guard, LagStreaks, probes
 from orchestrator.routers.base import Weights
 
 if TYPE_CHECKING:
     from orchestrator.canary.hooks import HookResult
+    from orchestrator.config.metrics import MetricCheck
 
 # How often a waiting orchestrator (rollback window, approval gate) looks for a
 # rollback request made by another process: the promise is "within one poll".
@@ -42,6 +42,7 @@ class StageRunner:
     def __init__(self, ctx: ReleaseContext, pair: ReplicationPair) -> None:
         self.ctx = ctx
         self.pair = pair
+        self.lag_streaks = LagStreaks()
 
     def run(self) -> None:
         """Every stage from the one the facts say is next; raises ``CanaryFailed``."""
@@ -73,27 +74,14 @@ class StageRunner:
         ctx.note(f"stage {index + 1}/{len(canary.stages)}: {stage.weight}% to green",
                  duration_s=stage.duration, interval_s=interval)
 
-        def record(ev: Evaluation) -> None:
-            ctx.journal.measure(stage=index, weight=stage.weight, check=ev.check,
-                                value=ev.value, baseline=ev.baseline, verdict=ev.verdict,
-                                detail=ev.detail)
-            log.info("check", stage=index + 1, check=ev.check, value=ev.value,
-                     verdict=ev.verdict, detail=ev.detail)
-
         # At 0 % green serves no users: there is nothing to measure, only gates.
         checks = canary.checks_for(stage) if stage.weight > 0 else []
-        # run_stage asks for a rollback request every ~0.5 s while it waits, so an
-        # alert or `orchestrate abort` acts within a second, not an interval.
-        with self.probes(interval, blue_too=True) as probes, ExitStack() as stack:
-            data_checks = ThreadPoolExecutor(1, thread_name_prefix="replication-check")
-            # Not waited for: a check stuck on a paused server ends at its deadline.
-            stack.callback(data_checks.shutdown, wait=False, cancel_futures=True)
-            outcome = run_stage(
-                checks, ctx.metrics, labels, duration=stage.duration,
-                interval=interval, record=record,
-                should_abort=self._stage_guard(index, stage.weight, interval, probes,
-                                               data_checks),
-                sleep=ctx.sleep)
+        # run_stage asks the guard every ~0.5 s while it waits, so an alert or
+        # `orchestrate abort` acts within a second, not an interval.
+        with self._guarded(index, stage.weight, interval, blue_too=True) as guard:
+            outcome = run_stage(checks, ctx.metrics, labels, duration=stage.duration,
+                                interval=interval, record=self._recorder(index, stage.weight),
+                                should_abort=guard, sleep=ctx.sleep)
         if outcome.verdict == "fail":
             raise CanaryFailed(f"stage {stage.weight}%: {outcome.reason}")
         if outcome.verdict == "aborted":
@@ -182,105 +170,68 @@ class StageRunner:
 
     def watch_window(self, closes: float) -> str | None:
         """Until the rollback window closes (``closes``, a ``time.time()``): the reason
-        to roll back (a request, a side that stopped answering), or None once closed."""
+        to roll back, or None once closed.
+
+        The window after 100 % is when a regression shows, so it is watched as a stage
+        is: the last stage's checks go on being evaluated (their absolute limits: blue
+        serves nobody now, so a comparison with blue has nothing to compare with), a
+        rollback request is obeyed within a poll, and a side that stops answering rolls
+        back. An inconclusive analysis (no traffic at night) does not end the watch."""
         ctx = self.ctx
-        remaining = closes - time.time()
-        stage = len(ctx.cfg.canary.stages)
-        with self.probes(ctx.cfg.canary.interval, blue_too=False) as probes:
-            while remaining > 0:
-                reason = ctx.journal.rollback_requested() or self._probe_problem(
-                    probes, stage, 100)
-                if reason:
-                    return reason
-                ctx.sleep(min(REQUEST_POLL_S, remaining))
-                remaining = closes - time.time()
+        canary = ctx.cfg.canary
+        last = canary.stages[-1]
+        checks = window_checks(canary.checks_for(last))
+        labels = ctx.cfg.template_variables(window=format_window(canary.window))
+        interval = canary.interval_for(last)
+        # Stored one past the last stage: `status` tells the window's rows apart.
+        index = len(canary.stages)
+        announced = False
+        with self._guarded(index, 100, interval, blue_too=False, act_on_data=False) as guard:
+            while (remaining := closes - time.time()) > 0:
+                outcome = run_stage(checks, ctx.metrics, labels, duration=remaining,
+                                    interval=interval, record=self._recorder(index, 100),
+                                    should_abort=guard, sleep=ctx.sleep)
+                if outcome.verdict == "aborted":
+                    return outcome.reason
+                if outcome.verdict == "fail":
+                    return f"analysis in the rollback window: {outcome.reason}"
+                if outcome.verdict == "pass":
+                    break
+                if not announced:
+                    ctx.note(f"analysis in the rollback window inconclusive: {outcome.reason}; "
+                             "watching on", "warning")
+                    announced = True
         return None
 
     # ------------------------------------------------------------------- guard
 
     @contextmanager
-    def probes(self, interval: float, *, blue_too: bool) -> Iterator[list[SideProbe]]:
-        """Green's (and blue's) own health, probed in the background for a stage or
-        the window: a paused server is invisible to Prometheus."""
-        cfg = self.ctx.cfg
-        sides = [(self.ctx.green_endpoint, "green")] + (
-            [(self.ctx.blue_endpoint, "blue")] if blue_too else [])
-        probe = cfg.canary.probe
-        probes = [SideProbe(db, side, interval=probe.interval or interval,
-                            timeout=probe.timeout, failure_limit=probe.failure_limit)
-                  for db, side in sides]
-        with ExitStack() as stack:
-            for each in probes:
-                stack.enter_context(each)
-            yield probes
+    def _guarded(self, index: int, weight: int, interval: float, *, blue_too: bool,
+                 act_on_data: bool = True) -> Iterator[Guard]:
+        """The guard of a stage or the window, with its probes and its data-check
+        thread (``orchestrator.guard``)."""
+        with probes(self.ctx, interval, blue_too=blue_too) as side_probes, ExitStack() as stack:
+            data_checks = ThreadPoolExecutor(1, thread_name_prefix="replication-check")
+            # Not waited for: a check stuck on a paused server ends at its deadline.
+            stack.callback(data_checks.shutdown, wait=False, cancel_futures=True)
+            yield Guard(self.ctx, self.pair, stage=index, weight=weight, interval=interval,
+                        side_probes=side_probes, data_checks=data_checks,
+                        streaks=self.lag_streaks, act_on_data=act_on_data)
 
-    def _probe_problem(self, probes: list[SideProbe], index: int, weight: int) -> str | None:
-        for probe in probes:
-            for result in probe.drain():
-                self.ctx.journal.measure(
-                    stage=index, weight=weight, check=f"probe:{result.side}",
-                    value=round(result.seconds, 4), baseline=self.ctx.cfg.canary.probe.timeout,
-                    verdict="pass" if result.ok else "fail", detail=result.detail)
-                if not result.ok:
-                    self.ctx.note(f"{result.side} probe failed: {result.detail}", "warning")
-            problem = probe.problem()
-            if problem:
-                return problem
-        return None
+    def _recorder(self, index: int, weight: int) -> Callable[[Evaluation], None]:
+        ctx = self.ctx
 
-    def _stage_guard(self, index: int, weight: int, interval: float,
-                     probes: list[SideProbe], data_checks: ThreadPoolExecutor
-                     ) -> Callable[[], str | None]:
-        """What can end a stage besides its metrics: a rollback request (checked on
-        every call), a side that stopped answering (its probe), and, once per
-        interval, the data path itself. Argo Rollouts and Flagger cannot see it: a
-        subscription that stopped applying makes green drift from blue and a later
-        rollback slow or lossy, however good the HTTP metrics.
+        def record(ev: Evaluation) -> None:
+            ctx.journal.measure(stage=index, weight=weight, check=ev.check, value=ev.value,
+                                baseline=ev.baseline, verdict=ev.verdict, detail=ev.detail)
+            log.info("check", stage=index + 1, check=ev.check, value=ev.value,
+                     verdict=ev.verdict, detail=ev.detail)
 
-        The data-path check runs on ``data_checks``' thread: on a server that has just
-        stopped answering it waits up to ``canary.probe.timeout``, and a rollback
-        request must not wait behind it."""
-        last = [float("-inf")]
-        running: list[Future[ReplicationCheck]] = []
+        return record
 
-        def guard() -> str | None:
-            reason = self.ctx.journal.rollback_requested()
-            if reason:
-                return reason
-            problem = self._probe_problem(probes, index, weight)
-            if problem:
-                return problem
-            if running:
-                if not running[0].done():
-                    return None
-                return self._record_replication_check(running.pop().result(), index, weight)
-            now = time.monotonic()
-            if now - last[0] < interval:
-                return None
-            last[0] = now
-            if any(p.failing for p in probes):
-                # Its probe judges a side that does not answer; the replication check
-                # would only block on it.
-                return None
-            running.append(data_checks.submit(self.pair.health, index))
-            return None
 
-        return guard
-
-    def _record_replication_check(self, check: ReplicationCheck, index: int,
-                                  weight: int) -> str | None:
-        """On the machine's thread: the store's connection is not shared."""
-        if check.postponed:
-            # One blip is not a verdict: the probes count failures against their
-            # limit and fail the stage; this check waits for the next interval.
-            self.ctx.note(f"replication check postponed: {check.postponed}", "warning")
-            return None
-        max_lag = self.ctx.cfg.sync.max_lag_bytes
-        for what, lag in check.lags:
-            over = lag is not None and lag > max_lag
-            self.ctx.journal.measure(
-                stage=index, weight=weight, check=f"replication-lag:{what}",
-                value=None if lag is None else float(lag), baseline=float(max_lag),
-                verdict="inconclusive" if over else "pass",
-                detail="slot lag in bytes (WAL the subscriber has not confirmed)")
-        return check.problem
+def window_checks(checks: list[MetricCheck]) -> list[MetricCheck]:
+    """The checks as the rollback window evaluates them: their absolute limits only."""
+    kept = [c for c in checks if c.max is not None or c.min is not None]
+    return [c.model_copy(update={"max_increase_over_blue": None,
+                                 "max_decrease_from_blue": None}) for c in kept]

@@ -46,7 +46,14 @@ class InitialCopyConfig(_Model):
 
 
 class SyncConfig(_Model):
+    # Replication lag a canary stage tolerates, in each direction that runs: WAL the
+    # subscriber has not confirmed, and how old the last change it applied is. Over
+    # either limit for ``lag_failure_limit`` data-path checks in a row (one per stage
+    # interval) fails the stage: a lagging green serves stale reads, and a lagging
+    # reverse path makes a rollback slow.
     max_lag_bytes: int = Field(default=1024 * 1024, ge=0)
+    max_lag_seconds: Duration = 30.0
+    lag_failure_limit: int = Field(default=3, ge=1)
     initial_copy_timeout: Duration = 6 * 3600.0
     catchup_timeout: Duration = 600.0
     poll_interval: Duration = 1.0

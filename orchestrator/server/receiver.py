@@ -11,9 +11,10 @@ from __future__ import annotations
 import hmac
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import psycopg
@@ -23,7 +24,7 @@ from orchestrator.config import ReleaseConfig
 from orchestrator.errors import OrchestrateError, StateUnavailable
 from orchestrator.logging import get_logger, register_secret, scrub
 from orchestrator.matchers import AlertSelector, Matchers
-from orchestrator.record import Status
+from orchestrator.record import State, Status
 from orchestrator.rollback_request import NotRollbackable
 from orchestrator.server.payload import Alert
 from orchestrator.store import ReleaseRow
@@ -118,6 +119,7 @@ class AlertReceiver:
         self.matchers = Matchers(cfg.alerts.matchers, cfg.template_variables())
         self.selector = AlertSelector(self.name, cfg.alerts.release_label, self.matchers)
         self.state_timeout = cfg.alerts.state_timeout
+        self.window = cfg.rollback.window
         if token is not None:
             register_secret(token)
         self._token = token.encode() if token is not None else None
@@ -196,9 +198,9 @@ class AlertReceiver:
         row: ReleaseRow | None = self._with_store(store, ticket, lambda: store.get(self.name))
         if row is None:
             return self._ignored(f"release {self.name} has not started")
-        if row.status != Status.RUNNING:
-            return self._ignored(f"release {self.name} is {row.status} (state "
-                                 f"{row.state}); only a running release is rolled back")
+        unprotected = self._unprotected(row)
+        if unprotected:
+            return self._ignored(unprotected)
         current = _since_release(concerned, row)
         if not current:
             return self._ignored(self._older_than_release(concerned[0], row))
@@ -208,6 +210,21 @@ class AlertReceiver:
             # The release moved on (cleanup, done) since it was read.
             return self._ignored(exc.message)
         return self._answer(row, current, recorded)
+
+    def _unprotected(self, row: ReleaseRow) -> str | None:
+        """Why an alert cannot roll this release back, or None: a running release, and
+        a promoted one until its rollback window closes (the window after 100 % is
+        when a regression shows; reverse replication keeps blue current until then)."""
+        if row.status == Status.RUNNING:
+            return None
+        if row.status == Status.PROMOTED and row.state == State.WINDOW:
+            closes = (row.facts.promoted_at or time.time()) + self.window
+            if time.time() < closes:
+                return None
+            return (f"release {self.name} is promoted and its rollback window closed at "
+                    f"{_utc(datetime.fromtimestamp(closes, UTC))}: roll forward instead")
+        return (f"release {self.name} is {row.status} (state {row.state}); only a running "
+                "release, or a promoted one inside its rollback window, is rolled back")
 
     def _older_than_release(self, old: Alert, row: ReleaseRow) -> str:
         assert old.started is not None

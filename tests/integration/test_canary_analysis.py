@@ -77,7 +77,7 @@ def measurements(sb: Sandbox, name: str) -> list[dict[str, Any]]:
             "orchestrate.stage_measurements WHERE release = %s "
             # The stage guard's replication-lag and probe rows are not what these tests
             # count.
-            "AND check_name NOT LIKE 'replication-lag:%%' AND check_name NOT LIKE 'probe:%%' "
+            "AND check_name NOT LIKE 'replication-lag%%' AND check_name NOT LIKE 'probe:%%' "
             "ORDER BY id", (name,)).fetchall()
     keys = ("stage", "weight", "check", "value", "baseline", "verdict", "detail")
     return [dict(zip(keys, r, strict=True)) for r in rows]

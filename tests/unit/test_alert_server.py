@@ -21,6 +21,7 @@ import structlog
 from orchestrator import logging as logs
 from orchestrator.config import ReleaseConfig, parse_config
 from orchestrator.errors import ConfigError
+from orchestrator.record import NO_ROLLBACK_FROM
 from orchestrator.server import (
     AlertReceiver,
     Matchers,
@@ -126,7 +127,8 @@ class FakeStore:
 
     def request_rollback(self, name: str, reason: str) -> bool:
         assert self.row is not None
-        if self.row.status != "running" or self.row.rollback_requested:
+        # As StateStore.request_rollback: any state a rollback can start from.
+        if self.row.state in NO_ROLLBACK_FROM or self.row.rollback_requested:
             return False
         self.row.rollback_requested = reason
         self.requests.append(reason)
@@ -140,8 +142,12 @@ class FakeStore:
         self.closed += 1
 
 
-def running(state: str = "canary", status: str = "running") -> ReleaseRow:
-    return ReleaseRow(name="shop-r1", state=state, status=status, config_sha256="x")
+def running(state: str = "canary", status: str = "running",
+            promoted_at: float | None = None) -> ReleaseRow:
+    row = ReleaseRow(name="shop-r1", state=state, status=status, config_sha256="x")
+    if promoted_at is not None:
+        row.facts = row.facts.model_copy(update={"promoted_at": promoted_at})
+    return row
 
 
 class Harness:
@@ -214,7 +220,9 @@ def test_resolved_and_unmatched_alerts_are_ignored(alerts: list[dict[str, Any]],
     [
         (None, "has not started"),
         (running(state="rolled_back", status="rolled_back"), "is rolled_back"),
-        (running(state="window", status="promoted"), "is promoted"),
+        (running(state="cleanup", status="promoted"), "is promoted (state cleanup)"),
+        (running(state="window", status="promoted", promoted_at=time.time() - 7200),
+         "its rollback window closed at"),
     ],
 )
 def test_a_release_that_is_not_running_is_never_rolled_back(row: ReleaseRow | None,
@@ -223,6 +231,20 @@ def test_a_release_that_is_not_running_is_never_rolled_back(row: ReleaseRow | No
     code, body = h.send(alert())
     assert code == 200 and body["action"] == "ignored" and reason in body["reason"]
     assert h.store.requests == [] and h.rollbacks == []
+
+
+def test_an_alert_in_the_rollback_window_rolls_a_promoted_release_back() -> None:
+    # Promoted a minute ago, the window (an hour by default) is open: this is exactly
+    # when a regression shows, so the alert is obeyed, not "ignored: promoted".
+    h = Harness(running(state="window", status="promoted", promoted_at=time.time() - 60),
+                lock_free=True, rollback_blocks=True)
+    code, body = h.send(alert())
+    h.release.set()
+    h.receiver.wait(5)
+    assert code == 202 and body["action"] == "rollback_requested"
+    assert body["state"] == "window" and body["executor"] == "receiver"
+    assert h.store.requests == ["alert GreenErrors firing: green answers 5xx"]
+    assert h.rollbacks == ["alert GreenErrors firing: green answers 5xx"]
 
 
 def test_without_an_orchestrator_the_receiver_rolls_back_itself_once() -> None:
