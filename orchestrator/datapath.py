@@ -36,6 +36,7 @@ class Lag:
     direction: str
     bytes: int | None
     seconds: float | None
+    confirmed: str | None = None  # the slot's confirmed_flush_lsn
 
 
 @dataclass
@@ -245,8 +246,9 @@ class ReplicationPair:
                     except ReleaseFailed as exc:
                         result.problem = f"{what} replication stopped: {exc.message}"
                         return result
-                    result.lags.append(Lag(what, replication.lag_bytes(pub, slot),
-                                           replication.lag_seconds(pub, slot)))
+                    seconds, confirmed = replication.lag_seconds(pub, slot)
+                    result.lags.append(Lag(what, replication.lag_bytes(pub, slot), seconds,
+                                           confirmed))
         except psycopg.OperationalError as exc:
             # The server stopped answering mid-check: the probes judge that.
             return ReplicationCheck(postponed=str(exc).strip())

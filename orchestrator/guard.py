@@ -25,7 +25,7 @@ note, for a person.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -38,21 +38,43 @@ from orchestrator.pg.probe import SideProbe
 @dataclass
 class LagStreaks:
     """Consecutive over-limit lag checks per direction, kept across the stages of one
-    run (a lag that began at the end of a stage goes on counting in the next)."""
+    run (a lag that began at the end of a stage goes on counting in the next), and
+    since when each slot's confirmed position has stood still while behind."""
 
+    clock: Callable[[], float] = time.monotonic
     counts: dict[str, int] = field(default_factory=dict)
+    still: dict[str, tuple[str, float]] = field(default_factory=dict)
 
     def judge(self, lag: Lag, *, max_bytes: int, max_seconds: float) -> tuple[str, int]:
         """What is over the limit ("" when within limits, which ends the streak) and
         how many checks in a row it has been so."""
+        seconds = self._seconds(lag)
         over = []
         if lag.bytes is not None and lag.bytes > max_bytes:
             over.append(f"{lag.bytes} bytes > {max_bytes}")
-        if lag.seconds is not None and lag.seconds > max_seconds:
-            over.append(f"{lag.seconds:.1f}s > {max_seconds:g}s")
+        if seconds is not None and seconds > max_seconds:
+            over.append(f"{seconds:.1f}s > {max_seconds:g}s")
         count = self.counts.get(lag.direction, 0) + 1 if over else 0
         self.counts[lag.direction] = count
         return (f"{lag.direction} replication lag {', '.join(over)}" if over else ""), count
+
+    def seconds(self, lag: Lag) -> float | None:
+        """The lag in seconds as judged: ``replay_lag``, or how long the confirmed
+        position has not moved while WAL waits, whichever is longer."""
+        return self._seconds(lag, record=False)
+
+    def _seconds(self, lag: Lag, *, record: bool = True) -> float | None:
+        now = self.clock()
+        if lag.confirmed is None or not lag.bytes:
+            if record:
+                self.still.pop(lag.direction, None)
+            return lag.seconds
+        position, since = self.still.get(lag.direction, (lag.confirmed, now))
+        if position != lag.confirmed:
+            since = now
+        if record:
+            self.still[lag.direction] = (lag.confirmed, since)
+        return max(lag.seconds or 0.0, now - since)
 
 
 @contextmanager
@@ -141,7 +163,7 @@ class Guard:
             over, count = self.streaks.judge(lag, max_bytes=sync.max_lag_bytes,
                                              max_seconds=sync.max_lag_seconds)
             failed = count >= sync.lag_failure_limit
-            self._measure_lag(lag, bool(over), failed)
+            self._measure_lag(lag, self.streaks.seconds(lag), bool(over), failed)
             if count == 1 and not failed:
                 self.ctx.note(f"{over} (1 of {sync.lag_failure_limit} checks before the "
                               "stage fails)", "warning", direction=lag.direction)
@@ -161,13 +183,13 @@ class Guard:
                               "(a rollback needs this path); a person must look", "error")
         return None
 
-    def _measure_lag(self, lag: Lag, over: bool, failed: bool) -> None:
+    def _measure_lag(self, lag: Lag, seconds: float | None, over: bool, failed: bool) -> None:
         sync = self.ctx.cfg.sync
         for check, value, limit, detail in (
                 (f"replication-lag:{lag.direction}", lag.bytes, float(sync.max_lag_bytes),
                  "slot lag in bytes (WAL the subscriber has not confirmed)"),
-                (f"replication-lag-seconds:{lag.direction}", lag.seconds, sync.max_lag_seconds,
-                 "replay lag in seconds (pg_stat_replication.replay_lag)")):
+                (f"replication-lag-seconds:{lag.direction}", seconds, sync.max_lag_seconds,
+                 "replay lag in seconds (replay_lag, or how long the slot stood still)")):
             this_over = over and value is not None and value > limit
             verdict = ("fail" if failed else "inconclusive") if this_over else "pass"
             self.ctx.journal.measure(

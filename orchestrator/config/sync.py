@@ -50,7 +50,10 @@ class SyncConfig(_Model):
     # subscriber has not confirmed, and how old the last change it applied is. Over
     # either limit for ``lag_failure_limit`` data-path checks in a row (one per stage
     # interval) fails the stage: a lagging green serves stale reads, and a lagging
-    # reverse path makes a rollback slow.
+    # reverse path makes a rollback slow. Seconds are replay_lag, or how long the slot's
+    # confirmed position stood still while WAL waited: keep the limit above the
+    # subscriber's status interval (wal_receiver_status_interval, 10 s by default),
+    # or a quiet path with other WAL on the server reads as stuck.
     max_lag_bytes: int = Field(default=1024 * 1024, ge=0)
     max_lag_seconds: Duration = 30.0
     lag_failure_limit: int = Field(default=3, ge=1)

@@ -372,17 +372,21 @@ def lag_bytes(pub: psycopg.Connection[Any], slot: str) -> int | None:
     return None if value is None else int(value)
 
 
-def lag_seconds(pub: psycopg.Connection[Any], slot: str) -> float | None:
-    """How far behind the subscriber's replay is, by the walsender's own clock
-    (``pg_stat_replication.replay_lag``); 0 when it has applied everything (the lag
-    columns turn NULL once nothing is in flight), None when nobody streams the slot."""
+def lag_seconds(pub: psycopg.Connection[Any], slot: str) -> tuple[float | None, str | None]:
+    """How far behind the subscriber's replay is by the walsender's own clock
+    (``pg_stat_replication.replay_lag``: 0 once nothing is in flight, None when nobody
+    streams the slot), and the slot's confirmed position. ``replay_lag`` is measured
+    from the subscriber's replies, so a subscriber stuck mid-transaction (a lock on
+    green) leaves it stale: the caller also times how long that position stands still."""
     row = pub.execute(
-        "SELECT EXTRACT(epoch FROM r.replay_lag)::float8, r.pid IS NOT NULL "
+        "SELECT EXTRACT(epoch FROM r.replay_lag)::float8, r.pid IS NOT NULL, "
+        "s.confirmed_flush_lsn::text "
         "FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid "
         "WHERE s.slot_name = %s", (slot,)).fetchone()
-    if row is None or not row[1]:
-        return None
-    return 0.0 if row[0] is None else float(row[0])
+    if row is None:
+        return None, None
+    seconds = None if not row[1] else 0.0 if row[0] is None else float(row[0])
+    return seconds, row[2]
 
 
 def drop_subscription(conn: psycopg.Connection[Any], name: str) -> None:

@@ -110,3 +110,25 @@ def test_a_lagging_reverse_path_in_the_window_is_reported_not_acted_on(
     errors = [m for m in pair.log(cfg) if m.startswith("in the rollback window: reverse")]
     assert len(errors) == 1 and "not rolling back on it" in errors[0]
     assert pair.router.history == []
+
+
+def test_a_slot_standing_still_behind_the_wal_counts_as_seconds_of_lag() -> None:
+    from orchestrator.guard import LagStreaks
+
+    now = [100.0]
+    streaks = LagStreaks(clock=lambda: now[0])
+    # replay_lag says 0.2 s (last measured before the worker got stuck) every time.
+    stuck = Lag("forward", 4096, 0.2, confirmed="0/1A2B3C")
+    assert streaks.judge(stuck, max_bytes=10**9, max_seconds=5.0) == ("", 0)
+    now[0] += 6
+    assert streaks.judge(stuck, max_bytes=10**9, max_seconds=5.0) == (
+        "forward replication lag 6.0s > 5s", 1)
+    # It moved: not stuck any more, whatever the bytes say.
+    now[0] += 1
+    moved = Lag("forward", 4096, 0.2, confirmed="0/1A2C00")
+    assert streaks.judge(moved, max_bytes=10**9, max_seconds=5.0) == ("", 0)
+    # Caught up (no WAL waiting): standing still is idle, not stuck.
+    now[0] += 60
+    idle = Lag("forward", 0, None, confirmed="0/1A2C00")
+    assert streaks.judge(idle, max_bytes=10**9, max_seconds=5.0) == ("", 0)
+    assert streaks.seconds(idle) is None
