@@ -165,9 +165,9 @@ class StageRunner:
         while True:
             row = ctx.store.get(ctx.name)
             assert row is not None
-            if row.rollback_requested:
-                raise CanaryFailed(f"aborted while waiting for approval: "
-                                   f"{row.rollback_requested}")
+            requested = row.rollback_requested or ctx.stop.check()
+            if requested:
+                raise CanaryFailed(f"aborted while waiting for approval: {requested}")
             if row.approved_stage is not None and row.approved_stage >= stage:
                 ctx.note(f"{what} approved")
                 return
@@ -187,7 +187,8 @@ class StageRunner:
         remaining = closes - time.time()
         stage = len(ctx.cfg.canary.stages)
         with self.probes(ctx.cfg.canary.interval, blue_too=False) as probes:
-            while remaining > 0:
+            # A stop (signal, deadline) ends the wait; the release stays promoted.
+            while remaining > 0 and not ctx.stop.stop_waiting():
                 reason = ctx.journal.rollback_requested() or self._probe_problem(
                     probes, stage, 100)
                 if reason:
@@ -244,7 +245,7 @@ class StageRunner:
         running: list[Future[ReplicationCheck]] = []
 
         def guard() -> str | None:
-            reason = self.ctx.journal.rollback_requested()
+            reason = self.ctx.journal.rollback_requested() or self.ctx.stop.check()
             if reason:
                 return reason
             problem = self._probe_problem(probes, index, weight)
