@@ -17,10 +17,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from orchestrator import interrupts
 from orchestrator.canary.metrics import FakeMetrics
 from orchestrator.config import ReleaseConfig, parse_config
 from orchestrator.events import Events, RecordingSink
-from orchestrator import interrupts
 from orchestrator.machine import Release, config_digest
 from orchestrator.record import Facts, State, Status
 from orchestrator.routers.base import Weights
