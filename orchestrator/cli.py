@@ -1,8 +1,10 @@
 """The `orchestrate` command line.
 
 Errors a user can hit print what went wrong and what to do, without a traceback
-(unless --debug). Exit codes: 0 promoted / ok, 1 rolled back or failed, 2 bad
-config or preflight, 3 another orchestrator holds the release.
+(unless --debug). Exit codes: 0 promoted / ok (or outside every maintenance window:
+nothing done), 1 rolled back or failed, 2 bad config or preflight, 3 another
+orchestrator holds the release, 4 stopped by the deadline, the window's end or a
+signal with all traffic on blue (``orchestrator.interrupts``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from orchestrator import logging as logs
 from orchestrator import plan as planner
 from orchestrator import rollback_request
 from orchestrator.config import ReleaseConfig, load_config
-from orchestrator.errors import OrchestrateError
+from orchestrator.errors import Interrupted, OrchestrateError
+from orchestrator.interrupts import Stop
 from orchestrator.machine import Release, release_for
 from orchestrator.record import State, Status
 from orchestrator.store import ReleaseRow, StateStore
@@ -76,13 +79,19 @@ def cli(ctx: click.Context, debug: bool, log_format: str | None) -> None:
 @CONFIG
 @click.option("--wait-window", is_flag=True,
               help="After promotion, wait for the rollback window to close and clean up.")
+@click.option("--force", is_flag=True, help="Run even outside schedule.windows.")
 @click.pass_context
-def release(ctx: click.Context, config_path: Path, wait_window: bool) -> None:
+def release(ctx: click.Context, config_path: Path, wait_window: bool, force: bool) -> None:
     """Run the release, or resume it where it stopped."""
     cfg = _load(ctx, config_path)
-    outcome = _release(ctx, cfg, wait_window=wait_window).run()
+    stop = Stop.for_run(cfg, force=force)
+    if stop.closed:
+        click.echo(stop.closed)
+        ctx.exit(0)
+    with stop.handling_signals():
+        outcome = _release(ctx, cfg, wait_window=wait_window, stop=stop).run()
     _echo_outcome(outcome)
-    ctx.exit(outcome.exit_code)
+    ctx.exit(stop.exit_code(outcome))
 
 
 @cli.command()
@@ -310,6 +319,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(2)
+    except Interrupted as exc:
+        click.echo(f"stopped: {exc.message}", err=True)
+        sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)

@@ -20,6 +20,7 @@ from orchestrator.canary.metrics import MetricsSource
 from orchestrator.config import ReleaseConfig
 from orchestrator.errors import OrchestrateError
 from orchestrator.events import Event, Events, Kind
+from orchestrator.interrupts import Stop
 from orchestrator.logging import get_logger
 from orchestrator.pg import catalog, fingerprint
 from orchestrator.pg.endpoint import Endpoint
@@ -78,12 +79,14 @@ class ReleaseContext:
     sleep: Callable[[float], None] = time.sleep
     display: Display = field(default_factory=NoDisplay)
     events: Events = field(default_factory=Events)
+    stop: Stop = field(default_factory=Stop)  # signals, deadline, window end
     journal: Journal = field(init=False)
     blue_endpoint: Endpoint = field(init=False)
     green_endpoint: Endpoint = field(init=False)
 
     def __post_init__(self) -> None:
         self.journal = Journal(self.store, self.name, self.events)
+        self.stop.facts_of = lambda: self.journal.facts
         # Built once: every session, client tool and peer conninfo of the release
         # comes from these two.
         self.blue_endpoint = Endpoint(self.cfg.blue, "blue")

@@ -2,6 +2,12 @@
 
 The CLI prints ``message`` and ``hint`` without a traceback (unless --debug), and
 exits with ``exit_code``.
+
+Exit codes of ``orchestrate release``: 0 promoted (or outside every maintenance
+window: nothing done), 1 rolled back or failed, 2 bad config or preflight, 3 another
+orchestrator holds the release, 4 stopped by its deadline, the end of its window
+or a signal, with all traffic on blue (rolled back, or stopped before the canary
+and resumable).
 """
 
 from __future__ import annotations
@@ -73,3 +79,21 @@ class AuthenticationError(ConnectError):
 class StateUnavailable(ExternalError):
     """The control schema's database stopped answering mid-release. Nothing more can
     be recorded; the release stops in its last recorded state and resumes on rerun."""
+
+
+# ``orchestrate release`` stopped for time (deadline, window end) or a signal, with
+# every user on blue: distinct from 1, so that a CronJob's history tells "ran out of
+# time" from "green was bad".
+STOPPED_EXIT = 4
+
+
+class Interrupted(BaseException):
+    """The run stopped before the canary moved any traffic (a signal, the deadline):
+    nothing to undo, and the next run resumes. A ``BaseException`` so that no state
+    takes it for its own failure and starts a rollback."""
+
+    exit_code = STOPPED_EXIT
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message

@@ -92,6 +92,11 @@ def probes(ctx: ReleaseContext, interval: float, *, blue_too: bool) -> Iterator[
         yield each
 
 
+# What the window's guard answers when a stop (signal, deadline) ends the watch: not
+# a reason to roll back.
+STOP_WAITING = "stop waiting: the release stays promoted"
+
+
 class Guard:
     """``should_abort`` for ``canary.analysis.run_stage``: the reason to end now, or
     None. ``stage`` is the 0-based index the measurements are stored under."""
@@ -99,7 +104,7 @@ class Guard:
     def __init__(self, ctx: ReleaseContext, pair: ReplicationPair, *, stage: int,
                  weight: int, interval: float, side_probes: list[SideProbe],
                  data_checks: ThreadPoolExecutor, streaks: LagStreaks,
-                 act_on_data: bool = True) -> None:
+                 in_window: bool = False) -> None:
         self.ctx = ctx
         self.pair = pair
         self.stage = stage
@@ -108,15 +113,18 @@ class Guard:
         self.side_probes = side_probes
         self.data_checks = data_checks
         self.streaks = streaks
-        self.act_on_data = act_on_data
+        self.in_window = in_window
         self._last = float("-inf")
         self._running: Future[ReplicationCheck] | None = None
         self._reported: set[str] = set()
 
     def __call__(self) -> str | None:
-        reason = self.ctx.journal.rollback_requested()
+        reason = self.ctx.journal.rollback_requested() or self.ctx.stop.check()
         if reason:
             return reason
+        if self.in_window and self.ctx.stop.stop_waiting():
+            # A signal or the deadline in the window: stop watching, stay promoted.
+            return STOP_WAITING
         problem = self.probe_problem()
         if problem:
             return problem
@@ -172,7 +180,7 @@ class Guard:
         if not reasons:
             self._reported.clear()
             return None
-        if self.act_on_data:
+        if not self.in_window:
             return reasons[0]
         for reason in reasons:
             # Once per streak: the count in the text changes every check.

@@ -45,6 +45,7 @@ from orchestrator.errors import (
     StateUnavailable,
 )
 from orchestrator.events import Events, Kind
+from orchestrator.interrupts import Stop
 from orchestrator.logging import get_logger, scrub
 from orchestrator.pg import backup, fence, migrations, schema
 from orchestrator.pg import validate as validation
@@ -84,6 +85,7 @@ class Release:
         sleep: Callable[[float], None] = time.sleep,
         wait_window: bool = False,
         events: Events | None = None,
+        stop: Stop | None = None,
     ) -> None:
         self.wait_window = wait_window
         self.cfg = cfg
@@ -94,8 +96,8 @@ class Release:
         self.display = display or NoDisplay()
         self.sleep = sleep
         self.schema = cfg.state.schema_name
-        self.ctx = ReleaseContext(cfg, store, router, metrics, sleep=sleep,
-                                  display=self.display, events=events or Events())
+        self.ctx = ReleaseContext(cfg, store, router, metrics, sleep=sleep, display=self.display,
+                                  events=events or Events(), stop=stop or Stop())
         self.emit = self.ctx.journal.emit
         self.pair = ReplicationPair(self.ctx)
         self.stages = StageRunner(self.ctx, self.pair)
@@ -186,9 +188,11 @@ class Release:
             row = self.store.get(self.name)
             assert row is not None
             # A request made while promoted (the window) is honoured too; only cleanup
-            # (past the window) and the rollback itself ignore it.
-            if row.rollback_requested and state not in {State.ROLLBACK, State.CLEANUP}:
-                state = self._enter_rollback(state, row.rollback_requested)
+            # (past the window) and the rollback itself ignore it. A stop (signal,
+            # deadline) too, during the canary: orchestrator.interrupts.
+            requested = row.rollback_requested or self.ctx.stop.at(state)
+            if requested and state not in {State.ROLLBACK, State.CLEANUP}:
+                state = self._enter_rollback(state, requested)
             handler = self._handlers[state]
             started = time.monotonic()
             log.info("state", release=self.name, state=state.value)
@@ -360,7 +364,9 @@ class Release:
         self.ctx.note("green matches blue", tables=len(report.tables))
         return State.CANARY
 
-    def canary(self) -> State:
+    def canary(self) -> State | Pause:
+        if (no_time := self.ctx.stop.before_canary()) is not None:
+            return no_time
         self.stages.run()
         return State.PROMOTE
 

@@ -22,7 +22,7 @@ from orchestrator.context import ReleaseContext, log
 from orchestrator.datapath import ReplicationPair
 from orchestrator.errors import ReleaseFailed
 from orchestrator.events import Kind
-from orchestrator.guard import Guard, LagStreaks, probes
+from orchestrator.guard import STOP_WAITING, Guard, LagStreaks, probes
 from orchestrator.routers.base import Weights
 
 if TYPE_CHECKING:
@@ -153,9 +153,9 @@ class StageRunner:
         while True:
             row = ctx.store.get(ctx.name)
             assert row is not None
-            if row.rollback_requested:
-                raise CanaryFailed(f"aborted while waiting for approval: "
-                                   f"{row.rollback_requested}")
+            requested = row.rollback_requested or ctx.stop.check()
+            if requested:
+                raise CanaryFailed(f"aborted while waiting for approval: {requested}")
             if row.approved_stage is not None and row.approved_stage >= stage:
                 ctx.note(f"{what} approved")
                 return
@@ -186,13 +186,14 @@ class StageRunner:
         # Stored one past the last stage: `status` tells the window's rows apart.
         index = len(canary.stages)
         announced = False
-        with self._guarded(index, 100, interval, blue_too=False, act_on_data=False) as guard:
-            while (remaining := closes - time.time()) > 0:
+        with self._guarded(index, 100, interval, blue_too=False, in_window=True) as guard:
+            # A stop (signal, deadline) ends the wait; the release stays promoted.
+            while (remaining := closes - time.time()) > 0 and not ctx.stop.stop_waiting():
                 outcome = run_stage(checks, ctx.metrics, labels, duration=remaining,
                                     interval=interval, record=self._recorder(index, 100),
                                     should_abort=guard, sleep=ctx.sleep)
                 if outcome.verdict == "aborted":
-                    return outcome.reason
+                    return None if outcome.reason == STOP_WAITING else outcome.reason
                 if outcome.verdict == "fail":
                     return f"analysis in the rollback window: {outcome.reason}"
                 if outcome.verdict == "pass":
@@ -207,7 +208,7 @@ class StageRunner:
 
     @contextmanager
     def _guarded(self, index: int, weight: int, interval: float, *, blue_too: bool,
-                 act_on_data: bool = True) -> Iterator[Guard]:
+                 in_window: bool = False) -> Iterator[Guard]:
         """The guard of a stage or the window, with its probes and its data-check
         thread (``orchestrator.guard``)."""
         with probes(self.ctx, interval, blue_too=blue_too) as side_probes, ExitStack() as stack:
@@ -216,7 +217,7 @@ class StageRunner:
             stack.callback(data_checks.shutdown, wait=False, cancel_futures=True)
             yield Guard(self.ctx, self.pair, stage=index, weight=weight, interval=interval,
                         side_probes=side_probes, data_checks=data_checks,
-                        streaks=self.lag_streaks, act_on_data=act_on_data)
+                        streaks=self.lag_streaks, in_window=in_window)
 
     def _recorder(self, index: int, weight: int) -> Callable[[Evaluation], None]:
         ctx = self.ctx

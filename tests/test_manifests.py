@@ -276,6 +276,17 @@ def test_release_cronjob(docs: list[Doc]) -> None:
     }
 
 
+def test_job_deadline_and_grace_follow_the_release_deadline(docs: list[Doc]) -> None:
+    """activeDeadlineSeconds = release.deadline + the rollback margin, and the grace
+    period after a SIGTERM is at least the time a rollback takes."""
+    cfg = parse_config(_release_yaml(docs), base_dir=Path("/etc/orchestrate"))
+    cron = _one(docs, "CronJob")
+    job = cron["spec"]["jobTemplate"]["spec"]
+    assert cfg.release.deadline is not None
+    assert job["activeDeadlineSeconds"] == cfg.release.deadline + cfg.release.deadline_margin
+    assert _pod_spec(cron)["terminationGracePeriodSeconds"] >= cfg.release.deadline_margin
+
+
 def test_webhook_deployment_and_service() -> None:
     for docs in (k8s_docs(), chart_docs()):
         deployment = _one(docs, "Deployment")

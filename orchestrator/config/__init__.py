@@ -46,6 +46,7 @@ from orchestrator.config.routers import (
     RouterConfig,
     ServiceRouterConfig,
 )
+from orchestrator.config.schedule import MaintenanceWindow, ScheduleConfig
 from orchestrator.config.sync import InitialCopyConfig, SyncConfig
 from orchestrator.config.validate import ValidateConfig
 
@@ -67,6 +68,7 @@ __all__ = [
     "IngressNginxRouterConfig",
     "InitialCopyConfig",
     "KubeTarget",
+    "MaintenanceWindow",
     "MetricCheck",
     "MigrationsConfig",
     "Name",
@@ -76,6 +78,7 @@ __all__ = [
     "ReleaseSection",
     "RollbackConfig",
     "RouterConfig",
+    "ScheduleConfig",
     "SecretRef",
     "ServiceRouterConfig",
     "StateConfig",

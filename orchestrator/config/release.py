@@ -23,6 +23,7 @@ from orchestrator.config.database import (
 )
 from orchestrator.config.metrics import PrometheusConfig
 from orchestrator.config.routers import RouterConfig
+from orchestrator.config.schedule import ScheduleConfig
 from orchestrator.config.sync import SyncConfig
 from orchestrator.config.validate import ValidateConfig
 from orchestrator.errors import ConfigError
@@ -40,6 +41,12 @@ class ReleaseSection(_Model):
     service: str = "app"
     namespace: str = "default"
     version: str = "green"
+    # How long one `orchestrate release` run may take, counted from its own start
+    # (what a Job's activeDeadlineSeconds counts). Before it passes, by
+    # deadline_margin (the time a rollback takes), a canary not yet promoted is
+    # rolled back; one that could not finish in time is not started.
+    deadline: Duration | None = None
+    deadline_margin: Duration = 300.0
 
 
 class ToolsConfig(_Model):
@@ -62,6 +69,7 @@ class ReleaseConfig(_Model):
     rollback: RollbackConfig = Field(default_factory=RollbackConfig)
     tools: ToolsConfig = Field(default_factory=ToolsConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -17,6 +17,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from orchestrator import interrupts
 from orchestrator.canary.metrics import FakeMetrics
 from orchestrator.config import ReleaseConfig, parse_config
 from orchestrator.events import Events, RecordingSink
@@ -137,9 +138,10 @@ class Pair:
         return store
 
     def release(self, cfg: ReleaseConfig, *, sleep: FakeSleep,
-                wait_window: bool = False) -> Release:
+                wait_window: bool = False, stop: interrupts.Stop | None = None) -> Release:
         return Release(cfg, store=self.store(cfg), router=self.router, metrics=self.metrics,
-                       sleep=sleep, wait_window=wait_window, events=Events([self.events]))
+                       sleep=sleep, wait_window=wait_window, events=Events([self.events]),
+                       stop=stop)
 
     def seed(self, cfg: ReleaseConfig, state: State, *, status: Status = Status.RUNNING,
              **facts: Any) -> StateStore:
