@@ -29,6 +29,7 @@ from orchestrator.config.database import (
     StateConfig,
 )
 from orchestrator.config.metrics import MetricCheck, PrometheusConfig
+from orchestrator.config.notify import NotificationsConfig, NotifyTarget, UrlRef
 from orchestrator.config.release import (
     ReleaseConfig,
     ReleaseSection,
@@ -70,6 +71,8 @@ __all__ = [
     "MetricCheck",
     "MigrationsConfig",
     "Name",
+    "NotificationsConfig",
+    "NotifyTarget",
     "ProbeConfig",
     "PrometheusConfig",
     "ReleaseConfig",
@@ -81,6 +84,7 @@ __all__ = [
     "StateConfig",
     "SyncConfig",
     "ToolsConfig",
+    "UrlRef",
     "ValidateConfig",
     "Webhook",
     "load_config",

@@ -22,6 +22,7 @@ from orchestrator.config.database import (
     StateConfig,
 )
 from orchestrator.config.metrics import PrometheusConfig
+from orchestrator.config.notify import NotificationsConfig
 from orchestrator.config.routers import RouterConfig
 from orchestrator.config.sync import SyncConfig
 from orchestrator.config.validate import ValidateConfig
@@ -62,6 +63,7 @@ class ReleaseConfig(_Model):
     rollback: RollbackConfig = Field(default_factory=RollbackConfig)
     tools: ToolsConfig = Field(default_factory=ToolsConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    notifications: NotificationsConfig = Field(default_factory=NotificationsConfig)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
