@@ -16,6 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from orchestrator.config import NotificationsConfig, NotifyTarget
 from orchestrator.errors import OrchestrateError
@@ -31,8 +32,27 @@ class _GaveUp(Exception):
     """close() waited long enough: stop sending (not retried by any policy)."""
 
 
+def _pause(give_up: threading.Event, seconds: float) -> None:
+    # The backoff sleep, cut short when close() gives up.
+    if give_up.wait(seconds):
+        raise _GaveUp
+
+
 def target_names(targets: list[NotifyTarget]) -> list[str]:
     return [t.name or f"{t.kind}-{i + 1}" for i, t in enumerate(targets)]
+
+
+@dataclass
+class _Batch:
+    """What one sender thread works through: the events emitted between a first emit
+    and ``close``. A release run twice (a rollback after a run) gets a new batch and
+    a new thread; the old thread, if it is still ending, keeps to its own."""
+
+    queue: deque[Event] = field(default_factory=deque)
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    closing: bool = False
+    in_flight: int = 0
+    give_up: threading.Event = field(default_factory=threading.Event)
 
 
 class NotificationSink:
@@ -40,11 +60,8 @@ class NotificationSink:
         self.cfg = cfg
         self.labels = {**labels, **cfg.labels}
         self.names = target_names(cfg.targets)
-        self._queue: deque[Event] = deque()
-        self._cond = threading.Condition()
-        self._closing = False
-        self._in_flight = 0
-        self._give_up = threading.Event()
+        self._lock = threading.Lock()
+        self._batch: _Batch | None = None
         self._thread: threading.Thread | None = None
         # For tests and the closing log line.
         self.sent = 0
@@ -55,34 +72,38 @@ class NotificationSink:
     def emit(self, event: Event) -> None:
         if not any(t.wants(event.kind) for t in self.cfg.targets):
             return
-        with self._cond:
-            if self._closing:
-                log.debug("notification after close, not sent", kind=event.kind.value)
-                return
-            if len(self._queue) >= self.cfg.queue_size:
-                oldest = self._queue.popleft()
-                self.dropped += 1
-                log.warning("notification queue full: dropped the oldest event",
-                            dropped=oldest.kind.value, queue_size=self.cfg.queue_size)
-            self._queue.append(event)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="orchestrate-notify",
-                                                daemon=True)
+        with self._lock:
+            batch = self._batch
+            if batch is None:
+                batch = self._batch = _Batch()
+                self._thread = threading.Thread(target=self._run, args=(batch,),
+                                                name="orchestrate-notify", daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            # Under the sink's lock too: a close() from another thread cannot detach
+            # the batch between choosing it and queueing on it.
+            with batch.cond:
+                if len(batch.queue) >= self.cfg.queue_size:
+                    oldest = batch.queue.popleft()
+                    self.dropped += 1
+                    log.warning("notification queue full: dropped the oldest event",
+                                dropped=oldest.kind.value, queue_size=self.cfg.queue_size)
+                batch.queue.append(event)
+                batch.cond.notify()
 
     def close(self) -> None:
-        with self._cond:
-            self._closing = True
-            self._cond.notify()
-            thread = self._thread
-        if thread is None:
+        with self._lock:
+            batch, thread = self._batch, self._thread
+            self._batch = self._thread = None
+        if batch is None or thread is None:
             return
+        with batch.cond:
+            batch.closing = True
+            batch.cond.notify()
         thread.join(self.cfg.flush_timeout)
         if thread.is_alive():
-            self._give_up.set()
-            with self._cond:
-                left = len(self._queue) + self._in_flight
+            batch.give_up.set()
+            with batch.cond:
+                left = len(batch.queue) + batch.in_flight
             log.warning("notifications not sent: the release is ending", not_sent=left,
                         waited_s=self.cfg.flush_timeout)
 
@@ -100,43 +121,40 @@ class NotificationSink:
                           target=name, error=exc.message, hint=exc.hint)
         return senders
 
-    def _next(self) -> Event | None:
-        with self._cond:
-            while not self._queue and not self._closing:
-                self._cond.wait()
-            if not self._queue or self._give_up.is_set():
+    @staticmethod
+    def _next(batch: _Batch) -> Event | None:
+        with batch.cond:
+            while not batch.queue and not batch.closing:
+                batch.cond.wait()
+            if not batch.queue or batch.give_up.is_set():
                 return None
-            self._in_flight = 1
-            return self._queue.popleft()
+            batch.in_flight = 1
+            return batch.queue.popleft()
 
-    def _run(self) -> None:
+    def _run(self, batch: _Batch) -> None:
         senders = self._senders()
         try:
-            while (event := self._next()) is not None:
+            while (event := self._next(batch)) is not None:
                 try:
                     for sender in senders:
                         if sender.target.wants(event.kind):
-                            self._deliver(sender, event)
+                            self._deliver(sender, event, batch.give_up)
                 except _GaveUp:
                     return
                 finally:
-                    with self._cond:
-                        self._in_flight = 0
+                    with batch.cond:
+                        batch.in_flight = 0
         finally:
             for sender in senders:
                 sender.close()
 
-    def _pause(self, seconds: float) -> None:
-        if self._give_up.wait(seconds):
-            raise _GaveUp
-
-    def _deliver(self, sender: Sender, event: Event) -> None:
+    def _deliver(self, sender: Sender, event: Event, give_up: threading.Event) -> None:
         target = sender.target
         delivery = new_delivery()
         retrying = http_retrying(f"notification {sender.name}", attempts=target.retries + 1,
                                  multiplier=target.backoff,
                                  max_wait=max(5.0, target.backoff), jitter=target.backoff,
-                                 sleep=self._pause)
+                                 sleep=lambda seconds: _pause(give_up, seconds))
         started = time.monotonic()
         try:
             retrying(sender.send, event, delivery)

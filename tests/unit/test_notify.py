@@ -305,3 +305,13 @@ def test_two_targets_with_one_name_are_refused(tmp_path: Path) -> None:
         parse_config(minimal(notifications={"targets": [
             {"kind": "slack", "name": "ops", "url": "https://a"},
             {"kind": "webhook", "name": "ops", "url": "https://b"}]}), base_dir=tmp_path)
+
+
+def test_a_sink_closed_once_still_sends_what_a_second_run_emits(rx: Receiver) -> None:
+    # A Release run twice (the CLI's rollback after a first run) shares its sink.
+    s = sink({"kind": "webhook", "url": rx.url()})
+    s.emit(event(Kind.STARTED))
+    s.close()
+    s.emit(event(Kind.ROLLED_BACK, reason="asked for"))
+    s.close()
+    assert [r.json()["event"] for r in rx.wait_for(2)] == ["started", "rolled_back"]
