@@ -53,8 +53,8 @@ def text(event: Event) -> str:
         case Kind.STAGE_PASSED:
             return f"{r}: {_stage(event)} passed{weight}"
         case Kind.AWAITING_APPROVAL:
-            what = event.details.get("awaiting") or _stage(event)
-            return (f"{r}: waiting for approval of {what} (`orchestrate promote "
+            # "stage 3/4" (the machine's details say "stage 3"), or "the promotion".
+            return (f"{r}: waiting for approval of {_stage(event)} (`orchestrate promote "
                     f"--release {event.release}`)")
         case Kind.ROLLING_BACK:
             return f"{r}: rolling back from {event.state}{_reason(event)}"

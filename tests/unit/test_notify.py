@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 
 from orchestrator.config import NotificationsConfig, parse_config
 from orchestrator.errors import ConfigError
-from orchestrator.events import Event, Events, Kind
+from orchestrator.events import Event, Events, Kind, RecordingSink
 from orchestrator.notify import NotificationSink, attach_notifications, verify
 from orchestrator.notify.messages import DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER
 from tests.notify_receiver import Receiver, closed_port, receiver
@@ -95,14 +95,18 @@ def test_slack_gets_a_short_readable_text(rx: Receiver) -> None:
     s.emit(event(Kind.STAGE_PASSED, state="canary", stage=2, stages=4, weight=20))
     s.emit(event(Kind.ROLLED_BACK, state="rolled_back", reason="p99 latency 2.1s over 0.5s"))
     s.emit(event(Kind.AWAITING_APPROVAL, state="canary", stage=3, stages=4,
-                 details={"awaiting": "stage 3/4"}))
+                 details={"awaiting": "stage 3"}))
+    s.emit(event(Kind.AWAITING_APPROVAL, state="canary", stages=4,
+                 details={"awaiting": "the promotion"}))
     s.close()
-    bodies = [r.json() for r in rx.wait_for(3)]
+    bodies = [r.json() for r in rx.wait_for(4)]
     assert all(set(b) == {"text"} for b in bodies)
     assert [b["text"] for b in bodies] == [
         "orchestrate shop-v2: stage 2/4 passed, 20% of traffic on green",
         "orchestrate shop-v2: rolled back, all traffic on blue: p99 latency 2.1s over 0.5s",
         "orchestrate shop-v2: waiting for approval of stage 3/4 "
+        "(`orchestrate promote --release shop-v2`)",
+        "orchestrate shop-v2: waiting for approval of the promotion "
         "(`orchestrate promote --release shop-v2`)"]
     assert rx.requests[0].path == "/services/T0/B0/x"
 
@@ -315,3 +319,19 @@ def test_a_sink_closed_once_still_sends_what_a_second_run_emits(rx: Receiver) ->
     s.emit(event(Kind.ROLLED_BACK, reason="asked for"))
     s.close()
     assert [r.json()["event"] for r in rx.wait_for(2)] == ["started", "rolled_back"]
+
+
+def test_release_for_wires_the_notifications(tmp_path: Path) -> None:
+    # The CLI's release and the receiver's background rollback both build here.
+    from orchestrator.machine import release_for
+
+    cfg = parse_config(minimal(notifications={"targets": [
+        {"kind": "slack", "name": "chat", "url": "https://hooks.example/x"}]}),
+        base_dir=tmp_path)
+    mine = RecordingSink()
+    release = release_for(cfg, events=Events([mine]))
+    sinks = release.ctx.events.sinks
+    assert sinks[0] is mine and isinstance(sinks[1], NotificationSink)
+    assert sinks[1].names == ["chat"]
+    assert [type(s) for s in release_for(parse_config(minimal(), base_dir=tmp_path))
+            .ctx.events.sinks] == []
