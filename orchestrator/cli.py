@@ -25,10 +25,11 @@ from orchestrator import rollback_request
 from orchestrator.config import ReleaseConfig, load_config
 from orchestrator.errors import Interrupted, OrchestrateError
 from orchestrator.interrupts import Stop
-from orchestrator.machine import Release, release_for
+from orchestrator.machine import Release
 from orchestrator.record import State, Status
 from orchestrator.store import ReleaseRow, StateStore
 from orchestrator.ui import make_display
+from orchestrator.wiring import release_for
 
 CONFIG = click.option("--config", "-c", "config_path", type=click.Path(path_type=Path),
                       default=Path("release.yaml"), show_default=True,

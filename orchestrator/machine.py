@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
 
 import psycopg
 
@@ -70,7 +69,7 @@ log = get_logger("orchestrate")
 
 # Re-exported: State & co. live in orchestrator.record, the stage names in .stages.
 __all__ = ["AFTER_PROMOTION", "REQUEST_POLL_S", "TERMINAL", "CanaryFailed", "Outcome",
-           "Pause", "Release", "State", "Status", "config_digest", "release_for"]
+           "Pause", "Release", "State", "Status", "config_digest"]
 
 
 class Release:
@@ -437,14 +436,3 @@ class Release:
             self.pair.drop_green_database()
         self.ctx.fact(rolled_back_at=time.time())
         return State.ROLLED_BACK
-
-
-def release_for(cfg: ReleaseConfig, *, store: StateStore | None = None, **kw: Any) -> Release:
-    """A Release wired to the real backends the config names (router, Prometheus)."""
-    # Imported here: the state machine itself depends only on the interfaces.
-    from orchestrator.canary.metrics import PrometheusMetrics
-    from orchestrator.routers import build_router
-
-    return Release(cfg, store=store or StateStore.for_config(cfg),
-                   router=build_router(cfg.router), metrics=PrometheusMetrics(cfg.prometheus),
-                   **kw)

@@ -29,6 +29,7 @@ from orchestrator.config.database import (
     StateConfig,
 )
 from orchestrator.config.metrics import MetricCheck, PrometheusConfig
+from orchestrator.config.notify import NotificationsConfig, NotifyTarget, UrlRef
 from orchestrator.config.release import (
     ReleaseConfig,
     ReleaseSection,
@@ -72,6 +73,8 @@ __all__ = [
     "MetricCheck",
     "MigrationsConfig",
     "Name",
+    "NotificationsConfig",
+    "NotifyTarget",
     "ProbeConfig",
     "PrometheusConfig",
     "ReleaseConfig",
@@ -84,6 +87,7 @@ __all__ = [
     "StateConfig",
     "SyncConfig",
     "ToolsConfig",
+    "UrlRef",
     "ValidateConfig",
     "Webhook",
     "load_config",

@@ -22,6 +22,7 @@ from orchestrator.config.database import (
     StateConfig,
 )
 from orchestrator.config.metrics import PrometheusConfig
+from orchestrator.config.notify import NotificationsConfig
 from orchestrator.config.routers import RouterConfig
 from orchestrator.config.schedule import ScheduleConfig
 from orchestrator.config.sync import SyncConfig
@@ -70,6 +71,7 @@ class ReleaseConfig(_Model):
     tools: ToolsConfig = Field(default_factory=ToolsConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    notifications: NotificationsConfig = Field(default_factory=NotificationsConfig)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

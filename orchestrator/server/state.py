@@ -104,7 +104,7 @@ def rollback_runner(cfg: ReleaseConfig) -> Callable[[str], None]:
     def run(reason: str) -> None:
         # Imported here: the machine pulls in every backend, which the HTTP side of the
         # receiver does not need.
-        from orchestrator.machine import release_for
+        from orchestrator.wiring import release_for
 
         # The rollback is the orchestrator's own work, with its own (longer) waits.
         store = StateStore.for_config(cfg)

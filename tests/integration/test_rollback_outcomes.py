@@ -17,11 +17,11 @@ import pytest
 
 from orchestrator.config import load_config
 from orchestrator.errors import ReleaseFailed
-from orchestrator.machine import release_for
 from orchestrator.pg import fence, replication, sequences
 from orchestrator.sandbox.loadgen import LoadGenerator, LoadReport
 from orchestrator.sandbox.ports import free_port
 from orchestrator.sandbox.stack import Sandbox
+from orchestrator.wiring import release_for
 from tests.integration.helpers import (
     ORCHESTRATE,
     REPO,

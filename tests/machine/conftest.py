@@ -8,7 +8,7 @@ row where it starts from with the store's own methods (``seed``)."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from psycopg import sql
 from orchestrator import interrupts
 from orchestrator.canary.metrics import FakeMetrics
 from orchestrator.config import ReleaseConfig, parse_config
-from orchestrator.events import Events, RecordingSink
+from orchestrator.events import Events, EventSink, RecordingSink
 from orchestrator.machine import Release, config_digest
 from orchestrator.record import Facts, State, Status
 from orchestrator.routers.base import Weights
@@ -138,10 +138,12 @@ class Pair:
         return store
 
     def release(self, cfg: ReleaseConfig, *, sleep: FakeSleep,
-                wait_window: bool = False, stop: interrupts.Stop | None = None) -> Release:
+                wait_window: bool = False, stop: interrupts.Stop | None = None,
+                sinks: Sequence[EventSink] = ()) -> Release:
+        """``sinks``: listeners besides ``events`` (a notification sink, say)."""
         return Release(cfg, store=self.store(cfg), router=self.router, metrics=self.metrics,
-                       sleep=sleep, wait_window=wait_window, events=Events([self.events]),
-                       stop=stop)
+                       sleep=sleep, wait_window=wait_window,
+                       events=Events([self.events, *sinks]), stop=stop)
 
     def seed(self, cfg: ReleaseConfig, state: State, *, status: Status = Status.RUNNING,
              **facts: Any) -> StateStore:
