@@ -66,6 +66,24 @@ class MetricCheck(_Model):
                              "could pass")
         return self
 
+    def describe_limits(self) -> str:
+        """The limits as a person reads them: '>= blue - 0.01 (blue idle: >= 0.99)'."""
+        parts = [f"<= {self.max:g}" if self.max is not None else "",
+                 f">= {self.min:g}" if self.min is not None else "",
+                 (f"<= blue + {self.max_increase_over_blue:g}"
+                  if self.max_increase_over_blue is not None else ""),
+                 (f">= blue - {self.max_decrease_from_blue:g}"
+                  if self.max_decrease_from_blue is not None else ""),
+                 (f"<= {self.max_ratio_to_blue:g} x blue"
+                  if self.max_ratio_to_blue is not None else "")]
+        text = ", ".join(p for p in parts if p)
+        idle = self.blue_idle
+        if idle is not None:
+            limits = [f"<= {idle.max:g}" if idle.max is not None else "",
+                      f">= {idle.min:g}" if idle.min is not None else ""]
+            text += f" (blue idle: {', '.join(p for p in limits if p)})"
+        return text
+
     @property
     def compares_with_blue(self) -> bool:
         return (self.max_increase_over_blue is not None
