@@ -317,7 +317,9 @@ def write_config(sb: Sandbox, name: str, path: str, receiver_port: int,
         "inconclusive_limit": 100}]
     raw = sb.release_config(
         name,
+        # The alert path runs without checks, and must say so.
         canary={"interval": f"{INTERVAL_S:g}s", "window": WINDOW, "checks": checks,
+                "allow_unanalysed": not checks,
                 "stages": [{"weight": 0, "duration": "1s"},
                            {"weight": 20, "duration": "600s"},
                            {"weight": 100, "duration": "5s"}]},

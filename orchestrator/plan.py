@@ -120,9 +120,9 @@ def _sync_step(cfg: ReleaseConfig, tables: list[catalog.Table]) -> Step:
 
 def _canary_steps(cfg: ReleaseConfig) -> list[Step]:
     labels = cfg.template_variables(window=format_window(cfg.canary.window))
-    checks = [f"{c.name}: {render(c.query, labels, 'green')}"
-              + (f" <= {c.max}" if c.max is not None else "")
-              + (f" >= {c.min}" if c.min is not None else "")
+    checks = [f"{c.name}: {render(c.query, labels, 'green')} {c.describe_limits()}"
+              + (f"; blue: {render(c.baseline_query, labels, 'blue')}"
+                 if c.baseline_query else "")
               for c in cfg.canary.checks]
     # The checks are the same at every stage: listed once, under the first.
     return [Step(

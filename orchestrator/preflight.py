@@ -314,11 +314,14 @@ def _check_metrics(cfg: ReleaseConfig, metrics: MetricsSource, report: Preflight
         report.problems.append(f"prometheus: {exc.message}")
         return
     if not cfg.canary.checks:
-        report.warnings.append("canary.checks is empty: stages advance on time alone")
+        report.warnings.append("canary.checks is empty (allow_unanalysed): stages advance on "
+                               "time alone")
     labels = cfg.template_variables(window="1m")
     for check in cfg.canary.checks:
+        # Blue's own query too where it has one: both sides' queries will run.
         try:
-            metrics.query(render(check.query, labels, "blue"))
+            for query in dict.fromkeys([check.query, check.baseline_query or check.query]):
+                metrics.query(render(query, labels, "blue"))
         except MetricsUnavailable as exc:
             report.problems.append(f"canary check {check.name}: {exc.message}")
 

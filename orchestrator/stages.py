@@ -232,7 +232,18 @@ class StageRunner:
 
 
 def window_checks(checks: list[MetricCheck]) -> list[MetricCheck]:
-    """The checks as the rollback window evaluates them: their absolute limits only."""
-    kept = [c for c in checks if c.max is not None or c.min is not None]
-    return [c.model_copy(update={"max_increase_over_blue": None,
-                                 "max_decrease_from_blue": None}) for c in kept]
+    """The checks as the rollback window evaluates them: blue serves nobody there, so
+    a comparison with blue gives way to the check's absolute limits and its
+    ``blue_idle`` ones (the tighter of each); a check left with neither is skipped."""
+    kept = []
+    for c in checks:
+        idle = c.blue_idle
+        top = [v for v in (c.max, idle.max if idle else None) if v is not None]
+        bottom = [v for v in (c.min, idle.min if idle else None) if v is not None]
+        if not top and not bottom:
+            continue
+        kept.append(c.model_copy(update={
+            "max": min(top) if top else None, "min": max(bottom) if bottom else None,
+            "max_increase_over_blue": None, "max_decrease_from_blue": None,
+            "max_ratio_to_blue": None, "blue_idle": None, "baseline_query": None}))
+    return kept

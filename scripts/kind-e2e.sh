@@ -214,6 +214,7 @@ config:
       - {weight: 20, duration: 5s}
       - {weight: 100, duration: 5s}
     checks: []
+    allow_unanalysed: true
   rollback:
     window: 0s
 EOF

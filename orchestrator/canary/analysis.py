@@ -57,7 +57,17 @@ def evaluate(check: MetricCheck, source: MetricsSource, labels: dict[str, str]) 
     if value is None:
         return Evaluation(check.name, None, baseline, "inconclusive", "no data for green")
     if check.compares_with_blue and baseline is None:
-        return Evaluation(check.name, value, None, "inconclusive", "no data for blue")
+        if check.blue_idle is None:
+            return Evaluation(check.name, value, None, "inconclusive", "no data for blue")
+        # Blue serves nobody (100 %, the rollback window): green is judged on the limits
+        # configured for exactly that, never passed for want of a comparison.
+        idle = check.blue_idle
+        problems = [*_bound_problems(check, value),
+                    *_limits(value, idle.max, idle.min, "blue idle: ")]
+        if problems:
+            return Evaluation(check.name, value, None, "fail", "; ".join(problems))
+        return Evaluation(check.name, value, None, "pass",
+                          "no data for blue: within the blue_idle limits")
     problems = [*_bound_problems(check, value), *_blue_problems(check, value, baseline)]
     if problems:
         return Evaluation(check.name, value, baseline, "fail", "; ".join(problems))
@@ -67,19 +77,31 @@ def evaluate(check: MetricCheck, source: MetricsSource, labels: dict[str, str]) 
 def _measure(check: MetricCheck, source: MetricsSource,
              labels: dict[str, str]) -> tuple[float | None, float | None]:
     """Green's value, and blue's when the check compares with it."""
-    value = source.query(render(check.query, labels, "green"))
+    value = _number(source.query(render(check.query, labels, "green")))
     baseline = None
     if check.compares_with_blue:
-        baseline = source.query(render(check.baseline_query or check.query, labels, "blue"))
+        baseline = _number(source.query(render(check.baseline_query or check.query,
+                                                labels, "blue")))
     return value, baseline
 
 
+def _number(value: float | None) -> float | None:
+    # Every comparison with NaN is false, so a NaN would pass any limit: it is no data,
+    # whichever source let it through.
+    return None if value is None or math.isnan(value) else value
+
+
 def _bound_problems(check: MetricCheck, value: float) -> list[str]:
+    return _limits(value, check.max, check.min)
+
+
+def _limits(value: float, high: float | None, low: float | None,
+            prefix: str = "") -> list[str]:
     problems = []
-    if check.max is not None and value > check.max:
-        problems.append(f"{value:.4g} > max {check.max:.4g}")
-    if check.min is not None and value < check.min:
-        problems.append(f"{value:.4g} < min {check.min:.4g}")
+    if high is not None and value > high:
+        problems.append(f"{prefix}{value:.4g} > max {high:.4g}")
+    if low is not None and value < low:
+        problems.append(f"{prefix}{value:.4g} < min {low:.4g}")
     return problems
 
 
@@ -95,6 +117,9 @@ def _blue_problems(check: MetricCheck, value: float, baseline: float | None) -> 
             and value < baseline - check.max_decrease_from_blue):
         problems.append(f"{value:.4g} < blue {baseline:.4g} - "
                         f"{check.max_decrease_from_blue:.4g}")
+    # Blue at 0 allows only 0: "no worse than 1.5 x nothing" is nothing.
+    if check.max_ratio_to_blue is not None and value > baseline * check.max_ratio_to_blue:
+        problems.append(f"{value:.4g} > {check.max_ratio_to_blue:g} x blue {baseline:.4g}")
     return problems
 
 

@@ -54,7 +54,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from orchestrator.config._base import Name, _Model
-from orchestrator.config.metrics import MetricCheck
+from orchestrator.config.metrics import BlueIdleLimits, MetricCheck
 from orchestrator.matchers import parse
 
 Selector = Mapping[str, str]
@@ -96,6 +96,8 @@ class BuiltinCheck(_Model):
     min: float | None = None
     max_increase_over_blue: float | None = None
     max_decrease_from_blue: float | None = Field(default=None, ge=0)
+    max_ratio_to_blue: float | None = Field(default=None, gt=0)
+    blue_idle: BlueIdleLimits | None = None
     failure_limit: int = Field(default=1, ge=1)
     inconclusive_limit: int = Field(default=3, ge=1)
 
@@ -249,15 +251,19 @@ def expand(spec: BuiltinCheck) -> MetricCheck:
     if problem:
         raise ValueError(problem)
     green, blue = queries(spec)
-    limits = {k: getattr(spec, k) for k in ("max", "min", "max_increase_over_blue",
-                                            "max_decrease_from_blue")
-              if getattr(spec, k) is not None}
+    limits = {k: getattr(spec, k) for k in LIMITS if getattr(spec, k) is not None}
     return MetricCheck(
         name=spec.name or spec.check,
         query=green,
         # Only when substituting $colour is not enough to select blue.
         baseline_query=blue if blue != green else None,
+        blue_idle=spec.blue_idle,
         failure_limit=spec.failure_limit,
         inconclusive_limit=spec.inconclusive_limit,
         **(limits or DEFAULT_THRESHOLDS[spec.check]),
     )
+
+
+# The thresholds an entry may give; without any, DEFAULT_THRESHOLDS applies.
+LIMITS = ("max", "min", "max_increase_over_blue", "max_decrease_from_blue",
+          "max_ratio_to_blue")

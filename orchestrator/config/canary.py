@@ -136,6 +136,10 @@ class CanaryConfig(_Model):
     # ``checks`` with the same name replaces the built-in one.
     builtin: list[BuiltinCheck] = Field(default_factory=list)
     checks: list[MetricCheck] = Field(default_factory=list, validate_default=True)
+    # A release without any analysis must say so twice: ``checks: []`` and this. With
+    # the haproxy and ingress-nginx routers a config naming no checks gets default
+    # ones (orchestrator/config/defaults.py); the other routers have no default source.
+    allow_unanalysed: bool = False
     # What too many inconclusive evaluations (no data, Prometheus down) do.
     on_inconclusive: Literal["rollback", "pause"] = "rollback"
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
@@ -172,6 +176,28 @@ class CanaryConfig(_Model):
                              "of them a 'name'")
         own = set(names)
         return [*(c for c in expanded if c.name not in own), *checks]
+
+    @model_validator(mode="after")
+    def _analysed_or_said_so(self) -> CanaryConfig:
+        if self.allow_unanalysed and self.checks:
+            raise ValueError(
+                "allow_unanalysed is true, yet there are checks ("
+                + ", ".join(c.name for c in self.checks) + "; a config naming none gets "
+                "the router's default checks): to release on time alone write "
+                "'checks: []' too, or drop allow_unanalysed to keep the checks")
+        if self.allow_unanalysed and "checks" not in self.model_fields_set:
+            raise ValueError("allow_unanalysed: true needs 'checks: []' as well, so that "
+                             "no analysis is said twice, not assumed")
+        if not self.checks and not self.allow_unanalysed:
+            raise ValueError(
+                "no checks: stages would advance on time alone and promote a broken green. "
+                "Name checks in canary.checks or canary.builtin (e.g. builtin: [{check: "
+                "request-success-rate, provider: istio, max_decrease_from_blue: 0.01}]); "
+                "the haproxy and ingress-nginx routers get default checks when none are "
+                "named, the gateway and service routers have no default metric source. "
+                "To release without analysis say so: 'checks: []' and "
+                "'allow_unanalysed: true' (see docs/canary.md)")
+        return self
 
     @model_validator(mode="after")
     def _stage_checks_exist(self) -> CanaryConfig:

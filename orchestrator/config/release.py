@@ -21,6 +21,7 @@ from orchestrator.config.database import (
     MigrationsConfig,
     StateConfig,
 )
+from orchestrator.config.defaults import with_defaults
 from orchestrator.config.metrics import PrometheusConfig
 from orchestrator.config.notify import NotificationsConfig
 from orchestrator.config.routers import RouterConfig
@@ -95,6 +96,11 @@ class ReleaseConfig(_Model):
         if window is not None:
             own["window"] = window
         return {**own, **self.prometheus.labels}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_checks(cls, data: Any) -> Any:
+        return with_defaults(data)
 
     @model_validator(mode="after")
     def _distinct_databases(self) -> ReleaseConfig:

@@ -136,7 +136,7 @@ def test_abort_while_both_sides_take_writes_keeps_every_write(sandbox_16_17: San
     reset(sb)
     # No metric checks: this test is about data, and the previous test's injected
     # 5xx still sit in the rate window.
-    stages = {"interval": "1s", "window": "10s", "checks": [], "stages": [
+    stages = {"interval": "1s", "window": "10s", "checks": [], "allow_unanalysed": True, "stages": [
         {"weight": 0, "duration": "1s"}, {"weight": 20, "duration": "2s"},
         {"weight": 100, "duration": "2s", "manual_gate": True}]}
     cfg = write_config(sb, "abort-mid-canary", canary=stages)
@@ -174,7 +174,7 @@ def test_broken_replication_during_a_stage_rolls_back(sandbox_16_17: Sandbox) ->
     blue's changes. The stage guard sees it and rolls back."""
     sb = sandbox_16_17
     reset(sb)
-    stages = {"interval": "1s", "window": "10s", "checks": [], "stages": [
+    stages = {"interval": "1s", "window": "10s", "checks": [], "allow_unanalysed": True, "stages": [
         {"weight": 0, "duration": "1s"}, {"weight": 20, "duration": "60s"},
         {"weight": 100, "duration": "1s"}]}
     cfg = write_config(sb, "broken-sync", canary=stages)

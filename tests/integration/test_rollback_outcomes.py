@@ -39,7 +39,7 @@ from tests.integration.helpers import (
 pytestmark = pytest.mark.slow
 
 # Data, not metrics, is under test: no checks, short stages.
-QUICK = {"interval": "1s", "window": "10s", "checks": [], "stages": [
+QUICK = {"interval": "1s", "window": "10s", "checks": [], "allow_unanalysed": True, "stages": [
     {"weight": 0, "duration": "1s"}, {"weight": 100, "duration": "1s"}]}
 
 

@@ -81,7 +81,8 @@ def test_green_frozen_during_a_stage_fails_it_and_the_rollback_finishes_after(
     blue's reverse subscription's) drops every packet, as a lost network does."""
     sb = short_timeouts
     requested = fault == "rollback-requested"
-    stages = {"interval": "1s", "window": "10s", "checks": [], "probe": PROBE, "stages": [
+    stages = {"interval": "1s", "window": "10s", "checks": [], "allow_unanalysed": True,
+        "probe": PROBE, "stages": [
         {"weight": 0, "duration": "1s"}, {"weight": 20, "duration": "120s"},
         {"weight": 100, "duration": "1s"}]}
     name = f"green-{fault}"
@@ -165,7 +166,7 @@ def test_blue_frozen_longer_than_the_receiver_timeout_loses_no_write(
     answers again the subscriptions resume by themselves (no disable_on_error), and
     an abort rolls back with every write on blue."""
     sb = short_timeouts
-    stages = {"interval": "1s", "window": "10s", "checks": [],
+    stages = {"interval": "1s", "window": "10s", "checks": [], "allow_unanalysed": True,
               "probe": {"timeout": "2s", "failure_limit": 100}, "stages": [
                   {"weight": 0, "duration": "1s"}, {"weight": 20, "duration": "240s"},
                   {"weight": 100, "duration": "1s"}]}
@@ -201,7 +202,8 @@ def test_green_frozen_in_the_window_rolls_back_once_it_answers(
     probe does; the rollback cannot finish while green holds writes blue lacks, says
     so, and the rerun after the freeze brings every write to blue."""
     sb = short_timeouts
-    stages = {"interval": "1s", "window": "10s", "checks": [], "probe": PROBE, "stages": [
+    stages = {"interval": "1s", "window": "10s", "checks": [], "allow_unanalysed": True,
+        "probe": PROBE, "stages": [
         {"weight": 0, "duration": "1s"}, {"weight": 100, "duration": "1s"}]}
     cfg = write_config(sb, "window-frozen", canary=stages)
     log = sb.base_dir / "window-frozen.log"
@@ -286,7 +288,8 @@ def test_blue_frozen_with_the_state_stops_the_release_and_the_rerun_resumes(
     recorded, so the release decides nothing, says so and stops; the rerun after
     the freeze resumes from the recorded state and finishes."""
     sb = short_timeouts
-    stages = {"interval": "1s", "window": "10s", "checks": [], "probe": PROBE, "stages": [
+    stages = {"interval": "1s", "window": "10s", "checks": [], "allow_unanalysed": True,
+        "probe": PROBE, "stages": [
         {"weight": 0, "duration": "1s"}, {"weight": 20, "duration": "20s"},
         {"weight": 100, "duration": "1s"}]}
     cfg = write_config(sb, "state-frozen", canary=stages, blue={"statement_deadline": "4s",
@@ -328,7 +331,8 @@ def test_connections_to_green_cut_during_a_stage_are_retried_and_the_release_pro
     subscription's, is cut every 2 s through a 20 % stage, and the release still
     promotes with every acknowledged write on green."""
     sb = short_timeouts
-    stages = {"interval": "1s", "window": "10s", "checks": [], "probe": PROBE, "stages": [
+    stages = {"interval": "1s", "window": "10s", "checks": [], "allow_unanalysed": True,
+        "probe": PROBE, "stages": [
         {"weight": 0, "duration": "1s"}, {"weight": 20, "duration": "10s"},
         {"weight": 100, "duration": "2s"}]}
     name = "green-cut"

@@ -31,12 +31,15 @@ from tests.integration.helpers import (
 pytestmark = pytest.mark.slow
 
 # Held at 20 % by the gate of the last stage, so that the test writes on both sides.
-HELD_AT_20: dict[str, Any] = {"interval": "1s", "window": "10s", "checks": [], "stages": [
+HELD_AT_20: dict[str, Any] = {"interval": "1s", "window": "10s", "checks": [],
+    "allow_unanalysed": True, "stages": [
     {"weight": 0, "duration": "1s"}, {"weight": 20, "duration": "1s"},
     {"weight": 100, "duration": "1s", "manual_gate": True}]}
-GATE_AT_0: dict[str, Any] = {"interval": "1s", "window": "10s", "checks": [], "stages": [
+GATE_AT_0: dict[str, Any] = {"interval": "1s", "window": "10s", "checks": [],
+    "allow_unanalysed": True, "stages": [
     {"weight": 0, "duration": "1s", "manual_gate": True}, {"weight": 100, "duration": "1s"}]}
-QUICK: dict[str, Any] = {"interval": "1s", "window": "10s", "checks": [], "stages": [
+QUICK: dict[str, Any] = {"interval": "1s", "window": "10s", "checks": [], "allow_unanalysed": True,
+    "stages": [
     {"weight": 0, "duration": "1s"}, {"weight": 100, "duration": "1s"}]}
 
 
@@ -246,7 +249,7 @@ def test_materialized_views_are_refreshed_on_green_and_compared(with_matviews: S
 
 def test_ddl_on_blue_during_the_release_rolls_back(keyless: Sandbox) -> None:
     sb = keyless
-    stages = {"interval": "1s", "window": "10s", "checks": [], "stages": [
+    stages = {"interval": "1s", "window": "10s", "checks": [], "allow_unanalysed": True, "stages": [
         {"weight": 0, "duration": "1s", "manual_gate": True}, {"weight": 20, "duration": "1s"},
         {"weight": 100, "duration": "1s"}]}
     cfg = write_config(sb, "ddl-on-blue", canary=stages)

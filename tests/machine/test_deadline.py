@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from orchestrator.datapath import ReplicationCheck, ReplicationPair
 from orchestrator.errors import STOPPED_EXIT, Interrupted
 from orchestrator.events import Kind
 from orchestrator.interrupts import Stop
@@ -26,6 +27,13 @@ MID_CANARY: dict[str, Any] = {
 STAGES = {"sync": {"accept_write_loss_risk": True}, "canary": {"interval": "1s", "stages": [
     {"weight": 0, "duration": 0}, {"weight": 50, "duration": "1h"},
     {"weight": 100, "duration": 0}]}}
+
+
+@pytest.fixture(autouse=True)
+def _data_path_healthy(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The seeded canary has no real subscription; these tests are about the stop, so
+    # the guard's data-path check (once a real second) finds the path healthy.
+    monkeypatch.setattr(ReplicationPair, "health", lambda self, index: ReplicationCheck())
 
 
 def stop_after(sleep: FakeSleep, seconds: float | None, pair_cfg: Any = None) -> Stop:

@@ -132,3 +132,14 @@ def test_a_slot_standing_still_behind_the_wal_counts_as_seconds_of_lag() -> None
     idle = Lag("forward", 0, None, confirmed="0/1A2C00")
     assert streaks.judge(idle, max_bytes=10**9, max_seconds=5.0) == ("", 0)
     assert streaks.seconds(idle) is None
+
+
+def test_the_window_judges_a_relative_check_by_its_blue_idle_limits() -> None:
+    from orchestrator.config.metrics import MetricCheck
+    from orchestrator.stages import window_checks
+
+    relative = MetricCheck(name="p", query="q", max_ratio_to_blue=1.5, max=2.0,
+                           blue_idle={"max": 0.5})
+    only_relative = MetricCheck(name="r", query="q", max_increase_over_blue=0.1)
+    (judged,) = window_checks([relative, only_relative])
+    assert (judged.max, judged.min, judged.compares_with_blue) == (0.5, None, False)

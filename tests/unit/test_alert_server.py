@@ -41,6 +41,7 @@ def cfg(**alerts: Any) -> ReleaseConfig:
         "blue": {"dbname": "shop", "user": "u"},
         "green": {"port": 5433, "dbname": "shop", "user": "u"},
         "router": {"kind": "fake"},
+        "canary": {"checks": [], "allow_unanalysed": True},
         "alerts": {"matchers": {"service": "$service", "severity": "~critical|page"},
                    **alerts},
     }, base_dir=Path("/tmp"))
@@ -302,6 +303,7 @@ def default_cfg() -> ReleaseConfig:
         "blue": {"dbname": "shop", "user": "u"},
         "green": {"port": 5433, "dbname": "shop", "user": "u"},
         "router": {"kind": "fake"},
+        "canary": {"checks": [], "allow_unanalysed": True},
     }, base_dir=Path("/tmp"))
 
 

@@ -258,7 +258,7 @@ def test_short_token_off_loopback_exits_2(tmp_path: Path, monkeypatch: pytest.Mo
         "release": {"name": "shop-r1", "service": "shop"},
         "blue": {"dbname": "shop", "user": "u"}, "green": {"port": 5433, "dbname": "shop",
                                                           "user": "u"},
-        "router": {"kind": "fake"}}))
+        "router": {"kind": "fake"}, "canary": {"checks": [], "allow_unanalysed": True}}))
     with pytest.raises(SystemExit) as exit_:
         cli.main(["serve", "--config", str(config), "--listen", "0.0.0.0:0"])
     assert exit_.value.code == 2
@@ -296,7 +296,8 @@ def test_sigterm_stops_cleanly_and_says_so(tmp_path: Path) -> None:
     config.write_text(json.dumps({
         "release": {"name": "shop-r1", "service": "shop"},
         "blue": {"host": "127.0.0.1", "port": 1, "dbname": "shop", "user": "u"},
-        "green": {"port": 5433, "dbname": "shop", "user": "u"}, "router": {"kind": "fake"}}))
+        "green": {"port": 5433, "dbname": "shop", "user": "u"}, "router": {"kind": "fake"},
+        "canary": {"checks": [], "allow_unanalysed": True}}))
     port = socket.create_server(("127.0.0.1", 0))
     number = port.getsockname()[1]
     port.close()

@@ -23,7 +23,14 @@ def minimal(**over: Any) -> dict[str, Any]:
         },
         "green": {"host": "127.0.0.1", "port": 5433, "dbname": "shop", "user": "postgres"},
         "router": {"kind": "fake"},
+        # The fake router has no metrics of its own: no default checks.
+        "canary": {"checks": [], "allow_unanalysed": True},
     }
+    if "canary" in over:
+        canary = {**raw["canary"], **over.pop("canary")}
+        if canary["checks"] or canary.get("builtin"):
+            del canary["allow_unanalysed"]
+        raw["canary"] = canary
     raw.update(over)
     return raw
 

@@ -42,7 +42,8 @@ def config(**extra: Any) -> ReleaseConfig:
            "router": {"kind": "fake"},
            "canary": {"stages": [{"weight": 0, "duration": "2m"},
                                  {"weight": 50, "duration": "10m"},
-                                 {"weight": 100, "duration": "3m"}]}, **extra}
+                                 {"weight": 100, "duration": "3m"}],
+                      "checks": [], "allow_unanalysed": True}, **extra}
     return parse_config(raw, base_dir=Path("/tmp"))
 
 
