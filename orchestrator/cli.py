@@ -23,6 +23,7 @@ from orchestrator.errors import OrchestrateError
 from orchestrator.machine import Release, release_for
 from orchestrator.record import State, Status
 from orchestrator.store import StateStore
+from orchestrator.telemetry import process_telemetry
 from orchestrator.ui import make_display
 
 CONFIG = click.option("--config", "-c", "config_path", type=click.Path(path_type=Path),
@@ -74,10 +75,16 @@ def cli(ctx: click.Context, debug: bool, log_format: str | None) -> None:
 @CONFIG
 @click.option("--wait-window", is_flag=True,
               help="After promotion, wait for the rollback window to close and clean up.")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
+              help="Serve the release's metrics on 127.0.0.1:PORT/metrics (telemetry.listen "
+              "chooses another address).")
 @click.pass_context
-def release(ctx: click.Context, config_path: Path, wait_window: bool) -> None:
+def release(ctx: click.Context, config_path: Path, wait_window: bool,
+            metrics_port: int | None) -> None:
     """Run the release, or resume it where it stopped."""
     cfg = _load(ctx, config_path)
+    if metrics_port is not None:
+        process_telemetry().serve(f"127.0.0.1:{metrics_port}")
     outcome = _release(ctx, cfg, wait_window=wait_window).run()
     _echo_outcome(outcome)
     ctx.exit(outcome.exit_code)

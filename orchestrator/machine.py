@@ -350,7 +350,7 @@ class Release:
             report = validation.validate(
                 self.ctx.blue_endpoint, self.ctx.green_endpoint, self.cfg.validate_,
                 control_schema=self.schema, exclude_tables=self.ctx.excluded, catch_up=catch_up)
-        self.ctx.fact(validation=report.as_dict())
+        self.ctx.validated(report.as_dict())
         for note in report.notes:
             self.ctx.note(note)
         if not report.ok:
@@ -438,7 +438,9 @@ def release_for(cfg: ReleaseConfig, *, store: StateStore | None = None, **kw: An
     # Imported here: the state machine itself depends only on the interfaces.
     from orchestrator.canary.metrics import PrometheusMetrics
     from orchestrator.routers import build_router
+    from orchestrator.telemetry import with_metrics
 
+    kw["events"] = with_metrics(cfg, kw.get("events"))  # metrics, docs/metrics.md
     return Release(cfg, store=store or StateStore.for_config(cfg),
                    router=build_router(cfg.router), metrics=PrometheusMetrics(cfg.prometheus),
                    **kw)

@@ -47,6 +47,7 @@ from orchestrator.config.routers import (
     ServiceRouterConfig,
 )
 from orchestrator.config.sync import InitialCopyConfig, SyncConfig
+from orchestrator.config.telemetry import PushgatewayConfig, TelemetryConfig
 from orchestrator.config.validate import ValidateConfig
 
 __all__ = [
@@ -72,6 +73,7 @@ __all__ = [
     "Name",
     "ProbeConfig",
     "PrometheusConfig",
+    "PushgatewayConfig",
     "ReleaseConfig",
     "ReleaseSection",
     "RollbackConfig",
@@ -80,6 +82,7 @@ __all__ = [
     "ServiceRouterConfig",
     "StateConfig",
     "SyncConfig",
+    "TelemetryConfig",
     "ToolsConfig",
     "ValidateConfig",
     "Webhook",

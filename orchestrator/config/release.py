@@ -24,6 +24,7 @@ from orchestrator.config.database import (
 from orchestrator.config.metrics import PrometheusConfig
 from orchestrator.config.routers import RouterConfig
 from orchestrator.config.sync import SyncConfig
+from orchestrator.config.telemetry import TelemetryConfig
 from orchestrator.config.validate import ValidateConfig
 from orchestrator.errors import ConfigError
 
@@ -62,6 +63,7 @@ class ReleaseConfig(_Model):
     rollback: RollbackConfig = Field(default_factory=RollbackConfig)
     tools: ToolsConfig = Field(default_factory=ToolsConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
