@@ -33,6 +33,7 @@ VALIDATION_CHECK = "validation:differences"
 _FAILED_STATE = re.compile(r"^(\w+) failed: (.*)$", re.DOTALL)
 # What a canary abort carries after its own words: the request, alert or probe problem.
 _ABORTED = re.compile(r"(?:aborted while waiting for approval|% aborted): (.*)$", re.DOTALL)
+_PROMOTED_STATES = {s.value: Status.PROMOTED for s in (State.WINDOW, State.CLEANUP, State.DONE)}
 _DEADLINE_WORDS = ("deadline", "sigterm", "sigint", "signal", "maintenance window")
 
 
@@ -156,7 +157,9 @@ class ReleaseMetrics:
                 self._set_status(name, Status.RUNNING)
                 self.started.labels(name).set(e.at)
             case Kind.STATE:
-                self._set_status(name, Status.RUNNING)
+                # Resumed or going on: what the machine records for this state (a
+                # release in its window or cleanup is promoted, not running).
+                self._set_status(name, _PROMOTED_STATES.get(e.state or "", Status.RUNNING))
             case Kind.STATE_DONE:
                 duration = e.details.get("duration_s")
                 if isinstance(duration, int | float) and e.state is not None:

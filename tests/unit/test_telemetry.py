@@ -98,6 +98,9 @@ def test_outcomes_failures_rollbacks_and_windows() -> None:
     assert value(m, "orchestrate_release_green_weight_percent", release=R) == 100
     assert value(m, "orchestrate_last_success_timestamp_seconds") == 1000.0
     assert value(m, "orchestrate_rollback_window_close_timestamp_seconds", release=R) == 1600.0
+    m.observe(Event(Kind.STATE, R, state="window"))  # the window state begins: still promoted
+    assert value(m, "orchestrate_release_status", release=R, status="promoted") == 1
+    assert value(m, "orchestrate_release_status", release=R, status="running") == 0
 
     m.observe(Event(Kind.ROLLING_BACK, R, state="window",
                     reason="alert HighErrorRate firing: green answers 500s"))
@@ -170,9 +173,9 @@ def _cfg(**telemetry: object) -> object:
 
 
 def test_telemetry_config_is_checked() -> None:
-    with pytest.raises(ConfigError, match="telemetry.listen"):
+    with pytest.raises(ConfigError, match=r"telemetry\.listen"):
         _cfg(listen="nohost")
-    with pytest.raises(ConfigError, match="telemetry.pushgateway"):
+    with pytest.raises(ConfigError, match=r"telemetry\.pushgateway"):
         _cfg(pushgateway={"url": "pushgateway:9091"})  # no scheme
     cfg = _cfg(pushgateway={"url": "http://127.0.0.1:9091", "timeout": "2s"})
     assert cfg.telemetry.pushgateway.timeout == 2.0  # type: ignore[attr-defined]
