@@ -226,6 +226,7 @@ def serve(cfg: ReleaseConfig, *, host: str, port: int, insecure: bool = False,
     receiver = build_receiver(cfg, token)
     # This app answers /metrics: a rollback it runs must not open a second port.
     process_telemetry().served_elsewhere = True
+    process_telemetry().watch_slots(cfg)
     http = ReceiverHTTP(receiver, cfg.alerts, host=host, port=port)
     log.info("listening for Alertmanager", url=f"{http.url}{ALERT_PATH}",
              release=receiver.name, alerts=receiver.selector.describe(),

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import threading
 
+from prometheus_client.registry import Collector
+
 from orchestrator.config import ReleaseConfig
 from orchestrator.errors import ConfigError
 from orchestrator.events import Event, Events, Kind
@@ -33,6 +35,7 @@ class ProcessTelemetry:
         # Set by `orchestrate serve`: its own app answers /metrics.
         self.served_elsewhere = False
         self._lock = threading.Lock()
+        self._slots: Collector | None = None
 
     def serve(self, listen: str) -> MetricsHTTP | None:
         """Serve /metrics on ``listen`` (once per process). A port that cannot be had is a
@@ -44,6 +47,15 @@ class ProcessTelemetry:
                 except ConfigError as exc:
                     log.warning(exc.message, hint=exc.hint)
             return self.http
+
+    def watch_slots(self, cfg: ReleaseConfig) -> None:
+        """Count leftover replication slots of ``cfg``'s databases at every scrape."""
+        from orchestrator.telemetry.slots import SlotCollector
+
+        with self._lock:
+            if self._slots is None:
+                self._slots = SlotCollector(cfg)
+                self.metrics.registry.register(self._slots)
 
     def stop(self) -> None:
         with self._lock:

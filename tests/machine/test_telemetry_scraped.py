@@ -140,3 +140,27 @@ def _ready(port: int) -> bool:
         return "OK" in _get(f"http://127.0.0.1:{port}/-/ready")
     except OSError:
         return False
+
+
+def test_leftover_slots_are_counted_at_scrape_time(pair: Pair) -> None:
+    import psycopg
+
+    from orchestrator.pg.replication import SLOT_PREFIX
+
+    cfg = pair.config()
+    telemetry = ProcessTelemetry(ReleaseMetrics(CollectorRegistry()))
+    telemetry.watch_slots(cfg)
+    registry = telemetry.metrics.registry
+    slot = f"{SLOT_PREFIX}leftover_{pair.name.replace('-', '_')}"
+    with psycopg.connect(pair.cluster.conninfo(pair.blue), autocommit=True) as blue:
+        blue.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+        try:
+            # One cluster holds both databases: each side sees the cluster's slots.
+            assert registry.get_sample_value("orchestrate_leftover_replication_slots",
+                                             {"side": "blue"}) == 1
+            assert registry.get_sample_value(
+                "orchestrate_leftover_replication_slot_retained_bytes", {"side": "blue"}) >= 0
+        finally:
+            blue.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+    assert registry.get_sample_value("orchestrate_leftover_replication_slots",
+                                     {"side": "blue"}) == 0
