@@ -213,3 +213,27 @@ def test_a_pushgateway_that_is_down_never_slows_the_release() -> None:
     started = time.monotonic()
     events.close()  # the final push: one try, the gateway is known to be down
     assert time.monotonic() - started < 3
+
+
+def test_serve_metrics_keep_the_receiver_counters_and_add_the_release_metrics() -> None:
+    from typing import cast
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from orchestrator.server.app import metrics_text
+    from orchestrator.server.receiver import AlertReceiver
+    from orchestrator.telemetry import process_telemetry
+
+    class Counted:
+        name = "serve-r9"
+
+        def snapshot(self) -> dict[str, int]:
+            return {"ignored": 2}
+
+    process_telemetry().metrics.observe(Event(Kind.STATE, "serve-r9", state="rollback"))
+    text = metrics_text(cast(AlertReceiver, Counted()))
+    assert 'orchestrate_alert_requests_total{release="serve-r9",outcome="ignored"} 2' in text
+    assert 'orchestrate_release_state{release="serve-r9",state="rollback"} 1.0' in text
+    # One exposition Prometheus can parse, each family once.
+    names = [f.name for f in text_string_to_metric_families(text)]
+    assert len(names) == len(set(names)) and "orchestrate_release_state" in names
