@@ -28,6 +28,7 @@ from orchestrator.interrupts import Stop
 from orchestrator.machine import Release
 from orchestrator.record import State, Status
 from orchestrator.store import ReleaseRow, StateStore
+from orchestrator.telemetry import process_telemetry
 from orchestrator.ui import make_display
 from orchestrator.wiring import release_for
 
@@ -81,14 +82,20 @@ def cli(ctx: click.Context, debug: bool, log_format: str | None) -> None:
 @click.option("--wait-window", is_flag=True,
               help="After promotion, wait for the rollback window to close and clean up.")
 @click.option("--force", is_flag=True, help="Run even outside schedule.windows.")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
+              help="Serve the release's metrics on 127.0.0.1:PORT/metrics (telemetry.listen "
+              "chooses another address).")
 @click.pass_context
-def release(ctx: click.Context, config_path: Path, wait_window: bool, force: bool) -> None:
+def release(ctx: click.Context, config_path: Path, wait_window: bool, force: bool,
+            metrics_port: int | None) -> None:
     """Run the release, or resume it where it stopped."""
     cfg = _load(ctx, config_path)
     stop = Stop.for_run(cfg, force=force)
     if stop.closed:
         click.echo(stop.closed)
         ctx.exit(0)
+    if metrics_port is not None:
+        process_telemetry().serve(f"127.0.0.1:{metrics_port}")
     with stop.handling_signals():
         outcome = _release(ctx, cfg, wait_window=wait_window, stop=stop).run()
     _echo_outcome(outcome)

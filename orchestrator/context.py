@@ -116,6 +116,15 @@ class ReleaseContext:
     def fact(self, **facts: Any) -> None:
         self.journal.fact(**facts)
 
+    def validated(self, report: dict[str, Any]) -> None:
+        """The validation's report, recorded; its count of unexplained differences told
+        to the listeners (the metrics' ``orchestrate_validation_differences``)."""
+        self.fact(validation=report)
+        problems = len(report.get("problems", []))
+        self.journal.emit(Kind.MEASUREMENT, state="validate", details={
+            "check": "validation:differences", "value": problems, "baseline": 0,
+            "verdict": "pass" if problems == 0 else "fail"})
+
     # ------------------------------------------------------------- connections
 
     def blue(self, **kw: Any) -> psycopg.Connection[Any]:

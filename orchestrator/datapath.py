@@ -20,6 +20,7 @@ import psycopg
 
 from orchestrator.context import ReleaseContext
 from orchestrator.errors import OrchestrateError, ReleaseFailed
+from orchestrator.events import Kind
 from orchestrator.pg import catalog, fence, initial_copy, matviews, replication, sequences
 from orchestrator.pg.conn import server_major
 from orchestrator.pg.tools import find_tools
@@ -81,6 +82,11 @@ class ReplicationPair:
             ctx.display.finish(phase)
         summary = report.as_dict()
         ctx.fact(sync=summary)
+        rows = (summary.get("copy") or {}).get("rows")
+        if isinstance(rows, int):  # the subscription's own initial sync counts none
+            ctx.journal.emit(Kind.MEASUREMENT, state="sync", details={
+                "check": "initial-copy:rows", "value": rows, "baseline": None,
+                "verdict": "pass"})
         ctx.note("green caught up and indexed",
                  **{k: v for k, v in summary.items() if k.endswith("_s")})
 

@@ -353,7 +353,7 @@ class Release:
             report = validation.validate(
                 self.ctx.blue_endpoint, self.ctx.green_endpoint, self.cfg.validate_,
                 control_schema=self.schema, exclude_tables=self.ctx.excluded, catch_up=catch_up)
-        self.ctx.fact(validation=report.as_dict())
+        self.ctx.validated(report.as_dict())
         for note in report.notes:
             self.ctx.note(note)
         if not report.ok:

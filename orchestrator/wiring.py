@@ -14,12 +14,13 @@ from orchestrator.machine import Release
 from orchestrator.notify import attach_notifications
 from orchestrator.routers import build_router
 from orchestrator.store import StateStore
+from orchestrator.telemetry import with_metrics
 
 
 def release_for(cfg: ReleaseConfig, *, store: StateStore | None = None, **kw: Any) -> Release:
     """The Release the CLI and the receiver run. ``kw`` goes to ``Release``; its
     ``events``, if given, keep their sinks and gain the config's."""
-    kw["events"] = attach_notifications(cfg, kw.get("events"))
+    kw["events"] = with_metrics(cfg, attach_notifications(cfg, kw.get("events")))
     return Release(cfg, store=store or StateStore.for_config(cfg),
                    router=build_router(cfg.router), metrics=PrometheusMetrics(cfg.prometheus),
                    **kw)

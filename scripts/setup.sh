@@ -23,7 +23,7 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 apt_packages=(postgresql-15 postgresql-client-15 haproxy prometheus prometheus-alertmanager unzip
-  iproute2)
+  iproute2 prometheus-pushgateway)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

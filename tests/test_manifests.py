@@ -25,6 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
 CHART = ROOT / "helm" / "orchestrate"
 SECOND_VALUES = CHART / "ci" / "ingress-nginx-values.yaml"
+MONITORING_VALUES = CHART / "ci" / "monitoring-values.yaml"
+# Custom resources: not in Kubernetes' OpenAPI schema. The PrometheusRule's spec is
+# checked by promtool and compared with the rule file (tests/test_alert_rules.py).
+CRD_API_GROUPS = ("monitoring.coreos.com/",)
 HELM = ROOT / ".cache" / "helm" / "helm"
 KUBE_VERSION = "1.33"
 RELEASE = "orchestrate"
@@ -85,6 +89,7 @@ SOURCES: dict[str, Callable[[], list[Doc]]] = {
     "k8s": k8s_docs,
     "chart-default": chart_docs,
     "chart-ingress-nginx": lambda: chart_docs(SECOND_VALUES),
+    "chart-monitoring": lambda: chart_docs(MONITORING_VALUES),
 }
 
 
@@ -123,6 +128,9 @@ def _release_yaml(docs: list[Doc]) -> Doc:
 def test_every_document_validates_strictly(docs: list[Doc]) -> None:
     assert docs
     for doc in docs:
+        if doc["apiVersion"].startswith(CRD_API_GROUPS):
+            assert set(doc) == {"apiVersion", "kind", "metadata", "spec"}, doc["kind"]
+            continue
         try:
             kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
         except kubernetes_validate.ValidationError as exc:
@@ -139,6 +147,7 @@ def test_kustomization_lists_every_manifest() -> None:
 def test_helm_lint_is_clean() -> None:
     _helm("lint", "--strict", str(CHART))
     _helm("lint", "--strict", str(CHART), "--values", str(SECOND_VALUES))
+    _helm("lint", "--strict", str(CHART), "--values", str(MONITORING_VALUES))
 
 
 # --------------------------------------------------------------------------- RBAC
@@ -309,7 +318,10 @@ def test_chart_and_manifests_declare_the_same_objects() -> None:
     def names(docs: list[Doc]) -> list[tuple[str, str]]:
         return sorted((d["kind"], d["metadata"]["name"]) for d in docs)
 
-    assert names(chart_docs()) == names(k8s_docs())
+    assert names(chart_docs(MONITORING_VALUES)) == names(k8s_docs())
+    # Off by default: without the Prometheus Operator's CRDs the chart still installs.
+    monitoring = {("PrometheusRule", "orchestrate"), ("ConfigMap", "orchestrate-dashboard")}
+    assert set(names(chart_docs(MONITORING_VALUES))) - set(names(chart_docs())) == monitoring
 
 
 def test_release_config_is_accepted_by_orchestrate(docs: list[Doc]) -> None:

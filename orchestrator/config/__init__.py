@@ -49,6 +49,7 @@ from orchestrator.config.routers import (
 )
 from orchestrator.config.schedule import MaintenanceWindow, ScheduleConfig
 from orchestrator.config.sync import InitialCopyConfig, SyncConfig
+from orchestrator.config.telemetry import PushgatewayConfig, TelemetryConfig
 from orchestrator.config.validate import ValidateConfig
 
 __all__ = [
@@ -77,6 +78,7 @@ __all__ = [
     "NotifyTarget",
     "ProbeConfig",
     "PrometheusConfig",
+    "PushgatewayConfig",
     "ReleaseConfig",
     "ReleaseSection",
     "RollbackConfig",
@@ -86,6 +88,7 @@ __all__ = [
     "ServiceRouterConfig",
     "StateConfig",
     "SyncConfig",
+    "TelemetryConfig",
     "ToolsConfig",
     "UrlRef",
     "ValidateConfig",

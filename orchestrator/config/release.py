@@ -27,6 +27,7 @@ from orchestrator.config.notify import NotificationsConfig
 from orchestrator.config.routers import RouterConfig
 from orchestrator.config.schedule import ScheduleConfig
 from orchestrator.config.sync import SyncConfig
+from orchestrator.config.telemetry import TelemetryConfig
 from orchestrator.config.validate import ValidateConfig
 from orchestrator.errors import ConfigError
 
@@ -73,6 +74,7 @@ class ReleaseConfig(_Model):
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     notifications: NotificationsConfig = Field(default_factory=NotificationsConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from uvicorn.config import Config
@@ -28,6 +29,7 @@ from uvicorn.server import ServerState
 from orchestrator.logging import get_logger
 from orchestrator.server.payload import MAX_BODY_BYTES, PayloadError, parse_payload
 from orchestrator.server.receiver import REFUSED, AlertReceiver, Decision, Ticket
+from orchestrator.telemetry import process_telemetry
 
 log = get_logger("orchestrate.serve")
 
@@ -94,12 +96,15 @@ def protocol_with(request_timeout: float, grace: float) -> type[DeadlineProtocol
 
 
 def metrics_text(receiver: AlertReceiver) -> str:
+    """The receiver's counters, then the process's release metrics (a rollback this
+    receiver runs itself is counted there: docs/metrics.md)."""
     counters = receiver.snapshot()
     lines = ["# HELP orchestrate_alert_requests_total Alertmanager webhook calls by outcome.",
              "# TYPE orchestrate_alert_requests_total counter"]
     lines += [f'orchestrate_alert_requests_total{{release="{receiver.name}",outcome="{k}"}} {v}'
               for k, v in sorted(counters.items())]
-    return "\n".join(lines) + "\n"
+    releases = generate_latest(process_telemetry().metrics.registry).decode()
+    return "\n".join(lines) + "\n" + releases
 
 
 async def decide(receiver: AlertReceiver, executor: ThreadPoolExecutor,

@@ -24,6 +24,7 @@ from orchestrator.logging import get_logger
 from orchestrator.server.app import ALERT_PATH, WORKERS, create_app, protocol_with
 from orchestrator.server.receiver import AlertReceiver
 from orchestrator.server.state import ReceiverStateStore, lock_probe, rollback_runner
+from orchestrator.telemetry import process_telemetry
 
 log = get_logger("orchestrate.serve")
 
@@ -223,6 +224,9 @@ def serve(cfg: ReleaseConfig, *, host: str, port: int, insecure: bool = False,
     token = resolve_token(cfg.alerts, host=host, insecure=insecure)
     check_transport(cfg.alerts, host=host)
     receiver = build_receiver(cfg, token)
+    # This app answers /metrics: a rollback it runs must not open a second port.
+    process_telemetry().served_elsewhere = True
+    process_telemetry().watch_slots(cfg)
     http = ReceiverHTTP(receiver, cfg.alerts, host=host, port=port)
     log.info("listening for Alertmanager", url=f"{http.url}{ALERT_PATH}",
              release=receiver.name, alerts=receiver.selector.describe(),
