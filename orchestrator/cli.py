@@ -16,8 +16,8 @@ from typing import Any
 import click
 
 from orchestrator import logging as logs
+from orchestrator import pairing, rollback_request
 from orchestrator import plan as planner
-from orchestrator import rollback_request
 from orchestrator.config import ReleaseConfig, load_config
 from orchestrator.errors import OrchestrateError
 from orchestrator.machine import Release, release_for
@@ -31,9 +31,13 @@ CONFIG = click.option("--config", "-c", "config_path", type=click.Path(path_type
 OUTPUT = click.option("--output", type=click.Choice(["text", "json"]), default="text")
 
 
-def _load(ctx: click.Context, path: Path) -> ReleaseConfig:
-    cfg = load_config(path)
-    ctx.obj["cfg"] = cfg
+def _load(ctx: click.Context, path: Path, *, starting: bool = False) -> ReleaseConfig:
+    """The config of this run: named, and with a pair, blue = the live side (the
+    store that knows it is kept for the release)."""
+    loaded = load_config(path)
+    store = StateStore.for_config(loaded)
+    cfg = pairing.resolve(loaded, store, starting=starting)
+    ctx.obj.update(cfg=cfg, store=store)
     return cfg
 
 
@@ -42,7 +46,7 @@ def _store(cfg: ReleaseConfig) -> StateStore:
 
 
 def _release(ctx: click.Context, cfg: ReleaseConfig, **kw: Any) -> Release:
-    return release_for(cfg, display=make_display(ctx.obj["fmt"]), **kw)
+    return release_for(cfg, display=make_display(ctx.obj["fmt"]), store=ctx.obj["store"], **kw)
 
 
 def _echo_outcome(outcome: Any) -> None:
@@ -77,8 +81,17 @@ def cli(ctx: click.Context, debug: bool, log_format: str | None) -> None:
 @click.pass_context
 def release(ctx: click.Context, config_path: Path, wait_window: bool) -> None:
     """Run the release, or resume it where it stopped."""
-    cfg = _load(ctx, config_path)
-    outcome = _release(ctx, cfg, wait_window=wait_window).run()
+    cfg = _load(ctx, config_path, starting=True)
+    machine = _release(ctx, cfg, wait_window=wait_window)
+    if cfg.pair is not None:
+        # Under the release's lock: no other run may start on green while it goes.
+        machine.store.acquire_lock()
+        try:
+            pairing.prepare_green(cfg, machine.store, machine.router)
+        except BaseException:
+            machine.store.release_lock()
+            raise
+    outcome = machine.run()
     _echo_outcome(outcome)
     ctx.exit(outcome.exit_code)
 

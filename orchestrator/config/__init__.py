@@ -29,6 +29,7 @@ from orchestrator.config.database import (
     StateConfig,
 )
 from orchestrator.config.metrics import MetricCheck, PrometheusConfig
+from orchestrator.config.pair import PairConfig, PairRoutes
 from orchestrator.config.release import (
     ReleaseConfig,
     ReleaseSection,
@@ -70,6 +71,8 @@ __all__ = [
     "MetricCheck",
     "MigrationsConfig",
     "Name",
+    "PairConfig",
+    "PairRoutes",
     "ProbeConfig",
     "PrometheusConfig",
     "ReleaseConfig",
