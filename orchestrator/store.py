@@ -296,12 +296,13 @@ class StateStore:
 
     def _set_live(self, live: str, *, release: str | None) -> None:
         self.conn.execute(
-            self._q("INSERT INTO {schema}.live_side AS l (pair, live, previous, release) "
-                    "VALUES (%s, %s, NULL, %s) ON CONFLICT (pair) DO UPDATE SET "
-                    "previous = CASE WHEN l.live = excluded.live THEN l.previous "
-                    "ELSE l.live END, live = excluded.live, release = excluded.release, "
+            # ``previous``: the side the release left, the other one of the two.
+            self._q("INSERT INTO {schema}.live_side (pair, live, previous, release) "
+                    "VALUES (%s, %s, CASE WHEN %s = 'a' THEN 'b' ELSE 'a' END, %s) "
+                    "ON CONFLICT (pair) DO UPDATE SET live = excluded.live, "
+                    "previous = excluded.previous, release = excluded.release, "
                     "updated_at = now()"),
-            (self.PAIR, live, release))
+            (self.PAIR, live, live, release))
 
     @_state_call
     def record_live(self, live: str, *, release: str | None = None) -> None:

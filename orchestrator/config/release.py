@@ -51,6 +51,10 @@ class ToolsConfig(_Model):
 
 
 class ReleaseConfig(_Model):
+    """The whole file. ``blue`` and ``green`` are required, unless ``pair`` names the
+    two databases once (``a`` and ``b``; see docs/recurring.md): each run then takes
+    the live side as blue and the other as green, and needs ``state.database``."""
+
     release: ReleaseSection
     blue: DatabaseConfig
     green: GreenConfig
