@@ -186,6 +186,9 @@ def status(ctx: click.Context, config_path: Path, output: str) -> None:
                                "log": entries}, default=str, indent=2))
         return
     click.echo(f"release {row.name}: state {row.state}, status {row.status}")
+    if cfg.pair is not None:
+        green = pairing.green_side(cfg)
+        click.echo(f"  pair: blue is {'b' if green == 'a' else 'a'}, green is {green}")
     if row.error:
         click.echo(f"  error: {row.error}")
     weights, b = row.facts.weights, row.facts.backup

@@ -29,7 +29,7 @@ import psycopg
 from psycopg import sql
 
 from orchestrator import naming
-from orchestrator.config import DatabaseConfig, GreenConfig, ReleaseConfig
+from orchestrator.config import ReleaseConfig
 from orchestrator.config.pair import PairRoutes, Side, other
 from orchestrator.errors import PreflightError
 from orchestrator.logging import get_logger
@@ -90,11 +90,8 @@ def with_sides(cfg: ReleaseConfig, live: Side) -> ReleaseConfig:
     green = other(live)
     names = routes(cfg)
     update: dict[str, Any] = {
-        "blue": DatabaseConfig.model_validate(
-            pair.side(live).model_dump(by_alias=True, exclude_unset=True,
-                                       exclude={"create_database"})),
-        "green": GreenConfig.model_validate(
-            pair.side(green).model_dump(by_alias=True, exclude_unset=True)),
+        "blue": pair.as_blue(live),
+        "green": pair.as_green(green),
     }
     fields = _ROUTE_FIELDS.get(cfg.router.kind)
     if fields is not None:

@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import Field
 
 from orchestrator.config._base import _Model
-from orchestrator.config.database import GreenConfig
+from orchestrator.config.database import DatabaseConfig, GreenConfig
 
 Side = Literal["a", "b"]
 SIDES: tuple[Side, Side] = ("a", "b")
@@ -49,3 +49,13 @@ class PairConfig(_Model):
 
     def side(self, name: Side) -> GreenConfig:
         return self.a if name == "a" else self.b
+
+    def as_blue(self, name: Side) -> DatabaseConfig:
+        """The side as a run's blue. Built from what the user wrote (fields left out
+        stay unset), so the resolved config's digest is that of a blue/green config."""
+        return DatabaseConfig.model_validate(self.side(name).model_dump(
+            by_alias=True, exclude_unset=True, exclude={"create_database"}))
+
+    def as_green(self, name: Side) -> GreenConfig:
+        return GreenConfig.model_validate(self.side(name).model_dump(
+            by_alias=True, exclude_unset=True))
