@@ -188,7 +188,8 @@ def status(ctx: click.Context, config_path: Path, output: str) -> None:
     click.echo(f"release {row.name}: state {row.state}, status {row.status}")
     if cfg.pair is not None:
         green = pairing.green_side(cfg)
-        click.echo(f"  pair: blue is {'b' if green == 'a' else 'a'}, green is {green}")
+        click.echo(f"  pair: {'b' if green == 'a' else 'a'} is live (a new release's blue), "
+                   f"{green} the other")
     if row.error:
         click.echo(f"  error: {row.error}")
     weights, b = row.facts.weights, row.facts.backup
