@@ -20,8 +20,8 @@ from typing import Any
 import click
 
 from orchestrator import logging as logs
+from orchestrator import pairing, rollback_request
 from orchestrator import plan as planner
-from orchestrator import rollback_request
 from orchestrator.config import ReleaseConfig, load_config
 from orchestrator.errors import Interrupted, OrchestrateError
 from orchestrator.interrupts import Stop
@@ -38,9 +38,13 @@ CONFIG = click.option("--config", "-c", "config_path", type=click.Path(path_type
 OUTPUT = click.option("--output", type=click.Choice(["text", "json"]), default="text")
 
 
-def _load(ctx: click.Context, path: Path) -> ReleaseConfig:
-    cfg = load_config(path)
-    ctx.obj["cfg"] = cfg
+def _load(ctx: click.Context, path: Path, *, starting: bool = False) -> ReleaseConfig:
+    """The config of this run: named, and with a pair, blue = the live side (the
+    store that knows it is kept for the release)."""
+    loaded = load_config(path)
+    store = StateStore.for_config(loaded)
+    cfg = pairing.resolve(loaded, store, starting=starting)
+    ctx.obj.update(cfg=cfg, store=store)
     return cfg
 
 
@@ -49,7 +53,7 @@ def _store(cfg: ReleaseConfig) -> StateStore:
 
 
 def _release(ctx: click.Context, cfg: ReleaseConfig, **kw: Any) -> Release:
-    return release_for(cfg, display=make_display(ctx.obj["fmt"]), **kw)
+    return release_for(cfg, display=make_display(ctx.obj["fmt"]), store=ctx.obj["store"], **kw)
 
 
 def _echo_outcome(outcome: Any) -> None:
@@ -89,15 +93,24 @@ def cli(ctx: click.Context, debug: bool, log_format: str | None) -> None:
 def release(ctx: click.Context, config_path: Path, wait_window: bool, force: bool,
             metrics_port: int | None) -> None:
     """Run the release, or resume it where it stopped."""
-    cfg = _load(ctx, config_path)
+    cfg = _load(ctx, config_path, starting=True)
     stop = Stop.for_run(cfg, force=force)
     if stop.closed:
         click.echo(stop.closed)
         ctx.exit(0)
     if metrics_port is not None:
         process_telemetry().serve(f"127.0.0.1:{metrics_port}")
+    machine = _release(ctx, cfg, wait_window=wait_window, stop=stop)
+    if cfg.pair is not None:
+        # Under the release's lock: no other run may start on green while it goes.
+        machine.store.acquire_lock()
+        try:
+            pairing.prepare_green(cfg, machine.store, machine.router)
+        except BaseException:
+            machine.store.release_lock()
+            raise
     with stop.handling_signals():
-        outcome = _release(ctx, cfg, wait_window=wait_window, stop=stop).run()
+        outcome = machine.run()
     _echo_outcome(outcome)
     ctx.exit(stop.exit_code(outcome))
 
@@ -197,6 +210,10 @@ def status(ctx: click.Context, config_path: Path, output: str) -> None:
     if window is not None:
         click.echo(f"  rollback window: {window['remaining_s']:.0f}s left (closes "
                    f"{window['closes_at']}); `orchestrate rollback` or an alert rolls back")
+    if cfg.pair is not None:
+        green = pairing.green_side(cfg)
+        click.echo(f"  pair: {'b' if green == 'a' else 'a'} is live (a new release's blue), "
+                   f"{green} the other")
     if row.error:
         click.echo(f"  error: {row.error}")
     weights, b = row.facts.weights, row.facts.backup

@@ -38,7 +38,15 @@ from orchestrator.errors import ConnectError, LockedError, StateUnavailable
 from orchestrator.logging import scrub
 from orchestrator.pg import control_schema
 from orchestrator.pg.endpoint import Endpoint
-from orchestrator.record import NO_ROLLBACK_FROM, Facts, State, Status, parse_state, parse_status
+from orchestrator.record import (
+    NO_ROLLBACK_FROM,
+    TERMINAL,
+    Facts,
+    State,
+    Status,
+    parse_state,
+    parse_status,
+)
 
 
 @dataclass
@@ -106,6 +114,9 @@ class StateStore:
         self.schema = schema
         self._conn: psycopg.Connection[Any] | None = None
         self._lock_conn: psycopg.Connection[Any] | None = None
+        # Set for a database pair (``orchestrator.pairing``): the side that becomes live
+        # when a release reaches done, recorded in the same transaction as ``done``.
+        self.live_on_done: str | None = None
 
     @classmethod
     def for_config(cls, cfg: ReleaseConfig) -> StateStore:
@@ -210,6 +221,27 @@ class StateStore:
         return self.get(row[0]) if row else None
 
     @_state_call
+    def unfinished(self) -> ReleaseRow | None:
+        """The newest release not yet over: running, or promoted and not cleaned up."""
+        if not self.exists():
+            return None
+        row = self.conn.execute(
+            self._q("SELECT name FROM {schema}.releases WHERE state <> ALL(%s) "
+                    "ORDER BY started_at DESC LIMIT 1"), ([s.value for s in TERMINAL],)
+        ).fetchone()
+        return self.get(row[0]) if row else None
+
+    @_state_call
+    def finished_names(self) -> set[str]:
+        """The releases that are over (done, rolled back, failed)."""
+        if not self.exists():
+            return set()
+        rows = self.conn.execute(
+            self._q("SELECT name FROM {schema}.releases WHERE state = ANY(%s)"),
+            ([s.value for s in TERMINAL],)).fetchall()
+        return {r[0] for r in rows}
+
+    @_state_call
     def create(self, name: str, state: State, config_sha256: str,
                config: dict[str, Any]) -> None:
         self.conn.execute(
@@ -231,16 +263,51 @@ class StateStore:
     def set_state(self, name: str, state: State, *, status: Status | None = None,
                   error: str | None = None, clear_error: bool = False) -> None:
         finished = status is not None and status != Status.RUNNING
+        # One transaction: a crash cannot leave a done release whose side is not live,
+        # which would send the next run's green onto the database users are on.
+        with self.conn.transaction():
+            self.conn.execute(
+                self._q(
+                    "UPDATE {schema}.releases SET state = %s, status = coalesce(%s, status), "
+                    "error = CASE WHEN %s THEN NULL ELSE coalesce(%s, error) END, "
+                    "updated_at = now(), "
+                    "finished_at = CASE WHEN %s THEN now() ELSE NULL END "
+                    "WHERE name = %s"
+                ),
+                (state, status, clear_error, error, finished, name),
+            )
+            if state == State.DONE and self.live_on_done is not None:
+                self._set_live(self.live_on_done, release=name)
+
+    # the live side of a database pair ---------------------------------------------
+    PAIR = "pair"  # one pair per control schema: its lock and its releases are one
+
+    @_state_call
+    def live_side(self) -> tuple[str, str | None, str | None] | None:
+        """(live, previous, release that made it live), or None before any record."""
+        row = self.conn.execute(
+            "SELECT to_regclass(%s) IS NOT NULL", (f"{self.schema}.live_side",)).fetchone()
+        if not (row and row[0]):
+            return None
+        found = self.conn.execute(
+            self._q("SELECT live, previous, release FROM {schema}.live_side WHERE pair = %s"),
+            (self.PAIR,)).fetchone()
+        return (found[0], found[1], found[2]) if found else None
+
+    def _set_live(self, live: str, *, release: str | None) -> None:
         self.conn.execute(
-            self._q(
-                "UPDATE {schema}.releases SET state = %s, status = coalesce(%s, status), "
-                "error = CASE WHEN %s THEN NULL ELSE coalesce(%s, error) END, "
-                "updated_at = now(), "
-                "finished_at = CASE WHEN %s THEN now() ELSE NULL END "
-                "WHERE name = %s"
-            ),
-            (state, status, clear_error, error, finished, name),
-        )
+            # ``previous``: the side the release left, the other one of the two.
+            self._q("INSERT INTO {schema}.live_side (pair, live, previous, release) "
+                    "VALUES (%s, %s, CASE WHEN %s = 'a' THEN 'b' ELSE 'a' END, %s) "
+                    "ON CONFLICT (pair) DO UPDATE SET live = excluded.live, "
+                    "previous = excluded.previous, release = excluded.release, "
+                    "updated_at = now()"),
+            (self.PAIR, live, live, release))
+
+    @_state_call
+    def record_live(self, live: str, *, release: str | None = None) -> None:
+        """Record ``live`` as the live side (idempotent)."""
+        self._set_live(live, release=release)
 
     @_state_call
     def merge_facts(self, name: str, facts: Facts | None = None, **fields: Any) -> Facts:

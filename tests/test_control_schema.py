@@ -227,19 +227,27 @@ def test_legacy_control_schema_is_upgraded_in_place(db: psycopg.Connection[Any],
 
     ran = ensure_all(db)
 
-    assert sorted(ran) == [2, 3, 4, 5, 6, 7]
+    assert sorted(ran) == [2, 3, 4, 5, 6, 7, 8]
     assert versions(db) == [s.version for s in control_schema.STEPS]
     assert data(db) == before_data
-    assert shape(db) == before_shape
+    # Only what steps after main's legacy schema add (8: the pair's live side) is new.
+    upgraded = shape(db)
+    assert [r for r in upgraded if not _added_later(r)] == before_shape
+    assert {r[1] for r in upgraded if r[0] == "rel" and _added_later(r)} == {
+        "live_side", "live_side_pkey"}
     # The upgraded schema is the very one the module creates from nothing.
     pg.create_database("ctlfresh")
     with psycopg.connect(pg.conninfo("ctlfresh"), autocommit=True) as fresh:
         ensure_all(fresh)
-        assert shape(fresh) == before_shape
+        assert shape(fresh) == upgraded
 
     assert ensure_all(db) == []
     assert data(db) == before_data
-    assert shape(db) == before_shape
+    assert shape(db) == upgraded
+
+
+def _added_later(row: tuple[Any, ...]) -> bool:
+    return str(row[1]).startswith("live_side")
 
 
 def test_second_ensure_is_a_no_op(db: psycopg.Connection[Any]) -> None:
@@ -270,7 +278,7 @@ def test_each_object_stays_on_its_side(db: psycopg.Connection[Any]) -> None:
     assert relations() == {"schema_version", "heartbeat"}
     control_schema.ensure_state(db, S)
     assert relations() == {"schema_version", "heartbeat", "releases", "release_log",
-                           "stage_measurements"}
+                           "stage_measurements", "live_side"}
     assert "migrations" not in relations()
 
 

@@ -264,16 +264,25 @@ def test_release_cronjob(docs: list[Doc]) -> None:
     assert pod["restartPolicy"] == "Never"
     (container,) = pod["containers"]
     assert container["image"] == "ghcr.io/orchestrate/orchestrate:0.1.0"
+    # --wait-window: a run ends its release (cleanup, done), so the next one starts
+    # a new one (docs/recurring.md).
     assert container["command"] + container["args"] == [
         "orchestrate",
         "release",
+        "--wait-window",
         "--config",
         "/etc/orchestrate/release.yaml",
     ]
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     backups = volumes[mounts["/var/lib/orchestrate/backups"]]
-    assert "emptyDir" in backups or "persistentVolumeClaim" in backups
+    # Backups outlive the pod: a claim, never an emptyDir, in every shipped source.
+    claim = backups["persistentVolumeClaim"]["claimName"]
+    claims = {d["metadata"]["name"]: d for d in _of_kind(docs, "PersistentVolumeClaim")}
+    if claim in claims:
+        assert claims[claim]["spec"]["resources"]["requests"]["storage"]
+    else:
+        assert claim == "orchestrate-backups" and not claims  # ci values: existingClaim
     secrets = {
         e["name"]: e["valueFrom"]["secretKeyRef"]["name"]
         for e in container["env"]
@@ -322,6 +331,22 @@ def test_chart_and_manifests_declare_the_same_objects() -> None:
     # Off by default: without the Prometheus Operator's CRDs the chart still installs.
     monitoring = {("PrometheusRule", "orchestrate"), ("ConfigMap", "orchestrate-dashboard")}
     assert set(names(chart_docs(MONITORING_VALUES))) - set(names(chart_docs())) == monitoring
+
+
+def test_backups_fall_back_to_an_emptydir_only_when_persistence_is_off(tmp_path: Path) -> None:
+    values = tmp_path / "values.yaml"
+    values.write_text("release:\n  backups:\n    persistence:\n      enabled: false\n")
+    docs = chart_docs(values)
+    assert _of_kind(docs, "PersistentVolumeClaim") == []
+    volumes = {v["name"]: v for v in _pod_spec(_one(docs, "CronJob"))["volumes"]}
+    assert volumes["backups"]["emptyDir"] == {"sizeLimit": "20Gi"}
+    sized = tmp_path / "sized.yaml"  # another path: renders are cached by path
+    sized.write_text("release:\n  backups:\n    persistence:\n      storageClass: fast\n"
+                     "      size: 50Gi\n")
+    (pvc,) = _of_kind(chart_docs(sized), "PersistentVolumeClaim")
+    assert pvc["spec"]["storageClassName"] == "fast"
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "50Gi"
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
 
 
 def test_release_config_is_accepted_by_orchestrate(docs: list[Doc]) -> None:

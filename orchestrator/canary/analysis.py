@@ -45,7 +45,10 @@ def render(query: str, labels: dict[str, str], colour: str) -> str:
     """``query`` filled in for one side. ``labels`` comes from
     ``ReleaseConfig.template_variables`` (which documents the precedence); the side's
     ``$colour`` and ``$other_colour`` are set last and win over everything."""
-    values = {**labels, "colour": colour, "other_colour": "blue" if colour == "green" else "green"}
+    other = "blue" if colour == "green" else "green"
+    # A database pair (``orchestrator.pairing``) names each role's application.
+    values = {**labels, "colour": labels.get(f"colour_of_{colour}", colour),
+              "other_colour": labels.get(f"colour_of_{other}", other)}
     return Template(query).safe_substitute(values)
 
 

@@ -30,6 +30,7 @@ from orchestrator.config.database import (
 )
 from orchestrator.config.metrics import MetricCheck, PrometheusConfig
 from orchestrator.config.notify import NotificationsConfig, NotifyTarget, UrlRef
+from orchestrator.config.pair import PairConfig, PairRoutes
 from orchestrator.config.release import (
     ReleaseConfig,
     ReleaseSection,
@@ -76,6 +77,8 @@ __all__ = [
     "Name",
     "NotificationsConfig",
     "NotifyTarget",
+    "PairConfig",
+    "PairRoutes",
     "ProbeConfig",
     "PrometheusConfig",
     "PushgatewayConfig",

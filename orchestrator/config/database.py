@@ -111,3 +111,6 @@ class BackupConfig(_Model):
     timeout: Duration = 6 * 3600.0
     # Skip the backup (only for throw-away environments; the release log says so).
     enabled: bool = True
+    # How many backups to keep in ``dir`` (this release's included): after a new one
+    # is verified, the oldest beyond this count are removed. Unset: all are kept.
+    keep: int | None = Field(default=None, ge=1)

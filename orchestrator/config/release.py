@@ -24,6 +24,7 @@ from orchestrator.config.database import (
 from orchestrator.config.defaults import with_defaults
 from orchestrator.config.metrics import PrometheusConfig
 from orchestrator.config.notify import NotificationsConfig
+from orchestrator.config.pair import SIDES, PairConfig
 from orchestrator.config.routers import RouterConfig
 from orchestrator.config.schedule import ScheduleConfig
 from orchestrator.config.sync import SyncConfig
@@ -40,7 +41,9 @@ class RollbackConfig(_Model):
 
 
 class ReleaseSection(_Model):
-    name: Name
+    # Empty (the default): named by orchestrate, see orchestrator.naming and
+    # docs/recurring.md; a CronJob then needs no edit between runs.
+    name: Name = ""
     service: str = "app"
     namespace: str = "default"
     version: str = "green"
@@ -58,6 +61,10 @@ class ToolsConfig(_Model):
 
 
 class ReleaseConfig(_Model):
+    """The whole file. ``blue`` and ``green`` are required, unless ``pair`` names the
+    two databases once (``a`` and ``b``; see docs/recurring.md): each run then takes
+    the live side as blue and the other as green, and needs ``state.database``."""
+
     release: ReleaseSection
     blue: DatabaseConfig
     green: GreenConfig
@@ -75,6 +82,7 @@ class ReleaseConfig(_Model):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     notifications: NotificationsConfig = Field(default_factory=NotificationsConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    pair: PairConfig | None = None
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -103,6 +111,47 @@ class ReleaseConfig(_Model):
     @classmethod
     def _default_checks(cls, data: Any) -> Any:
         return with_defaults(data)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sides_from_pair(cls, data: Any) -> Any:
+        """With ``pair``, blue and green are filled from it (as ``initial_live`` says;
+        ``orchestrator.pairing.resolve`` turns them round when the record says the
+        other side is live), so that everything downstream sees blue and green."""
+        if not isinstance(data, dict) or data.get("pair") is None:
+            return data
+        given = [k for k in ("blue", "green") if k in data]
+        if given:
+            raise ValueError(f"pair and {' and '.join(given)} are exclusive: name the two "
+                             "databases once under pair (a, b), or blue and green as before")
+        pair = data["pair"]
+        if not isinstance(pair, dict) or not all(isinstance(pair.get(s), dict)
+                                                 for s in ("a", "b")):
+            raise ValueError("pair needs both sides, a and b, each a database")
+        live = pair.get("initial_live", "a")
+        blue, green = (pair["a"], pair["b"]) if live != "b" else (pair["b"], pair["a"])
+        # Blue is a plain database; create_database only means something for green.
+        blue = {k: v for k, v in blue.items() if k != "create_database"}
+        return {**data, "blue": blue, "green": green}
+
+    @model_validator(mode="after")
+    def _pair_rules(self) -> ReleaseConfig:
+        if self.pair is None:
+            return self
+        state = self.state.database
+        if state is None:
+            raise ValueError("pair needs state.database: the release record must live in a "
+                             "database that is never recreated (neither a nor b)")
+        for side in SIDES:
+            db = self.pair.side(side)
+            if (db.host, db.port, db.dbname) == (state.host, state.port, state.dbname):
+                raise ValueError(f"state.database is pair.{side}: that database is dropped "
+                                 "and recreated when it is green; use a third database")
+        if self.router.kind == "ingress-nginx":
+            raise ValueError("pair does not work with the ingress-nginx router: its canary "
+                             "Ingress always names the same Service; use gateway, service or "
+                             "haproxy")
+        return self
 
     @model_validator(mode="after")
     def _distinct_databases(self) -> ReleaseConfig:

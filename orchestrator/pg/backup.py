@@ -205,7 +205,33 @@ def backup(db: EndpointLike, tools: PgTools, cfg: BackupConfig, *,
         raise
     _fsync_path(cfg.dir)  # the rename is durable only once the folder is synced
     digest, size = _sha256(final)
+    if cfg.keep is not None:
+        prune(cfg.dir, cfg.keep, keep_path=final)
     return BackupResult(str(final), cfg.format, digest, size, round(seconds, 3), toc, with_data)
+
+
+def backups_in(folder: Path) -> list[Path]:
+    """The finished backups in ``folder``, oldest first: ``<release>-blue.dump`` files
+    and ``<release>-blue.dir`` folders (never a ``.partial`` one, nor anything else)."""
+    found = [p for p in folder.iterdir() if not p.name.startswith(".")
+             and not p.is_symlink()
+             and ((p.is_file() and p.name.endswith("-blue.dump"))
+                  or (p.is_dir() and p.name.endswith("-blue.dir")))]
+    return sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+
+def prune(folder: Path, keep: int, *, keep_path: Path) -> list[Path]:
+    """Remove the oldest backups beyond the newest ``keep``; ``keep_path`` (the backup
+    just verified) is never removed. Called only after a new backup was verified, so
+    a failed dump never costs an old one. Returns what was removed."""
+    others = [p for p in backups_in(folder) if p != keep_path]
+    doomed = others[:max(0, len(others) - (keep - 1))]
+    for path in doomed:
+        _remove(path)
+        log.info("old backup removed", path=str(path), keep=keep)
+    if doomed:
+        _fsync_path(folder)
+    return doomed
 
 
 def _dump(db: Endpoint, tools: PgTools, cfg: BackupConfig, tmp: Path) -> None:

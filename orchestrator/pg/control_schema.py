@@ -4,7 +4,8 @@ One ordered list of versioned steps. Each step belongs to the sides of a release
 lives on, and nowhere else:
 
 - ``state``: the state database (blue's by default): the release record
-  (``releases``, ``release_log``, ``stage_measurements``).
+  (``releases``, ``release_log``, ``stage_measurements``) and, for a database pair,
+  which side is live (``live_side``).
 - ``green``: the database the migrations change: migration tracking, the provision
   marker, the replication heartbeat, the initial copy's progress and saved settings.
 - ``peer``: the other end of replication (blue while green is built): only the
@@ -155,6 +156,18 @@ CREATE TABLE IF NOT EXISTS {schema}.initial_copy_deferred (
     Step(7, frozenset({"green"}), "the sync settings saved for the copy", """
 CREATE TABLE IF NOT EXISTS {schema}.initial_copy_settings (name text PRIMARY KEY,
   previous text);
+"""),
+    # A config with ``pair`` (a and b instead of blue and green): which side is live.
+    # One row per control schema; ``release`` is the release that made it live and
+    # ``previous`` the side it left, which ``orchestrator.pairing`` may recreate.
+    Step(8, frozenset({"state"}), "the live side of a database pair", """
+CREATE TABLE IF NOT EXISTS {schema}.live_side (
+  pair text PRIMARY KEY,
+  live text NOT NULL CHECK (live IN ('a', 'b')),
+  previous text CHECK (previous IN ('a', 'b')),
+  release text,
+  updated_at timestamptz NOT NULL DEFAULT now()
+);
 """),
 )
 

@@ -256,3 +256,23 @@ def test_dump_failing_midway_leaves_nothing_and_rerun_is_safe(
     partial.write_bytes(b"half a dump")
     result = backup.backup(db, tools, cfg, release="r3", tables=expected)
     assert sorted(p.name for p in folder.iterdir()) == [Path(result.path).name]
+
+
+def test_retention_keeps_the_newest_verified_backups(
+        blue: tuple[PgCluster, DatabaseConfig, PgTools], folder: Path) -> None:
+    _, db, tools = blue
+    expected = _expected(db)
+    cfg = BackupConfig(dir=folder, keep=2)
+    paths = [Path(backup.backup(db, tools, cfg, release=f"r{n}", tables=expected).path)
+             for n in (1, 2)]
+    (folder / "notes.txt").write_text("not a backup: never removed")
+    assert sorted(p.name for p in backup.backups_in(folder)) == ["r1-blue.dump", "r2-blue.dump"]
+    # A dump that fails verification removes nothing.
+    missing = [*expected, backup.TableData(1, "public", "gone", ("public", "gone"))]
+    with pytest.raises(ReleaseFailed):
+        backup.backup(db, tools, cfg, release="r3", tables=missing)
+    assert all(p.exists() for p in paths)
+    third = Path(backup.backup(db, tools, cfg, release="r3", tables=expected).path)
+    assert [p.name for p in backup.backups_in(folder)] == ["r2-blue.dump", "r3-blue.dump"]
+    assert not paths[0].exists() and third.exists()
+    assert (folder / "notes.txt").exists()
