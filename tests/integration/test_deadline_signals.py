@@ -29,10 +29,12 @@ from tests.integration.helpers import (
 
 pytestmark = pytest.mark.slow
 
-LONG_STAGE = {"interval": "1s", "window": "10s", "checks": [], "stages": [
+LONG_STAGE = {"interval": "1s", "window": "10s", "checks": [], "allow_unanalysed": True,
+              "stages": [
     {"weight": 0, "duration": "1s"}, {"weight": 20, "duration": "10m"},
     {"weight": 100, "duration": "1s"}]}
-QUICK = {"interval": "1s", "window": "10s", "checks": [], "stages": [
+QUICK = {"interval": "1s", "window": "10s", "checks": [], "allow_unanalysed": True,
+         "stages": [
     {"weight": 0, "duration": "1s"}, {"weight": 100, "duration": "1s"}]}
 # Opens on 1 January at 00:00 for a minute: the test runs outside it.
 NEVER_NOW = {"windows": [{"cron": "0 0 1 1 *", "duration": "1m", "timezone": "UTC"}]}

@@ -78,7 +78,7 @@ def test_an_alert_from_a_real_alertmanager_rolls_back_inside_the_window(
     token_file = sb.base_dir / "webhook-token"
     token_file.write_text(TOKEN + "\n")
     cfg = write_config(sb, name, rollback={"window": "5m"}, canary={
-        "interval": "1s", "window": "10s", "checks": [],
+        "interval": "1s", "window": "10s", "checks": [], "allow_unanalysed": True,
         "stages": [{"weight": 0, "duration": "1s"}, {"weight": 100, "duration": "2s"}]},
         alerts={"token": {"file": str(token_file)}})
     receiver = Receiver(sb, cfg, tmp_path / "serve.log")
@@ -154,7 +154,8 @@ def test_sustained_replication_lag_fails_the_stage(sandbox_16_17: Sandbox,
     # so only the slot's position standing still can say how long it has been.
     cfg = write_config(sb, name, sync={"max_lag_bytes": 100_000_000, "max_lag_seconds": "5s",
                                        "lag_failure_limit": 2},
-                       canary={"interval": "1s", "window": "10s", "checks": [], "stages": [
+                       canary={"interval": "1s", "window": "10s", "checks": [],
+                               "allow_unanalysed": True, "stages": [
                                    {"weight": 0, "duration": "60s"},
                                    {"weight": 100, "duration": "1s"}]})
     load = LoadGenerator(sb.haproxy.url, rate=60.0, write_ratio=0.5)
