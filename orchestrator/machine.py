@@ -437,8 +437,10 @@ def release_for(cfg: ReleaseConfig, *, store: StateStore | None = None, **kw: An
     """A Release wired to the real backends the config names (router, Prometheus)."""
     # Imported here: the state machine itself depends only on the interfaces.
     from orchestrator.canary.metrics import PrometheusMetrics
+    from orchestrator.live import sinks_for
     from orchestrator.routers import build_router
 
+    kw.setdefault("events", Events(sinks_for(kw.get("display"))))
     return Release(cfg, store=store or StateStore.for_config(cfg),
                    router=build_router(cfg.router), metrics=PrometheusMetrics(cfg.prometheus),
                    **kw)
