@@ -440,7 +440,8 @@ def release_for(cfg: ReleaseConfig, *, store: StateStore | None = None, **kw: An
     from orchestrator.live import sinks_for
     from orchestrator.routers import build_router
 
-    kw.setdefault("events", Events(sinks_for(kw.get("display"))))
-    return Release(cfg, store=store or StateStore.for_config(cfg),
+    store = store or StateStore.for_config(cfg)
+    kw.setdefault("events", Events(sinks_for(kw.get("display"), cfg, store)))
+    return Release(cfg, store=store,
                    router=build_router(cfg.router), metrics=PrometheusMetrics(cfg.prometheus),
                    **kw)

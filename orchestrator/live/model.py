@@ -40,6 +40,8 @@ class Span:
     state: str
     started: float | None
     duration_s: float | None = None
+    # Left for a rollback (or a failure) instead of ending well.
+    interrupted: bool = False
 
 
 @dataclass
@@ -118,6 +120,7 @@ class ViewModel:
     # --------------------------------------------------------------- events
 
     def apply(self, event: Event) -> None:
+        self.started = True
         handler = _HANDLERS.get(event.kind)
         if handler is not None:
             handler(self, event)
@@ -128,7 +131,14 @@ class ViewModel:
     def _on_state(self, event: Event) -> None:
         state = event.state or ""
         self.state = state
-        self.timeline.append(Span(state, event.at))
+        last = self.timeline[-1] if self.timeline else None
+        if last is not None and last.duration_s is None and last.state == state:
+            # Resumed: the state read from the store starts again, now.
+            last.started = event.at
+        else:
+            if last is not None and last.duration_s is None:
+                _interrupt(last, event.at)
+            self.timeline.append(Span(state, event.at))
         if state == State.CANARY.value:
             self.stage_started = event.at
         if state == State.ROLLBACK.value:
@@ -177,9 +187,16 @@ class ViewModel:
 
     def _on_failed(self, event: Event) -> None:
         self.status, self.reason = Status.FAILED.value, event.reason
+        if self.timeline and self.timeline[-1].duration_s is None:
+            _interrupt(self.timeline[-1], event.at)
 
     def _on_done(self, event: Event) -> None:
         self.state = State.DONE.value
+
+
+def _interrupt(span: Span, at: float) -> None:
+    span.duration_s = max(0.0, at - span.started) if span.started is not None else 0.0
+    span.interrupted = True
 
 
 _HANDLERS = {
@@ -262,8 +279,12 @@ def _from_log(model: ViewModel, entries: list[dict[str, Any]], updated: float) -
         elif message == "preflight passed":
             model.timeline.append(Span(State.PREFLIGHT.value, None, 0.0))
             current_started = at
-        elif message.startswith(("rolling back: ", "resuming in state ")):
-            # A state entered without a "done" line before it.
+        elif message.startswith("rolling back: "):
+            # The state it left never wrote its "done" line.
+            started = current_started if current_started is not None else at
+            model.timeline.append(Span(state or "?", started, at - started, interrupted=True))
+            current_started = at
+        elif message.startswith("resuming in state "):
             current_started = at
         noted = _STAGE_NOTE.match(message)
         if noted and model.state == State.CANARY.value and int(noted[1]) == model.stage:

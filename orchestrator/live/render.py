@@ -95,6 +95,8 @@ def _timeline(model: ViewModel, now: float) -> Text:
         if span.duration_s is None:
             running = now - span.started if span.started is not None else 0.0
             text.append(f"{span.state} {duration(running)}…", style="bold cyan")
+        elif span.interrupted:
+            text.append(f"{span.state} {duration(span.duration_s)} ✗", style="bold red")
         elif span.state == "preflight":
             text.append("preflight ✓", style="green")
         else:

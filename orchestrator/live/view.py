@@ -24,13 +24,16 @@ from rich.console import Console, RenderableType
 from rich.live import Live
 
 from orchestrator.config import ReleaseConfig
-from orchestrator.errors import StateUnavailable
+from orchestrator.errors import OrchestrateError, StateUnavailable
 from orchestrator.events import Event, EventSink
 from orchestrator.live.model import Bar, ViewModel, from_store
 from orchestrator.live.render import render
+from orchestrator.logging import get_logger
 from orchestrator.record import Status
 from orchestrator.store import StateStore
 from orchestrator.ui import Display, NoDisplay
+
+log = get_logger("orchestrate.live")
 
 # Redraws per second: the time left ticks, and a terminal over ssh keeps up.
 REFRESH_PER_SECOND = 2
@@ -55,6 +58,8 @@ class LiveView:
         # The machine's thread applies events, the copy's threads report progress,
         # and rich's refresh thread renders.
         self._lock = threading.Lock()
+        # Apart: starting the region renders it, which takes ``_lock``.
+        self._starting = threading.Lock()
         self._live: Live | None = None
 
     def renderable(self) -> RenderableType:
@@ -62,9 +67,10 @@ class LiveView:
             return render(self.model, self._clock())
 
     def _start(self) -> None:
-        if self._live is None:
-            self._live = _live(self.console, self.renderable)
-            self._live.start()
+        with self._starting:
+            if self._live is None:
+                self._live = _live(self.console, self.renderable)
+                self._live.start()
 
     # EventSink ---------------------------------------------------------------
     def emit(self, event: Event) -> None:
@@ -85,7 +91,8 @@ class LiveView:
     def close(self) -> None:
         """Stop redrawing and leave the last frame on the screen (also on Ctrl-C:
         rich puts the cursor back)."""
-        live, self._live = self._live, None
+        with self._starting:
+            live, self._live = self._live, None
         if live is not None:
             live.stop()
 
@@ -97,9 +104,20 @@ def make_display(fmt: str, cfg: ReleaseConfig) -> Display:
     return NoDisplay()
 
 
-def sinks_for(display: Any) -> list[EventSink]:
-    """The release's event sinks a display brings: a live view listens."""
-    return [display] if isinstance(display, LiveView) else []
+def sinks_for(display: Any, cfg: ReleaseConfig, store: StateStore) -> list[EventSink]:
+    """The release's event sinks a display brings: a live view listens, starting from
+    what the store holds (a resumed release shows the states it already passed)."""
+    if not isinstance(display, LiveView):
+        return []
+    try:
+        recorded = from_store(store, cfg)
+    except OrchestrateError as exc:
+        # The machine reports an unreadable store itself, in its own words.
+        log.debug("live view starts empty", error=exc.message)
+    else:
+        if recorded.started:
+            display.model = recorded
+    return [display]
 
 
 # ------------------------------------------------------------ status --watch

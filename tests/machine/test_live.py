@@ -22,11 +22,11 @@ from rich.console import Console
 
 from orchestrator.cli import cli
 from orchestrator.config import ReleaseConfig, load_config
-from orchestrator.events import Events
-from orchestrator.live import LiveView, watch
+from orchestrator.events import Event, Events, Kind
+from orchestrator.live import LiveView, sinks_for, watch
 from orchestrator.live.model import ViewModel, from_store
 from orchestrator.live.render import render
-from orchestrator.machine import Release
+from orchestrator.machine import Release, release_for
 from orchestrator.record import State, Status, config_digest
 from orchestrator.routers.base import Weights
 from orchestrator.store import StateStore
@@ -233,3 +233,38 @@ def test_status_names_the_windows_measurements_not_a_stage_past_the_last(pair: P
     assert "    window (100%) probe:green: 1 evaluations" in result.stdout
     assert "    stage 2 (100%) error-rate: 1 evaluations" in result.stdout
     assert "stage 3" not in result.stdout
+
+
+def test_a_resumed_release_starts_its_view_from_the_store(pair: Pair) -> None:
+    cfg, store = seeded(pair)
+    name = cfg.release.name
+    store.log(name, "info", "sync done", state="sync", duration_s=3.0)
+    store.log(name, "info", "validate done", state="validate", duration_s=1.0)
+    view = LiveView(ViewModel.for_config(cfg), console=Console(file=io.StringIO()))
+    assert sinks_for(view, cfg, store) == [view]
+    model = view.model
+    assert (model.state, model.stage, model.green_weight) == ("canary", 2, 5)
+    assert [(s.state, s.duration_s) for s in model.timeline] == [
+        ("sync", 3.0), ("validate", 1.0), ("canary", None)]
+    # What the CLI builds: the view is one of the release's sinks.
+    built = release_for(cfg, store=store, display=view)
+    assert built.ctx.events.sinks == [view]
+    # The machine starts the canary state again: the same span, not a second one.
+    view.emit(Event(Kind.STATE, name, state="canary", at=time.time()))
+    view.close()
+    assert [s.state for s in view.model.timeline] == ["sync", "validate", "canary"]
+
+
+def test_the_store_timeline_marks_the_state_a_rollback_left(pair: Pair) -> None:
+    cfg, store = seeded(pair)
+    name = cfg.release.name
+    store.log(name, "info", "validate done", state="validate", duration_s=1.0)
+    store.log(name, "warning", "rolling back: check error-rate failed", state="canary")
+    store.set_state(name, State.ROLLBACK, status=Status.RUNNING,
+                    error="check error-rate failed")
+    model = from_store(store, cfg)
+    assert [(s.state, s.interrupted) for s in model.timeline] == [
+        ("validate", False), ("canary", True), ("rollback", False)]
+    out = shown(render(model, time.time()))
+    assert "canary" in out and "✗" in out and "rollback" in out
+    assert "check error-rate failed" in out

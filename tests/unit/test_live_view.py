@@ -13,6 +13,7 @@ from orchestrator.events import Event, Kind
 from orchestrator.live import LiveView, make_display, sinks_for
 from orchestrator.live.model import Reading, Span, ViewModel
 from orchestrator.live.render import render
+from orchestrator.store import StateStore
 from orchestrator.ui import NoDisplay
 from tests.unit.test_config import minimal
 
@@ -90,11 +91,15 @@ def test_events_build_the_model_with_one_based_stages() -> None:
     model.apply(event(Kind.ROLLING_BACK, 64.0, state="canary", reason="check failed"))
     model.apply(event(Kind.STATE, 64.0, state="rollback"))
     assert not model.finished
+    # The canary ended badly: one span, stopped, not still ticking.
+    canary = [s for s in model.timeline if s.state == "canary"]
+    assert len(canary) == 1 and canary[0].interrupted and canary[0].duration_s == 61.0
     model.apply(event(Kind.STATE_DONE, 66.0, state="rollback", details={"duration_s": 2.0}))
     model.apply(event(Kind.ROLLED_BACK, 66.0, state="rolled_back", reason="check failed"))
     assert model.finished and model.status == "rolled_back" and model.green_weight == 0
     out = text(model, now=70.0)
-    assert lines_with(out, "rollback 2.0s", "rolled_back")
+    assert lines_with(out, "canary 1m01s ✗", "rollback 2.0s", "rolled_back")
+    assert "…" not in out
     assert lines_with(out, "reason", "check failed")
     assert lines_with(out, "release rel-1", "rolled_back")
 
@@ -137,6 +142,5 @@ def test_off_a_terminal_there_is_no_view_and_no_sink(tmp_path: Path) -> None:
     for fmt in ("json", "console"):
         display = make_display(fmt, cfg)
         assert isinstance(display, NoDisplay)
-        assert sinks_for(display) == []
-    assert isinstance(display, NoDisplay)
-    assert sinks_for(display) == []
+        # A display that is no view brings no sink, and reads nothing to say so.
+        assert sinks_for(display, cfg, StateStore.for_config(cfg)) == []
