@@ -54,6 +54,9 @@ def render(model: ViewModel, now: float) -> RenderableType:
     rows.add_column(style="bold", no_wrap=True)
     rows.add_column()
     rows.add_row("states", _timeline(model, now))
+    window_left = model.window_left(now)
+    if window_left is not None:
+        rows.add_row("window", f"promoted · rollback window {duration(window_left)} left")
     stage = _stage_line(model, now)
     if stage is not None:
         rows.add_row("stage", stage)
@@ -101,7 +104,9 @@ def _timeline(model: ViewModel, now: float) -> Text:
             text.append("preflight ✓", style="green")
         else:
             text.append(f"{span.state} {duration(span.duration_s)}", style="green")
-    if model.state and (not model.timeline or model.timeline[-1].duration_s is not None):
+    last = model.timeline[-1] if model.timeline else None
+    if model.state and (last is None or (last.duration_s is not None
+                                         and last.state != model.state)):
         if model.timeline:
             text.append(" → ", style="dim")
         text.append(model.state, style=_STATUS_STYLE.get(model.status, "bold"))
@@ -110,9 +115,6 @@ def _timeline(model: ViewModel, now: float) -> Text:
 
 def _stage_line(model: ViewModel, now: float) -> Text | None:
     total = len(model.stages)
-    window_left = model.window_left(now)
-    if window_left is not None:
-        return Text(f"promoted · rollback window {duration(window_left)} left")
     if model.state != "canary":
         return None
     if model.stage is None:

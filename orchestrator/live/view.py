@@ -77,6 +77,11 @@ class LiveView:
         with self._lock:
             self.model.apply(event)
         self._start()
+        live = self._live
+        if live is not None:
+            # Now, not at the next tick: a log line printed before the tick would
+            # redraw the frame from before the event.
+            live.refresh()
 
     # Display -----------------------------------------------------------------
     def progress(self, key: str, description: str, done: float, total: float) -> None:

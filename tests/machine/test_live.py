@@ -8,11 +8,14 @@ import io
 import json
 import os
 import pty
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -180,25 +183,19 @@ def test_a_release_off_a_terminal_logs_json_lines_and_no_view(pair: Pair) -> Non
     assert "\x1b[" not in result.stderr + result.stdout
 
 
-@pytest.mark.parametrize("ending", ["rolled back", "ctrl-c"])
-def test_status_watch_in_a_real_terminal(pair: Pair, ending: str) -> None:
-    """The CLI in a pseudo-terminal: the view is drawn with cursor control, and the
-    terminal gets its cursor back when the watch ends, on its own or on Ctrl-C."""
-
-    cfg, _ = seeded(pair)
-    path = config_file(cfg, pair.base)
+def in_a_terminal(*args: str) -> tuple[subprocess.Popen[bytes], int]:
+    """The CLI with a pseudo-terminal for stdin, stdout and stderr."""
     leader, follower = pty.openpty()
-    env = {**os.environ, "COLUMNS": "120", "LINES": "40", "TERM": "xterm-256color"}
-    env.pop("CI", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "status", "-c", str(path), "--watch",
-         "--interval", "0.2"], stdin=follower, stdout=follower, stderr=follower, env=env)
+    env = {**os.environ, "COLUMNS": "120", "LINES": "60", "TERM": "xterm-256color"}
+    for forces_json in ("CI", "ORCHESTRATE_LOG_FORMAT", "KUBERNETES_SERVICE_HOST"):
+        env.pop(forces_json, None)
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *args],
+                            stdin=follower, stdout=follower, stderr=follower, env=env)
     os.close(follower)
-    if ending == "ctrl-c":
-        finisher = threading.Timer(2.0, proc.send_signal, (signal.SIGINT,))
-        finisher.start()
-    else:
-        finisher = finish_later(pair, cfg, after=2.0)
+    return proc, leader
+
+
+def read_all(leader: int) -> str:
     chunks = []
     while True:
         try:
@@ -209,9 +206,80 @@ def test_status_watch_in_a_real_terminal(pair: Pair, ending: str) -> None:
             break
         chunks.append(chunk)
     os.close(leader)
+    return b"".join(chunks).decode(errors="replace")
+
+
+class FakePrometheus(BaseHTTPRequestHandler):
+    """Answers every instant query with one series: 1 for preflight's vector(1),
+    0.01 for a check."""
+
+    def do_GET(self) -> None:
+        value = "1" if "vector" in self.path else "0.01"
+        body = json.dumps({"status": "success", "data": {"resultType": "vector", "result": [
+            {"metric": {}, "value": [0, value]}]}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_POST = do_GET
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def prometheus() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakePrometheus)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_release_in_a_real_terminal_draws_the_view_with_the_logs(pair: Pair,
+                                                                  prometheus: str) -> None:
+    path = config_file(pair.config(prometheus={"url": prometheus}, canary={
+        "interval": "300ms", "stages": [{"weight": 0, "duration": 0},
+                                        {"weight": 100, "duration": "2s"}]}), pair.base)
+    cfg = load_config(path)
+    # Resumed at its last stage (the CLI's own fake router starts at blue 100 %).
+    pair.seed(cfg, State.CANARY, **{**SWITCHED_OVER, "stage": 1,
+                                    "weights": Weights.green_at(0),
+                                    "weights_target": Weights.green_at(0)})
+    proc, leader = in_a_terminal("release", "-c", str(path))
+    written = read_all(leader)
+    assert proc.wait(timeout=60) == 0, written
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", written)
+    assert "2/2 · 100% to green" in plain
+    assert re.search(r"error-rate\s+0\.01\s+<= 0\.05\s+pass\s+stage 2", plain), plain
+    assert "rollback window" in plain
+    assert "resuming release" in plain  # the console log lines, through the view's console
+    assert written.count("\x1b[1A") > 5  # redrawn in place
+    assert written.rfind("\x1b[?25h") > written.rfind("\x1b[?25l")
+    assert f"release {cfg.release.name}: promoted (rollback window open)" in plain
+
+
+@pytest.mark.parametrize("ending", ["rolled back", "ctrl-c"])
+def test_status_watch_in_a_real_terminal(pair: Pair, ending: str) -> None:
+    """The CLI in a pseudo-terminal: the view is drawn with cursor control, and the
+    terminal gets its cursor back when the watch ends, on its own or on Ctrl-C."""
+
+    cfg, _ = seeded(pair)
+    path = config_file(cfg, pair.base)
+    proc, leader = in_a_terminal("status", "-c", str(path), "--watch", "--interval", "0.2")
+    if ending == "ctrl-c":
+        finisher = threading.Timer(2.0, proc.send_signal, (signal.SIGINT,))
+        finisher.start()
+    else:
+        finisher = finish_later(pair, cfg, after=2.0)
+    written = read_all(leader)
     assert proc.wait(timeout=30) == (130 if ending == "ctrl-c" else 1)
     finisher.join()
-    written = b"".join(chunks).decode(errors="replace")
     assert "2/4 · 5% to green" in written
     assert "\x1b[?25l" in written  # cursor hidden while drawing...
     assert written.rfind("\x1b[?25h") > written.rfind("\x1b[?25l")  # ...and shown again
