@@ -154,7 +154,8 @@ def promote(ctx: click.Context, config_path: Path) -> None:
 @CONFIG
 @OUTPUT
 @click.option("--watch", is_flag=True,
-              help="Redraw until the release ends (JSON lines when not on a terminal).")
+              help="Redraw until the release ends (JSON lines with --output json or when "
+              "not on a terminal).")
 @click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(min=0.1),
               help="Seconds between reads of the state with --watch.")
 @click.pass_context
@@ -164,7 +165,9 @@ def status(ctx: click.Context, config_path: Path, output: str, watch: bool,
     cfg = _load(ctx, config_path)
     store = _store(cfg)
     if watch:
-        ctx.exit(live.watch(cfg, store, interval=interval))
+        # --output json: JSON lines even on a terminal (a script that watches).
+        ctx.exit(live.watch(cfg, store, interval=interval,
+                            tty=False if output == "json" else None))
     row = store.get(cfg.release.name)
     if row is None:
         click.echo(f"release {cfg.release.name} has not started")

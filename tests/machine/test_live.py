@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -101,7 +101,7 @@ def seeded(pair: Pair) -> tuple[ReleaseConfig, StateStore]:
     return cfg, store
 
 
-def finish_later(pair: Pair, cfg: ReleaseConfig, after: float) -> threading.Thread:
+def finish_later(pair: Pair, cfg: ReleaseConfig, after: float = 0.0) -> threading.Thread:
     """Another process rolls the release back while the watch runs."""
     def finish() -> None:
         time.sleep(after)
@@ -119,7 +119,7 @@ def finish_later(pair: Pair, cfg: ReleaseConfig, after: float) -> threading.Thre
 def test_status_watch_ends_when_the_release_does(pair: Pair,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     cfg, store = seeded(pair)
-    finisher = finish_later(pair, cfg, after=0.5)
+    finisher = finish_later(pair, cfg, after=1.0)
     started = time.monotonic()
     code = watch(cfg, store, interval=0.1, tty=False)
     finisher.join()
@@ -158,7 +158,7 @@ def config_file(cfg: ReleaseConfig, base: Path) -> Path:
 def test_status_watch_off_a_terminal_prints_json_lines(pair: Pair) -> None:
     cfg, _ = seeded(pair)
     path = config_file(cfg, pair.base)
-    finisher = finish_later(pair, cfg, after=0.5)
+    finisher = finish_later(pair, cfg, after=1.0)
     result = CliRunner().invoke(cli, ["--log-format", "json", "status", "-c", str(path),
                                       "--watch", "--interval", "0.1"])
     finisher.join()
@@ -195,8 +195,11 @@ def in_a_terminal(*args: str) -> tuple[subprocess.Popen[bytes], int]:
     return proc, leader
 
 
-def read_all(leader: int) -> str:
-    chunks = []
+def read_all(leader: int, *, once_shown: str = "",
+             then: Callable[[], object] | None = None) -> str:
+    """Everything the child writes; ``then`` runs once ``once_shown`` has appeared (a
+    fixed delay would race a slow start of the child on a loaded machine)."""
+    chunks: list[bytes] = []
     while True:
         try:
             chunk = os.read(leader, 65536)
@@ -205,6 +208,9 @@ def read_all(leader: int) -> str:
         if not chunk:
             break
         chunks.append(chunk)
+        if then is not None and once_shown in b"".join(chunks).decode(errors="replace"):
+            then()
+            then = None
     os.close(leader)
     return b"".join(chunks).decode(errors="replace")
 
@@ -272,14 +278,20 @@ def test_status_watch_in_a_real_terminal(pair: Pair, ending: str) -> None:
     cfg, _ = seeded(pair)
     path = config_file(cfg, pair.base)
     proc, leader = in_a_terminal("status", "-c", str(path), "--watch", "--interval", "0.2")
-    if ending == "ctrl-c":
-        finisher = threading.Timer(2.0, proc.send_signal, (signal.SIGINT,))
-        finisher.start()
-    else:
-        finisher = finish_later(pair, cfg, after=2.0)
-    written = read_all(leader)
+    finishers: list[threading.Thread] = []
+
+    def end() -> None:
+        if ending == "ctrl-c":
+            proc.send_signal(signal.SIGINT)
+        else:
+            finishers.append(finish_later(pair, cfg))
+
+    # A second after the first frame: it has been redrawn a few times by then.
+    written = read_all(leader, once_shown="2/4 · 5% to green",
+                       then=lambda: threading.Timer(1.0, end).start())
     assert proc.wait(timeout=30) == (130 if ending == "ctrl-c" else 1)
-    finisher.join()
+    for finisher in finishers:
+        finisher.join()
     assert "2/4 · 5% to green" in written
     assert "\x1b[?25l" in written  # cursor hidden while drawing...
     assert written.rfind("\x1b[?25h") > written.rfind("\x1b[?25l")  # ...and shown again
@@ -336,3 +348,18 @@ def test_the_store_timeline_marks_the_state_a_rollback_left(pair: Pair) -> None:
     out = shown(render(model, time.time()))
     assert "canary" in out and "✗" in out and "rollback" in out
     assert "check error-rate failed" in out
+
+
+def test_status_watch_output_json_prints_json_lines_even_on_a_terminal(pair: Pair) -> None:
+    cfg, _ = seeded(pair)
+    path = config_file(cfg, pair.base)
+    proc, leader = in_a_terminal("status", "-c", str(path), "--watch", "--interval", "0.2",
+                                 "--output", "json")
+    finishers: list[threading.Thread] = []
+    written = read_all(leader, once_shown='"state": "canary"',
+                       then=lambda: finishers.append(finish_later(pair, cfg)))
+    assert proc.wait(timeout=30) == 1
+    finishers[0].join()
+    assert "\x1b[" not in written
+    states = [json.loads(line)["state"] for line in written.splitlines() if line.strip()]
+    assert states[0] == "canary" and states[-1] == "rolled_back"
