@@ -247,16 +247,36 @@ def prometheus() -> Iterator[str]:
         server.server_close()
 
 
-def test_release_in_a_real_terminal_draws_the_view_with_the_logs(pair: Pair,
-                                                                  prometheus: str) -> None:
+def at_its_last_stage(pair: Pair, prometheus: str, duration: str) -> tuple[ReleaseConfig,
+                                                                           Path]:
     path = config_file(pair.config(prometheus={"url": prometheus}, canary={
         "interval": "300ms", "stages": [{"weight": 0, "duration": 0},
-                                        {"weight": 100, "duration": "2s"}]}), pair.base)
+                                        {"weight": 100, "duration": duration}]}), pair.base)
     cfg = load_config(path)
     # Resumed at its last stage (the CLI's own fake router starts at blue 100 %).
     pair.seed(cfg, State.CANARY, **{**SWITCHED_OVER, "stage": 1,
                                     "weights": Weights.green_at(0),
                                     "weights_target": Weights.green_at(0)})
+    return cfg, path
+
+
+def test_ctrl_c_during_a_release_leaves_the_terminal_sane(pair: Pair, prometheus: str
+                                                          ) -> None:
+    cfg, path = at_its_last_stage(pair, prometheus, "1m")
+    proc, leader = in_a_terminal("release", "-c", str(path))
+    written = read_all(leader, once_shown="error-rate", then=lambda: threading.Timer(
+        0.5, proc.send_signal, (signal.SIGINT,)).start())
+    assert proc.wait(timeout=60) == 130, written
+    assert written.rfind("\x1b[?25h") > written.rfind("\x1b[?25l")  # cursor shown again
+    # What the CLI says on Ctrl-C (click turns the KeyboardInterrupt into Abort), on a
+    # line of its own below the last frame.
+    assert written.rstrip().endswith("aborted")
+    assert pair.row(cfg).state == State.CANARY  # and it resumes from there
+
+
+def test_release_in_a_real_terminal_draws_the_view_with_the_logs(pair: Pair,
+                                                                  prometheus: str) -> None:
+    cfg, path = at_its_last_stage(pair, prometheus, "2s")
     proc, leader = in_a_terminal("release", "-c", str(path))
     written = read_all(leader)
     assert proc.wait(timeout=60) == 0, written
