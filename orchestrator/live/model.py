@@ -272,22 +272,27 @@ def _from_log(model: ViewModel, entries: list[dict[str, Any]], updated: float) -
     current_started = None
     for e in entries:
         at = _epoch(e["at"]) or 0.0
-        message, state = e["message"], e["state"]
-        if state and message == f"{state} done" and e["duration_s"] is not None:
-            model.timeline.append(Span(state, at - e["duration_s"], e["duration_s"]))
+        span = _span_ended(e, at, current_started)
+        if span is not None:
+            model.timeline.append(span)
+        if span is not None or e["message"].startswith("resuming in state "):
             current_started = at
-        elif message == "preflight passed":
-            model.timeline.append(Span(State.PREFLIGHT.value, None, 0.0))
-            current_started = at
-        elif message.startswith("rolling back: "):
-            # The state it left never wrote its "done" line.
-            started = current_started if current_started is not None else at
-            model.timeline.append(Span(state or "?", started, at - started, interrupted=True))
-            current_started = at
-        elif message.startswith("resuming in state "):
-            current_started = at
-        noted = _STAGE_NOTE.match(message)
+        noted = _STAGE_NOTE.match(e["message"])
         if noted and model.state == State.CANARY.value and int(noted[1]) == model.stage:
             model.stage_started = at
     if model.state is not None and not model.finished:
         model.timeline.append(Span(model.state, current_started or updated))
+
+
+def _span_ended(entry: dict[str, Any], at: float, started: float | None) -> Span | None:
+    """The state a log line says ended, if it says one did."""
+    message, state, took = entry["message"], entry["state"], entry["duration_s"]
+    if state and message == f"{state} done" and took is not None:
+        return Span(state, at - took, took)
+    if message == "preflight passed":
+        return Span(State.PREFLIGHT.value, None, 0.0)
+    if message.startswith("rolling back: "):
+        # The state it left never wrote its "done" line.
+        began = started if started is not None else at
+        return Span(state or "?", began, at - began, interrupted=True)
+    return None

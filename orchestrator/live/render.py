@@ -50,6 +50,19 @@ def render(model: ViewModel, now: float) -> RenderableType:
     if not model.started:
         return Panel(Text(f"release {model.release} has not started; waiting"),
                      title=f"release {model.release}", title_align="left")
+    parts: list[RenderableType] = [_header(model, now), *_measured(model)]
+    for bar in model.progress.values():
+        line = Table.grid(padding=(0, 2))
+        line.add_row(Text(bar.description, style="bold"),
+                     ProgressBar(total=bar.total or 1, completed=bar.done, width=30),
+                     f"{bar.done:.0f}/{bar.total:.0f}")
+        parts.append(line)
+    title = Text.assemble(f"release {model.release} · ",
+                          (model.status, _STATUS_STYLE.get(model.status, "")))
+    return Panel(Group(*parts), title=title, title_align="left")
+
+
+def _header(model: ViewModel, now: float) -> Table:
     rows = Table.grid(padding=(0, 2))
     rows.add_column(style="bold", no_wrap=True)
     rows.add_column()
@@ -67,27 +80,24 @@ def render(model: ViewModel, now: float) -> RenderableType:
         rows.add_row("reason", Text(model.reason, style="yellow"))
     if model.stale:
         rows.add_row("stale", Text(model.stale, style="bold red"))
-    parts: list[RenderableType] = [rows]
-    checks = [r for name, r in sorted(model.readings.items())
-              if not name.startswith((LAG_PREFIX, "probe:", "hook:"))]
+    return rows
+
+
+def _measured(model: ViewModel) -> list[RenderableType]:
+    """The checks, the lag per direction, the probes and hooks: a table each."""
+    readings = sorted(model.readings.items())
+    side = ("probe:", "hook:")
+    checks = [r for name, r in readings if not name.startswith((LAG_PREFIX, *side))]
+    lags = [r for name, r in readings if name.startswith(LAG_PREFIX)]
+    others = [r for name, r in readings if name.startswith(side)]
+    tables: list[RenderableType] = []
     if checks or model.limits:
-        parts.append(_checks(model, checks))
-    lags = [r for name, r in sorted(model.readings.items()) if name.startswith(LAG_PREFIX)]
+        tables.append(_checks(model, checks))
     if lags:
-        parts.append(_lags(lags))
-    others = [r for name, r in sorted(model.readings.items())
-              if name.startswith(("probe:", "hook:"))]
+        tables.append(_lags(lags))
     if others:
-        parts.append(_others(others))
-    for bar in model.progress.values():
-        line = Table.grid(padding=(0, 2))
-        line.add_row(Text(bar.description, style="bold"),
-                     ProgressBar(total=bar.total or 1, completed=bar.done, width=30),
-                     f"{bar.done:.0f}/{bar.total:.0f}")
-        parts.append(line)
-    title = Text.assemble(f"release {model.release} · ",
-                          (model.status, _STATUS_STYLE.get(model.status, "")))
-    return Panel(Group(*parts), title=title, title_align="left")
+        tables.append(_others(others))
+    return tables
 
 
 def _timeline(model: ViewModel, now: float) -> Text:
