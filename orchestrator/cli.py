@@ -19,8 +19,8 @@ from typing import Any
 
 import click
 
+from orchestrator import live, pairing, rollback_request
 from orchestrator import logging as logs
-from orchestrator import pairing, rollback_request
 from orchestrator import plan as planner
 from orchestrator.config import ReleaseConfig, load_config
 from orchestrator.errors import Interrupted, OrchestrateError
@@ -29,7 +29,6 @@ from orchestrator.machine import Release
 from orchestrator.record import State, Status
 from orchestrator.store import ReleaseRow, StateStore
 from orchestrator.telemetry import process_telemetry
-from orchestrator.ui import make_display
 from orchestrator.wiring import release_for
 
 CONFIG = click.option("--config", "-c", "config_path", type=click.Path(path_type=Path),
@@ -53,7 +52,8 @@ def _store(cfg: ReleaseConfig) -> StateStore:
 
 
 def _release(ctx: click.Context, cfg: ReleaseConfig, **kw: Any) -> Release:
-    return release_for(cfg, display=make_display(ctx.obj["fmt"]), store=ctx.obj["store"], **kw)
+    return release_for(cfg, display=live.make_display(ctx.obj["fmt"], cfg),
+                       store=ctx.obj["store"], **kw)
 
 
 def _echo_outcome(outcome: Any) -> None:
@@ -186,11 +186,21 @@ def promote(ctx: click.Context, config_path: Path) -> None:
 @cli.command()
 @CONFIG
 @OUTPUT
+@click.option("--watch", is_flag=True,
+              help="Redraw until the release ends (JSON lines with --output json or when "
+              "not on a terminal).")
+@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds between reads of the state with --watch.")
 @click.pass_context
-def status(ctx: click.Context, config_path: Path, output: str) -> None:
+def status(ctx: click.Context, config_path: Path, output: str, watch: bool,
+           interval: float) -> None:
     """Show where the release is, what it measured, and its recent log."""
     cfg = _load(ctx, config_path)
     store = _store(cfg)
+    if watch:
+        # --output json: JSON lines even on a terminal (a script that watches).
+        ctx.exit(live.watch(cfg, store, interval=interval,
+                            tty=False if output == "json" else None))
     row = store.get(cfg.release.name)
     if row is None:
         click.echo(f"release {cfg.release.name} has not started")
@@ -224,7 +234,10 @@ def status(ctx: click.Context, config_path: Path, output: str) -> None:
     if measurements:
         click.echo("  canary measurements:")
         for m in measurements:
-            click.echo(f"    stage {m['stage'] + 1} ({m['weight']}%) {m['check_name']}: "
+            # Past the last stage: the rollback window's probes, not a "stage 5/4".
+            where = (f"stage {m['stage'] + 1}" if m["stage"] < len(cfg.canary.stages)
+                     else "window")
+            click.echo(f"    {where} ({m['weight']}%) {m['check_name']}: "
                        f"{m['evaluations']} evaluations, {m['failed']} failed, "
                        f"{m['inconclusive']} inconclusive, max {m['max_value']}")
     click.echo("  recent log:")

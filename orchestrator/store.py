@@ -401,3 +401,17 @@ class StateStore:
                 (name,),
             )
             return list(cur.fetchall())
+
+    @_state_call
+    def latest_measurements(self, name: str) -> list[dict[str, Any]]:
+        """Each check's (probe's, hook's, lag's) last measurement: the live view."""
+        with self.conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(
+                self._q(
+                    "SELECT DISTINCT ON (check_name) stage, weight, at, check_name, value, "
+                    "baseline, verdict, detail FROM {schema}.stage_measurements "
+                    "WHERE release = %s ORDER BY check_name, id DESC"
+                ),
+                (name,),
+            )
+            return list(cur.fetchall())

@@ -1,6 +1,6 @@
 """The metrics sink a release is built with, and the process's one registry.
 
-``with_metrics`` is what ``machine.release_for`` calls: the release's events feed the
+``with_metrics`` is what ``wiring.release_for`` calls: the release's events feed the
 process's ``ReleaseMetrics``; ``telemetry.listen`` serves them, ``telemetry.pushgateway``
 pushes them. ``orchestrate serve`` shows the same registry on its own ``/metrics``
 (``orchestrator.server.app``), so a rollback the receiver runs is counted there.
