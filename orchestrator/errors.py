@@ -48,19 +48,13 @@ class LockedError(OrchestrateError):
 class ReleaseFailed(OrchestrateError):
     """A state failed; the release was (or must be) rolled back."""
 
-    exit_code = 1
-
 
 class RolledBack(OrchestrateError):
     """The release ended rolled back (automatically or on request)."""
 
-    exit_code = 1
-
 
 class ExternalError(OrchestrateError):
     """An external system (PostgreSQL, Prometheus, Kubernetes, a router) failed."""
-
-    exit_code = 1
 
 
 class ConnectError(ExternalError):

@@ -36,7 +36,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -52,6 +52,7 @@ from pydantic import (
 
 from orchestrator.config import ReleaseConfig
 from orchestrator.errors import OrchestrateError
+from orchestrator.pg.backup import BackupResult
 from orchestrator.routers.base import Weights
 
 
@@ -97,21 +98,22 @@ class RecordError(OrchestrateError):
 
 
 def parse_state(name: str, value: str) -> State:
-    try:
-        return State(value)
-    except ValueError:
-        raise RecordError(
-            f"release {name} is in state {value!r}, which this version of orchestrate "
-            "does not know",
-            hint="run the orchestrate version that started the release") from None
+    return _parse(State, name, value, "is in state")
 
 
 def parse_status(name: str, value: str) -> Status:
+    return _parse(Status, name, value, "has status")
+
+
+_E = TypeVar("_E", State, Status)
+
+
+def _parse(kind: type[_E], name: str, value: str, says: str) -> _E:
     try:
-        return Status(value)
+        return kind(value)
     except ValueError:
         raise RecordError(
-            f"release {name} has status {value!r}, which this version of orchestrate "
+            f"release {name} {says} {value!r}, which this version of orchestrate "
             "does not know",
             hint="run the orchestrate version that started the release") from None
 
@@ -139,19 +141,11 @@ class _Stored(BaseModel):
         return {**first, **out}
 
 
-class BackupFact(_Stored):
-    """``backup.BackupResult`` as recorded. Keys a newer version adds are kept (see
-    the module's docstring), like the unknown facts."""
+class BackupFact(_Stored, BackupResult):
+    """``backup.BackupResult`` as recorded (its fields are that model's). Keys a newer
+    version adds are kept (see the module's docstring), like the unknown facts."""
 
     model_config = ConfigDict(extra="allow")
-
-    path: str
-    format: str
-    sha256: str
-    bytes: int
-    seconds: float
-    toc_entries: int
-    tables_with_data: int
 
 
 class Facts(_Stored):

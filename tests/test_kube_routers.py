@@ -27,7 +27,7 @@ from orchestrator.routers import TrafficRouter, build_router
 from orchestrator.routers.base import RouterError, WeightDriftError, Weights
 from orchestrator.routers.gateway import GatewayRouter
 from orchestrator.routers.ingress_nginx import CANARY, CANARY_WEIGHT, IngressNginxRouter
-from orchestrator.routers.kube import KubeError, RetryPolicy, api_client
+from orchestrator.routers.kube import KubeError, KubeObjects, RetryPolicy, api_client
 from orchestrator.routers.service import ServiceSelectorRouter
 from orchestrator.routers.weighted import WeightedObjectRouter, pointer
 from tests.fakes.kube_api import JSON_PATCH, FakeKubeApi
@@ -210,7 +210,7 @@ def _gateway(kubeconfig: Path) -> GatewayRouter:
         blue_service="web-blue",
         green_service="web-green",
     )
-    return GatewayRouter(cfg, retry=FAST)
+    return GatewayRouter(cfg, KubeObjects(cfg, retry=FAST))
 
 
 def _ingress(kubeconfig: Path) -> IngressNginxRouter:
@@ -219,7 +219,7 @@ def _ingress(kubeconfig: Path) -> IngressNginxRouter:
         **_target(kubeconfig),
         canary_ingress="web-canary",
     )
-    return IngressNginxRouter(cfg, retry=FAST)
+    return IngressNginxRouter(cfg, KubeObjects(cfg, retry=FAST))
 
 
 def _service(kubeconfig: Path) -> ServiceSelectorRouter:
@@ -228,7 +228,7 @@ def _service(kubeconfig: Path) -> ServiceSelectorRouter:
         **_target(kubeconfig),
         service="web",
     )
-    return ServiceSelectorRouter(cfg, retry=FAST)
+    return ServiceSelectorRouter(cfg, KubeObjects(cfg, retry=FAST))
 
 
 CASES = {

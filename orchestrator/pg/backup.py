@@ -35,12 +35,13 @@ import shutil
 import stat
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg import sql
+from pydantic import BaseModel, ConfigDict
 
 from orchestrator.config import BackupConfig
 from orchestrator.errors import ReleaseFailed
@@ -56,8 +57,11 @@ log = get_logger("orchestrate")
 _TABLE_DATA = re.compile(r"^\d+; 0 (\d+) TABLE DATA ", re.MULTILINE)
 
 
-@dataclass(frozen=True)
-class BackupResult:
+class BackupResult(BaseModel):
+    """A verified dump of blue. ``record.BackupFact`` stores it with these fields."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
     path: str
     format: str
     sha256: str
@@ -67,7 +71,7 @@ class BackupResult:
     tables_with_data: int
 
     def as_fact(self) -> dict[str, Any]:
-        return asdict(self)
+        return self.model_dump()
 
 
 @dataclass(frozen=True)
@@ -188,7 +192,7 @@ def backup(db: EndpointLike, tools: PgTools, cfg: BackupConfig, *,
     if previous and Path(previous["path"]) == final and final.exists():
         digest, size = _sha256(final)
         if digest == previous["sha256"]:
-            return BackupResult(**{**previous, "seconds": 0.0})
+            return BackupResult.model_validate({**previous, "seconds": 0.0})
     tmp = cfg.dir / f".{release}-blue{suffix}.partial"
     _remove(tmp)  # left by a run that was killed while dumping
     started = time.monotonic()
@@ -207,7 +211,8 @@ def backup(db: EndpointLike, tools: PgTools, cfg: BackupConfig, *,
     digest, size = _sha256(final)
     if cfg.keep is not None:
         prune(cfg.dir, cfg.keep, keep_path=final)
-    return BackupResult(str(final), cfg.format, digest, size, round(seconds, 3), toc, with_data)
+    return BackupResult(path=str(final), format=cfg.format, sha256=digest, bytes=size,
+                        seconds=round(seconds, 3), toc_entries=toc, tables_with_data=with_data)
 
 
 def backups_in(folder: Path) -> list[Path]:

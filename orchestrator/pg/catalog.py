@@ -11,7 +11,8 @@ import psycopg
 from orchestrator.pg.names import ColumnRef, QualifiedName, parse_tables
 
 # Schemas that belong to PostgreSQL itself or to extensions' internals, never replicated.
-_SYSTEM_SCHEMAS = ("pg_catalog", "information_schema", "pg_toast")
+# Schemas of PostgreSQL itself: never the application's, never compared or copied.
+SYSTEM_SCHEMAS = ("pg_catalog", "information_schema", "pg_toast")
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def user_tables(
     Partitions are skipped: the partitioned parent stands for them (replication
     publishes through the root with publish_via_partition_root).
     """
-    skip = list(_SYSTEM_SCHEMAS) + list(exclude_schemas)
+    skip = list(SYSTEM_SCHEMAS) + list(exclude_schemas)
     rows = conn.execute(
         """
         SELECT n.nspname, c.relname, c.relreplident, c.reltuples::bigint,
@@ -128,7 +129,7 @@ def columns(conn: psycopg.Connection[Any], table: QualifiedName) -> list[Column]
 
 def sequences(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...] = ()
               ) -> list[Sequence]:
-    skip = list(_SYSTEM_SCHEMAS) + list(exclude_schemas)
+    skip = list(SYSTEM_SCHEMAS) + list(exclude_schemas)
     rows = conn.execute(
         """
         SELECT s.schemaname, s.sequencename, s.last_value, s.increment_by,
@@ -182,7 +183,7 @@ def role_exists(conn: psycopg.Connection[Any], name: str) -> bool:
 def referenced_roles(conn: psycopg.Connection[Any], exclude_schemas: tuple[str, ...] = ()
                      ) -> set[str]:
     """Roles that own or hold grants on the objects a schema copy would recreate."""
-    skip = list(_SYSTEM_SCHEMAS) + list(exclude_schemas)
+    skip = list(SYSTEM_SCHEMAS) + list(exclude_schemas)
     rows = conn.execute(
         """
         SELECT DISTINCT r.rolname

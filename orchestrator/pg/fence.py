@@ -11,10 +11,24 @@ catch-up. A role that turns read-only off by itself defeats it: see docs/.
 from __future__ import annotations
 
 import time
-from typing import Any
+from datetime import datetime
+from typing import Any, cast
 
 import psycopg
 from psycopg import sql
+
+# The role's client sessions in this database (ours excepted) begun before a moment.
+_END_OLDER_SESSIONS = (
+    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+    "WHERE usename = %s AND datname = current_database() AND pid <> pg_backend_pid() "
+    "AND backend_type = 'client backend' AND backend_start < %s"
+)
+
+
+def _now(conn: psycopg.Connection[Any]) -> datetime:
+    row = conn.execute("SELECT clock_timestamp()").fetchone()
+    assert row is not None
+    return cast(datetime, row[0])
 
 
 def fence_sql(role: str, dbname: str) -> sql.Composed:
@@ -30,18 +44,11 @@ def fence(conn: psycopg.Connection[Any], role: str, *, wait: float = 10.0) -> in
     lengthen the pause.
     """
     conn.execute(fence_sql(role, conn.info.dbname))
-    row = conn.execute("SELECT clock_timestamp()").fetchone()
-    assert row is not None
-    fenced_at = row[0]
+    fenced_at = _now(conn)
     ended = 0
     deadline = time.monotonic() + wait
     while True:
-        rows = conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE usename = %s AND datname = current_database() AND pid <> pg_backend_pid() "
-            "AND backend_type = 'client backend' AND backend_start < %s",
-            (role, fenced_at),
-        ).fetchall()
+        rows = conn.execute(_END_OLDER_SESSIONS, (role, fenced_at)).fetchall()
         ended += len(rows)
         if not rows or time.monotonic() > deadline:
             return ended
@@ -54,18 +61,13 @@ def unfence(conn: psycopg.Connection[Any], role: str, *, wait: float = 5.0) -> i
     to finish their request. Returns how many sessions were ended."""
     conn.execute(sql.SQL("ALTER ROLE {} IN DATABASE {} RESET default_transaction_read_only"
                          ).format(sql.Identifier(role), sql.Identifier(conn.info.dbname)))
-    row = conn.execute("SELECT clock_timestamp()").fetchone()
-    assert row is not None
-    lifted_at = row[0]
+    lifted_at = _now(conn)
     ended = 0
     deadline = time.monotonic() + wait
     while True:
         force = time.monotonic() > deadline
         rows = conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE usename = %s AND datname = current_database() AND pid <> pg_backend_pid() "
-            "AND backend_type = 'client backend' AND backend_start < %s "
-            "AND (%s OR state IN ('idle', 'idle in transaction (aborted)'))",
+            _END_OLDER_SESSIONS + " AND (%s OR state IN ('idle', 'idle in transaction (aborted)'))",
             (role, lifted_at, force),
         ).fetchall()
         ended += len(rows)

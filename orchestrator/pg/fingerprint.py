@@ -17,8 +17,7 @@ from typing import Any
 import psycopg
 
 from orchestrator.errors import ReleaseFailed
-
-_SYSTEM_SCHEMAS = ("pg_catalog", "information_schema", "pg_toast")
+from orchestrator.pg.catalog import SYSTEM_SCHEMAS
 
 # One line per fact about a table (its partitions included, filed under the root) or
 # materialized view: the relation, each column, constraint and index. Only what the
@@ -64,7 +63,7 @@ def schema_fingerprint(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[
     """A short digest per table and materialized view (``schema.name``)."""
     lines: dict[str, list[str]] = defaultdict(list)
     with conn.cursor() as cur:
-        cur.execute(_QUERY, {"skip": [*_SYSTEM_SCHEMAS, *exclude_schemas]})
+        cur.execute(_QUERY, {"skip": [*SYSTEM_SCHEMAS, *exclude_schemas]})
         for table, line in cur.fetchall():
             if table not in exclude_tables:
                 lines[table].append(line)

@@ -22,10 +22,9 @@ import psycopg
 from psycopg import sql
 
 from orchestrator.errors import ReleaseFailed
+from orchestrator.pg.catalog import SYSTEM_SCHEMAS
 from orchestrator.pg.diff import SESSION_SETTINGS
 from orchestrator.pg.names import QualifiedName
-
-_SYSTEM_SCHEMAS = ("pg_catalog", "information_schema", "pg_toast")
 
 
 @dataclass(frozen=True)
@@ -64,7 +63,7 @@ def matviews(conn: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...] 
              ) -> list[MatView]:
     """The materialized views outside system and excluded schemas, each after every
     materialized view it reads (directly or through plain views)."""
-    skip = [*_SYSTEM_SCHEMAS, *exclude_schemas]
+    skip = [*SYSTEM_SCHEMAS, *exclude_schemas]
     rows = conn.execute(
         """
         SELECT c.oid, n.nspname, c.relname, c.relispopulated,

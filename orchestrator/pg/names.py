@@ -12,7 +12,7 @@ The one place text is read back into names is the config (``sync.exclude_tables`
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from psycopg import sql
@@ -154,6 +154,13 @@ def parse_qualified(text: str) -> QualifiedName:
 
 def parse_tables(items: Iterable[str | QualifiedName]) -> frozenset[QualifiedName]:
     return frozenset(i if isinstance(i, QualifiedName) else parse_qualified(i) for i in items)
+
+
+def unnest_params(pairs: Iterable[Sequence[str]]) -> tuple[list[str], list[str]]:
+    """(schema, table) pairs as the two parallel text arrays that
+    ``unnest(%s::text[], %s::text[])`` takes: one round trip for any number of tables."""
+    listed = list(pairs)
+    return [p[0] for p in listed], [p[1] for p in listed]
 
 
 def with_params(query: sql.Composable, context: AdaptContext | None) -> sql.Composed:

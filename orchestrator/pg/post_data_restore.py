@@ -18,6 +18,7 @@ from psycopg import sql
 from orchestrator.errors import ReleaseFailed
 from orchestrator.logging import scrub
 from orchestrator.pg.endpoint import Endpoint, EndpointLike
+from orchestrator.pg.names import unnest_params
 from orchestrator.pg.post_data import (
     STEP_ATTACH,
     STEP_BUILD,
@@ -120,7 +121,7 @@ def _table_sizes(conn: psycopg.Connection[Any], items: list[Deferred]) -> dict[t
         "FROM unnest(%s::text[], %s::text[]) AS q(s, t) "
         "LEFT JOIN pg_namespace n ON n.nspname = q.s "
         "LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = q.t",
-        ([p[0] for p in pairs], [p[1] for p in pairs])).fetchall()
+        unnest_params(pairs)).fetchall()
     return {(r[0], r[1]): int(r[2]) for r in rows}
 
 

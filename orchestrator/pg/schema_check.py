@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import psycopg
 
@@ -34,16 +34,13 @@ from orchestrator.pg.findings import Finding, Severity, note, problem
 from orchestrator.pg.names import QualifiedName, parse_tables, quote_ident
 
 __all__ = [
-    "CONSTRAINT_KINDS", "ColumnInfo", "ColumnPair", "Finding", "SameExpression",
-    "SequenceResult", "Severity", "Side", "check_constraints", "check_extensions",
-    "check_indexes", "check_sequences", "check_tables", "column_info", "note",
-    "pair_columns", "problem",
+    "CONSTRAINT_CHECK", "CONSTRAINT_KINDS", "INDEX_CHECK", "ColumnInfo", "ColumnPair",
+    "Finding", "NamedCheck", "SameExpression", "SequenceResult", "Severity", "Side",
+    "check_by_name", "check_extensions", "check_sequences", "check_tables", "column_info",
+    "note", "pair_columns", "problem",
 ]
 
 _T = TypeVar("_T")
-
-_SYSTEM_SCHEMAS = ["pg_catalog", "information_schema", "pg_toast"]
-
 
 # ---------------------------------------------------------------- tables
 
@@ -84,60 +81,90 @@ class _Index:
     definition: str  # without the index name
 
 
-def _by_table_and_name(conn: psycopg.Connection[Any], query: str, skip: list[str],
-                       tables: set[QualifiedName], make: Callable[[tuple[Any, ...]], _T]
-                       ) -> dict[tuple[QualifiedName, str], _T]:
-    """Rows of ``query`` (schema, table, name, then the object's own columns) of
-    ``tables`` only, keyed by table and name; ``make`` builds the object from the rest."""
-    rows = conn.execute(query, {"skip": skip}).fetchall()
-    found = {(QualifiedName(r[0], r[1]), r[2]): make(tuple(r[3:])) for r in rows}
-    return {k: v for k, v in found.items() if k[0] in tables}
+class _Defined(Protocol):
+    @property
+    def definition(self) -> str: ...
 
 
-def _indexes(conn: psycopg.Connection[Any], skip: list[str], tables: set[QualifiedName]
-             ) -> dict[tuple[QualifiedName, str], _Index]:
-    return _by_table_and_name(conn, _INDEXES, skip, tables,
-                              lambda r: _Index(bool(r[0]), bool(r[1]), str(r[2])))
+_D = TypeVar("_D", bound=_Defined)
 
 
-def check_indexes(blue: psycopg.Connection[Any], green: psycopg.Connection[Any], *,
-                  exclude_schemas: tuple[str, ...], tables: set[QualifiedName]
-                  ) -> list[Finding]:
-    """Indexes of ``tables`` (on both sides) compared by name."""
-    skip = _SYSTEM_SCHEMAS + list(exclude_schemas)
-    b = _indexes(blue, skip, tables)
-    g = _indexes(green, skip, tables)
+@dataclass(frozen=True)
+class NamedCheck(Generic[_D]):
+    """How one kind of object is read, named and compared when matching by name."""
+
+    section: str
+    # schema, table, name, then the object's own columns, built into one by ``make``.
+    query: str
+    make: Callable[[tuple[Any, ...]], _D]
+    # Whether green's object under another name is blue's, renamed by a migration.
+    alike: Callable[[_D, _D], bool]
+    # The object in findings: ``obj`` the key, ``label`` the words of a message.
+    obj: Callable[[QualifiedName, str], str]
+    label: Callable[[QualifiedName, str, _D], str]
+    # Findings for an object both sides have: table, name, label, obj, blue's, green's.
+    differ: Callable[[QualifiedName, str, str, str, _D, _D], list[Finding]]
+
+
+def check_by_name(kind: NamedCheck[_D], blue: psycopg.Connection[Any],
+                  green: psycopg.Connection[Any], *, exclude_schemas: tuple[str, ...],
+                  tables: set[QualifiedName]) -> list[Finding]:
+    """Objects of ``tables`` (indexes: ``INDEX_CHECK``, constraints: ``CONSTRAINT_CHECK``)
+    matched by table and name: what blue has and green lacks
+    is a problem unless green has it under another name (a note), what both have is
+    compared, and what only green has is a note."""
+    skip = [*catalog.SYSTEM_SCHEMAS, *exclude_schemas]
+
+    def by_table_and_name(conn: psycopg.Connection[Any]) -> dict[tuple[QualifiedName, str], _D]:
+        rows = conn.execute(kind.query, {"skip": skip}).fetchall()
+        found = {(QualifiedName(r[0], r[1]), r[2]): kind.make(tuple(r[3:])) for r in rows}
+        return {k: v for k, v in found.items() if k[0] in tables}
+
+    b, g = by_table_and_name(blue), by_table_and_name(green)
     out: list[Finding] = []
     renamed: set[tuple[QualifiedName, str]] = set()
-    for (table, name), bi in sorted(b.items()):
-        # Indexes live in their table's schema: schema.index names the object.
-        obj = table.child(name).display
-        gi = g.get((table, name))
-        if gi is None:
-            same = sorted(n for (t, n), x in g.items()
-                          if t == table and x.definition == bi.definition and (t, n) not in b)
-            if same:
-                renamed.add((table, same[0]))
-                out.append(note("index", obj, f"index {name} on {table} exists on green as "
-                                              f"{same[0]}"))
-            else:
-                out.append(problem("index", obj, f"index {name} on {table} is missing on green "
-                                                 f"({bi.definition})"))
+    for (table, name), bo in sorted(b.items()):
+        obj, label = kind.obj(table, name), kind.label(table, name, bo)
+        go = g.get((table, name))
+        if go is not None:
+            out += kind.differ(table, name, label, obj, bo, go)
             continue
-        if bi.valid and not gi.valid:
-            out.append(problem("index", obj,
-                               f"index {name} on {table} is not valid on green (a failed "
-                               "CREATE INDEX CONCURRENTLY leaves it so; drop and recreate it)"))
-        if bi.unique and not gi.unique:
-            out.append(problem("index", obj,
-                               f"index {name} on {table} is unique on blue but not on green"))
-        elif bi.definition != gi.definition:
-            out.append(note("index", obj, f"index {name} on {table} differs: blue "
-                                          f"{bi.definition!r}, green {gi.definition!r}"))
+        same = sorted(n for (t, n), x in g.items()
+                      if t == table and (t, n) not in b and kind.alike(bo, x))
+        if same:
+            renamed.add((table, same[0]))
+            out.append(note(kind.section, obj, f"{label} exists on green as {same[0]}"))
+        else:
+            out.append(problem(kind.section, obj,
+                               f"{label} is missing on green ({bo.definition})"))
     for table, name in sorted(set(g) - set(b) - renamed):
-        out.append(note("index", table.child(name).display,
-                        f"index {name} on {table} exists only on green"))
+        out.append(note(kind.section, kind.obj(table, name),
+                        f"{kind.label(table, name, g[table, name])} exists only on green"))
     return out
+
+
+def _index_differs(_table: QualifiedName, _name: str, label: str, obj: str, bi: _Index,
+                   gi: _Index) -> list[Finding]:
+    out: list[Finding] = []
+    if bi.valid and not gi.valid:
+        out.append(problem("index", obj,
+                           f"{label} is not valid on green (a failed "
+                           "CREATE INDEX CONCURRENTLY leaves it so; drop and recreate it)"))
+    if bi.unique and not gi.unique:
+        out.append(problem("index", obj, f"{label} is unique on blue but not on green"))
+    elif bi.definition != gi.definition:
+        out.append(note("index", obj, f"{label} differs: blue "
+                                      f"{bi.definition!r}, green {gi.definition!r}"))
+    return out
+
+
+INDEX_CHECK = NamedCheck(
+    "index", _INDEXES, make=lambda r: _Index(bool(r[0]), bool(r[1]), str(r[2])),
+    alike=lambda x, y: x.definition == y.definition,
+    # Indexes live in their table's schema: schema.index names the object.
+    obj=lambda table, name: table.child(name).display,
+    label=lambda table, name, _: f"index {name} on {table}",
+    differ=_index_differs)
 
 
 # ---------------------------------------------------------------- constraints
@@ -166,51 +193,29 @@ class _Constraint:
     definition: str
 
 
-def _constraints(conn: psycopg.Connection[Any], skip: list[str], tables: set[QualifiedName]
-                 ) -> dict[tuple[QualifiedName, str], _Constraint]:
-    return _by_table_and_name(conn, _CONSTRAINTS, skip, tables,
-                              lambda r: _Constraint(str(r[0]), bool(r[1]), str(r[2])))
-
-
-def check_constraints(blue: psycopg.Connection[Any], green: psycopg.Connection[Any], *,
-                      exclude_schemas: tuple[str, ...], tables: set[QualifiedName]
-                      ) -> list[Finding]:
-    skip = _SYSTEM_SCHEMAS + list(exclude_schemas)
-    b = _constraints(blue, skip, tables)
-    g = _constraints(green, skip, tables)
+def _constraint_differs(table: QualifiedName, name: str, label: str, obj: str,
+                        bc: _Constraint, gc: _Constraint) -> list[Finding]:
     out: list[Finding] = []
-    renamed: set[tuple[QualifiedName, str]] = set()
-    for (table, name), bc in sorted(b.items()):
-        what = CONSTRAINT_KINDS.get(bc.kind, "constraint")
-        obj = f"{table}.{quote_ident(name)}"
-        gc = g.get((table, name))
-        if gc is None:
-            same = sorted(n for (t, n), x in g.items() if t == table and (t, n) not in b
-                          and x.kind == bc.kind and x.definition == bc.definition)
-            if same:
-                renamed.add((table, same[0]))
-                out.append(note("constraint", obj,
-                                f"{what} {name} on {table} exists on green as {same[0]}"))
-            else:
-                out.append(problem("constraint", obj, f"{what} {name} on {table} is missing on "
-                                                      f"green ({bc.definition})"))
-            continue
-        if bc.valid and not gc.valid:
-            out.append(problem("constraint", obj,
-                               f"{what} {name} on {table} is NOT VALID on green (run ALTER TABLE "
-                               f"{table} VALIDATE CONSTRAINT {quote_ident(name)})"))
-        if gc.kind != bc.kind:
-            out.append(problem("constraint", obj, f"{name} on {table} is a {what} on blue but a "
-                               f"{CONSTRAINT_KINDS.get(gc.kind, gc.kind)} on green"))
-        elif gc.definition != bc.definition:
-            out.append(note("constraint", obj, f"{what} {name} on {table} differs: blue "
-                                               f"{bc.definition!r}, green {gc.definition!r}"))
-    for key in sorted(set(g) - set(b) - renamed):
-        gc = g[key]
-        out.append(note("constraint", f"{key[0]}.{quote_ident(key[1])}",
-                        f"{CONSTRAINT_KINDS.get(gc.kind, 'constraint')} {key[1]} on {key[0]} "
-                        "exists only on green"))
+    if bc.valid and not gc.valid:
+        out.append(problem("constraint", obj,
+                           f"{label} is NOT VALID on green (run ALTER TABLE "
+                           f"{table} VALIDATE CONSTRAINT {quote_ident(name)})"))
+    if gc.kind != bc.kind:
+        out.append(problem("constraint", obj, f"{name} on {table} is a "
+                           f"{CONSTRAINT_KINDS.get(bc.kind, 'constraint')} on blue but a "
+                           f"{CONSTRAINT_KINDS.get(gc.kind, gc.kind)} on green"))
+    elif gc.definition != bc.definition:
+        out.append(note("constraint", obj, f"{label} differs: blue "
+                                           f"{bc.definition!r}, green {gc.definition!r}"))
     return out
+
+
+CONSTRAINT_CHECK = NamedCheck(
+    "constraint", _CONSTRAINTS, make=lambda r: _Constraint(str(r[0]), bool(r[1]), str(r[2])),
+    alike=lambda x, y: x.kind == y.kind and x.definition == y.definition,
+    obj=lambda table, name: f"{table}.{quote_ident(name)}",
+    label=lambda table, name, c: f"{CONSTRAINT_KINDS.get(c.kind, 'constraint')} {name} on {table}",
+    differ=_constraint_differs)
 
 
 # ---------------------------------------------------------------- extensions

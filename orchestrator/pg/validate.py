@@ -124,10 +124,10 @@ def validate(
             plan, found = _plan(blue, green, table, cfg)
             plans.append(plan)
             report.findings += found
-        report.findings += schema_check.check_indexes(blue, green, exclude_schemas=exclude,
-                                                      tables=names)
-        report.findings += schema_check.check_constraints(blue, green, exclude_schemas=exclude,
-                                                          tables=names)
+        report.findings += schema_check.check_by_name(
+            schema_check.INDEX_CHECK, blue, green, exclude_schemas=exclude, tables=names)
+        report.findings += schema_check.check_by_name(
+            schema_check.CONSTRAINT_CHECK, blue, green, exclude_schemas=exclude, tables=names)
         report.findings += schema_check.check_extensions(blue, green)
         report.sequences, found = schema_check.check_sequences(
             blue, green, exclude_schemas=exclude, exclude_tables=exclude_tables,

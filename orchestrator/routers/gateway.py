@@ -20,36 +20,22 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from kubernetes.client import ApiClient
-
 from orchestrator.config import GatewayRouterConfig
 from orchestrator.routers.base import RouterError, Weights
-from orchestrator.routers.kube import HTTPROUTES, JsonObject, PatchOp, Resource, RetryPolicy
+from orchestrator.routers.kube import HTTPROUTES, JsonObject, PatchOp, Resource
 from orchestrator.routers.weighted import WeightedObjectRouter, pointer, set_op
 
 # Gateway API: "If unspecified, weight defaults to 1."
 DEFAULT_WEIGHT = 1
 
 
-class GatewayRouter(WeightedObjectRouter):
+class GatewayRouter(WeightedObjectRouter[GatewayRouterConfig]):
     resource: ClassVar[Resource] = HTTPROUTES
-
-    def __init__(
-        self,
-        cfg: GatewayRouterConfig,
-        api: ApiClient | None = None,
-        *,
-        retry: RetryPolicy | None = None,
-    ) -> None:
-        super().__init__(cfg, cfg.route, api, retry=retry)
-        self.cfg = cfg
-
-    def describe(self) -> str:
-        c = self.cfg
-        return (
-            f"gateway HTTPRoute {c.namespace}/{c.route} rule {c.rule} "
-            f"({c.blue_service} -> {c.green_service})"
-        )
+    name_field = "route"
+    description = (
+        "gateway HTTPRoute {c.namespace}/{c.route} rule {c.rule} "
+        "({c.blue_service} -> {c.green_service})"
+    )
 
     def _missing_api_hint(self) -> str:
         return (

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from kubernetes.client import ApiClient
-
 from orchestrator.config import IngressNginxRouterConfig
 from orchestrator.routers.base import RouterError, Weights
-from orchestrator.routers.kube import INGRESSES, JsonObject, PatchOp, Resource, RetryPolicy
+from orchestrator.routers.kube import INGRESSES, JsonObject, PatchOp, Resource
 from orchestrator.routers.weighted import WeightedObjectRouter, pointer, set_op
 
 PREFIX = "nginx.ingress.kubernetes.io/"
@@ -29,21 +27,10 @@ CANARY_WEIGHT = PREFIX + "canary-weight"
 CANARY_WEIGHT_TOTAL = PREFIX + "canary-weight-total"
 
 
-class IngressNginxRouter(WeightedObjectRouter):
+class IngressNginxRouter(WeightedObjectRouter[IngressNginxRouterConfig]):
     resource: ClassVar[Resource] = INGRESSES
-
-    def __init__(
-        self,
-        cfg: IngressNginxRouterConfig,
-        api: ApiClient | None = None,
-        *,
-        retry: RetryPolicy | None = None,
-    ) -> None:
-        super().__init__(cfg, cfg.canary_ingress, api, retry=retry)
-        self.cfg = cfg
-
-    def describe(self) -> str:
-        return f"ingress-nginx canary Ingress {self.cfg.namespace}/{self.cfg.canary_ingress}"
+    name_field = "canary_ingress"
+    description = "ingress-nginx canary Ingress {c.namespace}/{c.canary_ingress}"
 
     def _annotations(self, obj: JsonObject) -> dict[str, str]:
         annotations = obj.get("metadata", {}).get("annotations") or {}

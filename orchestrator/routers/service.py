@@ -10,36 +10,22 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from kubernetes.client import ApiClient
-
 from orchestrator.config import ServiceRouterConfig
 from orchestrator.routers.base import RouterError, Weights
-from orchestrator.routers.kube import SERVICES, JsonObject, PatchOp, Resource, RetryPolicy
+from orchestrator.routers.kube import SERVICES, JsonObject, PatchOp, Resource
 from orchestrator.routers.weighted import WeightedObjectRouter, pointer, set_op
 
 ALL_BLUE = Weights(blue=100, green=0)
 ALL_GREEN = Weights(blue=0, green=100)
 
 
-class ServiceSelectorRouter(WeightedObjectRouter):
+class ServiceSelectorRouter(WeightedObjectRouter[ServiceRouterConfig]):
     resource: ClassVar[Resource] = SERVICES
-
-    def __init__(
-        self,
-        cfg: ServiceRouterConfig,
-        api: ApiClient | None = None,
-        *,
-        retry: RetryPolicy | None = None,
-    ) -> None:
-        super().__init__(cfg, cfg.service, api, retry=retry)
-        self.cfg = cfg
-
-    def describe(self) -> str:
-        c = self.cfg
-        return (
-            f"Service {c.namespace}/{c.service} selector {c.selector_key}="
-            f"{c.blue_value}|{c.green_value}"
-        )
+    name_field = "service"
+    description = (
+        "Service {c.namespace}/{c.service} selector {c.selector_key}="
+        "{c.blue_value}|{c.green_value}"
+    )
 
     def _selector(self, obj: JsonObject) -> dict[str, str]:
         selector = obj.get("spec", {}).get("selector")

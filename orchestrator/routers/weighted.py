@@ -10,10 +10,9 @@ from __future__ import annotations
 import random
 import time
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import structlog
-from kubernetes.client import ApiClient
 
 from orchestrator.config import KubeTarget
 from orchestrator.routers.base import RouterError, WeightDriftError, Weights
@@ -28,10 +27,11 @@ from orchestrator.routers.kube import (
     KubeUnauthorized,
     PatchOp,
     Resource,
-    RetryPolicy,
 )
 
 log = structlog.get_logger(__name__)
+
+TargetT = TypeVar("TargetT", bound=KubeTarget)
 
 
 # --------------------------------------------------------------------------- JSON Pointer
@@ -59,25 +59,28 @@ def set_op(path: str, current: Any, new: Any, *, present: bool) -> list[PatchOp]
 # --------------------------------------------------------------------------- routers
 
 
-class WeightedObjectRouter(ABC):
+class WeightedObjectRouter(ABC, Generic[TargetT]):
     """Read, check drift, patch the weights only, re-read: the loop all Kubernetes
     routers share. Subclasses map their object to Weights and back to patch ops."""
 
+    # What subclasses declare: the kind of object, the config field naming it, and
+    # how the router reads in messages (str.format of the config as ``c``).
     resource: ClassVar[Resource]
+    name_field: ClassVar[str]
+    description: ClassVar[str]
     # How often a conflicting write is re-read and retried before giving up.
     conflict_attempts: ClassVar[int] = 5
 
-    def __init__(
-        self,
-        target: KubeTarget,
-        name: str,
-        api: ApiClient | None = None,
-        *,
-        retry: RetryPolicy | None = None,
-    ) -> None:
-        self.target = target
-        self.name = name
-        self.objects = KubeObjects(target, api, retry=retry)
+    def __init__(self, cfg: TargetT, objects: KubeObjects | None = None) -> None:
+        self.cfg = cfg
+        self.objects = objects or KubeObjects(cfg)
+
+    @property
+    def name(self) -> str:
+        return str(getattr(self.cfg, self.name_field))
+
+    def describe(self) -> str:
+        return self.description.format(c=self.cfg)
 
     # What subclasses provide ---------------------------------------------------
 
@@ -94,14 +97,11 @@ class WeightedObjectRouter(ABC):
         if target.blue < 0 or target.green < 0 or target.blue + target.green != 100:
             raise RouterError(f"invalid target weights {target}: blue + green must be 100")
 
-    @abstractmethod
-    def describe(self) -> str: ...
-
     # The shared behaviour ------------------------------------------------------
 
     @property
     def where(self) -> str:
-        return f"{self.resource.kind} {self.target.namespace}/{self.name}"
+        return f"{self.resource.kind} {self.cfg.namespace}/{self.name}"
 
     def check(self) -> None:
         obj = self._read()
@@ -175,7 +175,7 @@ class WeightedObjectRouter(ABC):
     def _router_error(self, exc: KubeError) -> RouterError:
         if not isinstance(exc, KubeApiError):
             return RouterError(exc.message, hint=exc.hint)
-        res, ns = self.resource, self.target.namespace
+        res, ns = self.resource, self.cfg.namespace
         if isinstance(exc, KubeNotFound):
             if not exc.details.get("name"):
                 # Only the *type* is unknown: no object name in the Status details.

@@ -7,7 +7,6 @@ no reload, so no connection is dropped when traffic moves.
 
 from __future__ import annotations
 
-import shutil
 import signal
 from pathlib import Path
 
@@ -18,9 +17,9 @@ from orchestrator.sandbox.process import (
     ManagedProcess,
     SandboxError,
     Service,
+    find_binary,
     run_checked,
     tcp_open,
-    wait_until,
 )
 
 log = structlog.get_logger()
@@ -31,12 +30,7 @@ _MAX_ADMIN_SOCKET_PATH = 107 - len(".4194304.tmp")
 
 
 def haproxy_binary() -> Path:
-    found = shutil.which("haproxy") or (
-        "/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").is_file() else None
-    )
-    if not found:
-        raise SandboxError("haproxy is not installed (looked in PATH and /usr/sbin)")
-    return Path(found)
+    return find_binary("haproxy", Path("/usr/sbin/haproxy"))
 
 
 class HAProxyServer(Service):
@@ -171,21 +165,15 @@ frontend metrics
             stop_signal=signal.SIGUSR1,
             stop_timeout=6.0,
         )
-        self._proc.start()
-        try:
-            wait_until(
-                lambda: (
-                    self._admin_socket.exists()
-                    and tcp_open("127.0.0.1", self.port)
-                    and tcp_open("127.0.0.1", self.metrics_port)
-                ),
-                what=f"haproxy to listen on {self.port} and {self.metrics_port}",
-                timeout=20.0,
-                proc=self._proc,
-            )
-        except BaseException:
-            self._proc.stop()
-            raise
+        self._proc.start_and_wait(
+            lambda: (
+                self._admin_socket.exists()
+                and tcp_open("127.0.0.1", self.port)
+                and tcp_open("127.0.0.1", self.metrics_port)
+            ),
+            what=f"haproxy to listen on {self.port} and {self.metrics_port}",
+            timeout=20.0,
+        )
         log.info(
             "sandbox.haproxy_started",
             port=self.port,

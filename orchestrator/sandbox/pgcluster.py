@@ -28,7 +28,6 @@ from orchestrator.sandbox.process import (
     make_traversable,
     run_checked,
     service_user,
-    wait_until,
 )
 
 __all__ = ["PgCluster", "SandboxError", "server_bindir"]
@@ -140,25 +139,14 @@ class PgCluster(Service):
             stop_signal=signal.SIGINT,
             stop_timeout=30.0,
         )
-        started = time.monotonic()
-        self._proc.start()
-        try:
-            wait_until(
-                self._accepts_connections,
-                what=f"PostgreSQL {self.name} to accept connections on port {self.port}",
-                timeout=60.0,
-                interval=0.1,
-                proc=self._proc,
-            )
-        except BaseException:
-            self._proc.stop()
-            raise
+        seconds = self._proc.start_and_wait(
+            self._accepts_connections,
+            what=f"PostgreSQL {self.name} to accept connections on port {self.port}",
+            timeout=60.0,
+        )
         log.info(
-            "sandbox.pg_started",
-            cluster=self.name,
-            major=self.major,
-            port=self.port,
-            seconds=round(time.monotonic() - started, 2),
+            "sandbox.pg_started", cluster=self.name, major=self.major, port=self.port,
+            seconds=seconds,
         )
 
     def stop(self) -> None:

@@ -8,6 +8,7 @@ import contextlib
 import http.client
 import os
 import pwd
+import shutil
 import signal
 import socket
 import subprocess
@@ -113,6 +114,14 @@ def make_traversable(path: Path, user: RunAs | None) -> None:
         if st.st_uid == me:
             os.chmod(parent, (st.st_mode & 0o7777) | 0o001)
             log.debug("sandbox.chmod_search", path=str(parent))
+
+
+def find_binary(name: str, fallback: Path) -> Path:
+    """``name`` on PATH, else at ``fallback`` (Debian puts some daemons outside PATH)."""
+    found = shutil.which(name) or (str(fallback) if fallback.is_file() else None)
+    if not found:
+        raise SandboxError(f"{name} is not installed (looked in PATH and {fallback.parent})")
+    return Path(found)
 
 
 def tcp_open(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -224,6 +233,25 @@ class ManagedProcess:
             if self in _live:
                 _live.remove(self)
         log.debug("sandbox.process_stopped", name=self.name, returncode=popen.returncode)
+
+    def start_and_wait(
+        self,
+        ready: Callable[[], bool],
+        *,
+        what: str,
+        timeout: float,
+        interval: float = 0.1,
+    ) -> float:
+        """Start, then poll ``ready``; a service that never gets ready is stopped again
+        so that no half-started child outlives the failure. Returns the seconds it took."""
+        started = time.monotonic()
+        self.start()
+        try:
+            wait_until(ready, what=what, timeout=timeout, interval=interval, proc=self)
+        except BaseException:
+            self.stop()
+            raise
+        return round(time.monotonic() - started, 2)
 
     def log_tail(self, lines: int = 20) -> str:
         try:

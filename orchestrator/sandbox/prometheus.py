@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import shutil
 import signal
 import time
 import urllib.parse
@@ -15,7 +14,13 @@ import structlog
 import yaml
 
 from orchestrator.sandbox.ports import free_port
-from orchestrator.sandbox.process import ManagedProcess, SandboxError, Service, http_get, wait_until
+from orchestrator.sandbox.process import (
+    ManagedProcess,
+    SandboxError,
+    Service,
+    find_binary,
+    http_get,
+)
 
 log = structlog.get_logger()
 
@@ -23,12 +28,7 @@ _HTTP_TIMEOUT = 3.0
 
 
 def prometheus_binary() -> Path:
-    found = shutil.which("prometheus") or (
-        "/usr/bin/prometheus" if Path("/usr/bin/prometheus").is_file() else None
-    )
-    if not found:
-        raise SandboxError("prometheus is not installed (looked in PATH and /usr/bin)")
-    return Path(found)
+    return find_binary("prometheus", Path("/usr/bin/prometheus"))
 
 
 class QueryRejected(SandboxError):
@@ -99,24 +99,11 @@ class PrometheusServer(Service):
             stop_signal=signal.SIGTERM,
             stop_timeout=15.0,
         )
-        started = time.monotonic()
-        self._proc.start()
-        try:
-            wait_until(
-                self._ready,
-                what=f"Prometheus to be ready on port {self.port}",
-                timeout=60.0,
-                interval=0.2,
-                proc=self._proc,
-            )
-        except BaseException:
-            self._proc.stop()
-            raise
-        log.info(
-            "sandbox.prometheus_started",
-            port=self.port,
-            seconds=round(time.monotonic() - started, 2),
+        seconds = self._proc.start_and_wait(
+            self._ready, what=f"Prometheus to be ready on port {self.port}", timeout=60.0,
+            interval=0.2,
         )
+        log.info("sandbox.prometheus_started", port=self.port, seconds=seconds)
 
     def _ready(self) -> bool:
         try:

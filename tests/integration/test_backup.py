@@ -8,10 +8,8 @@ import os
 import stat
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
@@ -22,6 +20,7 @@ from orchestrator.pg import backup, catalog
 from orchestrator.pg.tools import PgTools, find_tools
 from orchestrator.sandbox.pgcluster import PgCluster
 from tests.conftest import short_tmpdir
+from tests.integration.helpers import wait_for
 
 CONTROL = "orchestrate"
 
@@ -200,15 +199,6 @@ def test_folder_not_ours_is_left_alone_and_the_dump_is_private(
         Path(result.path).unlink()
 
 
-def _wait_for(predicate: Any, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @pytest.mark.usefixtures("open_umask")
 @pytest.mark.parametrize("fmt", ["custom", "directory"])
 def test_dump_failing_midway_leaves_nothing_and_rerun_is_safe(
@@ -238,7 +228,8 @@ def test_dump_failing_midway_leaves_nothing_and_rerun_is_safe(
                     return bool(admin.execute(
                         "SELECT 1 FROM pg_stat_activity WHERE application_name = 'orchestrate' "
                         "AND wait_event_type = 'Lock'").fetchone())
-                assert _wait_for(dump_waits), f"pg_dump never queued behind the lock: {outcome}"
+                assert wait_for(dump_waits, interval=0.05), (
+                    f"pg_dump never queued behind the lock: {outcome}")
                 assert partial.exists()
                 assert _mode(folder) == 0o700
                 assert _mode(partial) == (0o600 if fmt == "custom" else 0o700)

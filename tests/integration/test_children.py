@@ -18,7 +18,6 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
@@ -27,6 +26,7 @@ from orchestrator.config import GreenConfig, SecretRef
 from orchestrator.pg import children, initial_copy
 from orchestrator.pg.tools import find_tools
 from orchestrator.sandbox.pgcluster import PgCluster
+from tests.integration.helpers import wait_for
 from tests.pg_helpers import tmp_cluster
 
 REPO = Path(__file__).resolve().parents[2]
@@ -101,15 +101,6 @@ def _sessions(pg: PgCluster) -> list[tuple[str, str]]:
             (APP,)).fetchall()]
 
 
-def _wait_for(predicate: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux")
 def test_copy_children_and_sessions_end_with_a_killed_parent(cluster: PgCluster) -> None:
     args = {"blue": json.loads(_db(cluster, "blue").model_dump_json()),
@@ -121,18 +112,18 @@ def test_copy_children_and_sessions_end_with_a_killed_parent(cluster: PgCluster)
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     pids: list[int] = []
     try:
-        copying = _wait_for(
+        copying = wait_for(
             lambda: sorted(d for d, s in _sessions(cluster) if s == "active")
-            == ["blue", "green"], timeout=60)
+            == ["blue", "green"], timeout=60, interval=0.05)
         assert copying, parent.stderr.read().decode()[-2000:] if parent.poll() else "no copy"
         pids = [p for p in _children_of(parent.pid)
                 if Path(f"/proc/{p}/exe").resolve().name == "psql"]
         assert len(pids) == 2, pids
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(10)
-        assert _wait_for(lambda: not any(_alive(p) for p in pids), timeout=5), (
+        assert wait_for(lambda: not any(_alive(p) for p in pids), timeout=5, interval=0.05), (
             "psql children outlived their parent")
-        assert _wait_for(lambda: not _sessions(cluster), timeout=10), (
+        assert wait_for(lambda: not _sessions(cluster), timeout=10, interval=0.05), (
             f"server sessions outlived the copy: {_sessions(cluster)}")
     finally:
         if parent.poll() is None:

@@ -48,6 +48,7 @@ from orchestrator.pg.copy.subscribe import (
     tune_sync_workers,
 )
 from orchestrator.pg.endpoint import Endpoint, EndpointLike
+from orchestrator.pg.names import unnest_params
 from orchestrator.pg.tools import PgTools
 
 log = get_logger("orchestrate")
@@ -96,7 +97,7 @@ def _check_replica_role(green: psycopg.Connection[Any], targets: list[tuple[str,
         "JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
         "JOIN unnest(%s::text[], %s::text[]) q(s, r) ON q.s = n.nspname AND q.r = c.relname "
         "WHERE NOT t.tgisinternal AND t.tgenabled IN ('O', 'A')",
-        ([t[0] for t in targets], [t[1] for t in targets])).fetchall()
+        unnest_params(targets)).fetchall()
     if rows:
         raise ReleaseFailed(
             f"green's user may not set session_replication_role, and triggers would fire "
