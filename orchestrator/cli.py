@@ -216,6 +216,15 @@ def status(ctx: click.Context, config_path: Path, output: str, watch: bool,
                                "log": entries, "rollback_window": window},
                               default=str, indent=2))
         return
+    _print_status(cfg, row, window)
+    _print_measurements(cfg, measurements)
+    click.echo("  recent log:")
+    for e in entries:
+        click.echo(f"    {e['at']:%H:%M:%S} {e['level']:<8} {e['state'] or '':<10} "
+                   f"{e['message']}")
+
+
+def _print_status(cfg: ReleaseConfig, row: ReleaseRow, window: dict[str, Any] | None) -> None:
     click.echo(f"release {row.name}: state {row.state}, status {row.status}")
     if window is not None:
         click.echo(f"  rollback window: {window['remaining_s']:.0f}s left (closes "
@@ -231,19 +240,19 @@ def status(ctx: click.Context, config_path: Path, output: str, watch: bool,
         click.echo(f"  traffic: blue {weights.blue}% / green {weights.green}%")
     if b is not None:
         click.echo(f"  backup: {b.path} ({b.bytes} bytes, sha256 {b.sha256[:16]})")
-    if measurements:
-        click.echo("  canary measurements:")
-        for m in measurements:
-            # Past the last stage: the rollback window's probes, not a "stage 5/4".
-            where = (f"stage {m['stage'] + 1}" if m["stage"] < len(cfg.canary.stages)
-                     else "window")
-            click.echo(f"    {where} ({m['weight']}%) {m['check_name']}: "
-                       f"{m['evaluations']} evaluations, {m['failed']} failed, "
-                       f"{m['inconclusive']} inconclusive, max {m['max_value']}")
-    click.echo("  recent log:")
-    for e in entries:
-        click.echo(f"    {e['at']:%H:%M:%S} {e['level']:<8} {e['state'] or '':<10} "
-                   f"{e['message']}")
+
+
+def _print_measurements(cfg: ReleaseConfig, measurements: list[dict[str, Any]]) -> None:
+    if not measurements:
+        return
+    click.echo("  canary measurements:")
+    for m in measurements:
+        # Past the last stage: the rollback window's probes, not a "stage 5/4".
+        where = (f"stage {m['stage'] + 1}" if m["stage"] < len(cfg.canary.stages)
+                 else "window")
+        click.echo(f"    {where} ({m['weight']}%) {m['check_name']}: "
+                   f"{m['evaluations']} evaluations, {m['failed']} failed, "
+                   f"{m['inconclusive']} inconclusive, max {m['max_value']}")
 
 
 def _window(cfg: ReleaseConfig, row: ReleaseRow) -> dict[str, Any] | None:

@@ -195,7 +195,9 @@ class Release:
             handler = self._handlers[state]
             started = time.monotonic()
             log.info("state", release=self.name, state=state.value)
-            self.emit(Kind.STATE, state=state.value)
+            limit = self.ctx.stop.limit  # the metrics' past-the-deadline alert reads it
+            self.emit(Kind.STATE, state=state.value,
+                      details={"deadline_at": limit.at} if limit is not None else {})
             try:
                 following = handler()
             except StateUnavailable as lost:

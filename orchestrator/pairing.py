@@ -23,6 +23,7 @@ Anything else refuses the release, with what was found. See docs/recurring.md.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -129,23 +130,59 @@ def prepare_green(cfg: ReleaseConfig, store: StateStore, router: TrafficRouter) 
     if store.unfinished() is not None:
         return False
     end = Endpoint(cfg.green, "green")
-    dbname = cfg.green.dbname
+    found = _inspect(end, cfg.green.dbname, cfg.state.schema_name)
+    if found is None:
+        return False
     side = green_side(cfg)
+    where = f"green ({side}: {cfg.green.describe()})"
+    _refuse_traffic(where, router)
+    finished = store.finished_names()
+    _refuse_foreign(where, found, finished)
+    record = store.live_side()
+    left_by_done = record is not None and record[1] == side and record[2] in finished
+    if found.tables and not (left_by_done or found.markers & finished):
+        raise GreenInUse(
+            f"{where} already holds tables ({', '.join(found.tables[:5])}) that no "
+            "finished release of this control schema left there",
+            hint="a pair's green is recreated only when the record shows it was ours; "
+            "empty or drop that database by hand if it is not needed; nothing was changed")
+    if not found.tables and not found.markers:
+        return False  # an empty database (made by hand, say): provisioned as it is
+    _drop(end, cfg.green.dbname, found.subs, found.slots)
+    log.info("pair green recreated", side=side, database=cfg.green.describe(),
+             tables=len(found.tables))
+    return True
+
+
+@dataclass(frozen=True)
+class _Found:
+    """What green's database holds that decides whether it may be recreated."""
+
+    slots: list[str]
+    subs: list[str]
+    pubs: list[str]
+    tables: list[str]
+    markers: set[str]
+
+
+def _inspect(end: Endpoint, dbname: str, control: str) -> _Found | None:
+    """None when green's database does not exist."""
     with end.connection("pair", dbname="postgres") as server:
         if not catalog.database_exists(server, dbname):
-            return False
+            return None
         slots = [r[0] for r in server.execute(
             "SELECT slot_name FROM pg_replication_slots WHERE database = %s",
             (dbname,)).fetchall()]
         subs = [r[0] for r in server.execute(
             "SELECT subname FROM pg_subscription s JOIN pg_database d ON d.oid = s.subdbid "
             "WHERE d.datname = %s", (dbname,)).fetchall()]
-    control = cfg.state.schema_name
     with end.connection("pair") as db:
         pubs = [r[0] for r in db.execute("SELECT pubname FROM pg_publication").fetchall()]
-        tables = schema.foreign_tables(db, control)
-        markers = _markers(db, control)
-    where = f"green ({side}: {cfg.green.describe()})"
+        return _Found(slots, subs, pubs, schema.foreign_tables(db, control),
+                      _markers(db, control))
+
+
+def _refuse_traffic(where: str, router: TrafficRouter) -> None:
     weights = router.current()
     if weights.green > 0:
         raise GreenInUse(
@@ -153,32 +190,20 @@ def prepare_green(cfg: ReleaseConfig, store: StateStore, router: TrafficRouter) 
             "its database cannot be recreated for this release",
             hint="the live side is not the one the release record says: check the router "
             "and `orchestrate status`; nothing was changed")
-    finished = store.finished_names()
+
+
+def _refuse_foreign(where: str, found: _Found, finished: set[str]) -> None:
     ours = {n for r in finished for n in (replication.forward(r).base,
                                           replication.reverse(r).base)}
-    foreign = ([f"subscription {s}" for s in subs if s not in ours]
-               + [f"publication {p}" for p in pubs if p not in ours]
-               + [f"replication slot {s}" for s in slots if s not in ours])
+    foreign = ([f"subscription {s}" for s in found.subs if s not in ours]
+               + [f"publication {p}" for p in found.pubs if p not in ours]
+               + [f"replication slot {s}" for s in found.slots if s not in ours])
     if foreign:
         raise GreenInUse(
             f"{where} holds {', '.join(foreign[:5])}, which no finished release of this "
             "control schema created: something else replicates from or into it",
             hint="find out what uses it and remove it, or point the pair at another "
             "database; nothing was changed")
-    record = store.live_side()
-    left_by_done = (record is not None and record[1] == side and record[2] in finished)
-    if tables and not (left_by_done or markers & finished):
-        raise GreenInUse(
-            f"{where} already holds tables ({', '.join(tables[:5])}) that no finished "
-            "release of this control schema left there",
-            hint="a pair's green is recreated only when the record shows it was ours; "
-            "empty or drop that database by hand if it is not needed; nothing was changed")
-    if not tables and not markers:
-        return False  # an empty database (made by hand, say): provisioned as it is
-    _drop(end, dbname, subs, slots)
-    log.info("pair green recreated", side=side, database=cfg.green.describe(),
-             tables=len(tables))
-    return True
 
 
 def _markers(db: psycopg.Connection[Any], control: str) -> set[str]:

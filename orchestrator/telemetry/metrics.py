@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -152,49 +153,64 @@ class ReleaseMetrics:
             self.stages.labels(name).set(e.stages)
         if e.weight is not None:
             self.weight.labels(name).set(e.weight)
-        match e.kind:
-            case Kind.STARTED:
-                self._set_status(name, Status.RUNNING)
-                self.started.labels(name).set(e.at)
-            case Kind.STATE:
-                # Resumed or going on: what the machine records for this state (a
-                # release in its window or cleanup is promoted, not running).
-                self._set_status(name, _PROMOTED_STATES.get(e.state or "", Status.RUNNING))
-            case Kind.STATE_DONE:
-                duration = e.details.get("duration_s")
-                if isinstance(duration, int | float) and e.state is not None:
-                    self.duration.labels(e.state).observe(float(duration))
-            case Kind.MEASUREMENT:
-                self._measurement(e)
-            case Kind.ROLLING_BACK:
-                self._set_status(name, Status.RUNNING)
-                self.rollbacks.labels(reason_kind(e.reason)).inc()
-            case Kind.ROLLED_BACK:
-                self._set_status(name, Status.ROLLED_BACK)
-                self.weight.labels(name).set(0)
-                self.ended.labels(name).set(e.at)
-                self._forget(self.window_closes, name)
-            case Kind.FAILED:
-                self._set_status(name, Status.FAILED)
-                self.failures.labels(e.state or "unknown").inc()
-                self.ended.labels(name).set(e.at)
-            case Kind.PROMOTED:
-                self._set_status(name, Status.PROMOTED)
-                self.weight.labels(name).set(100)
-                self.last_success.set(e.at)
-                window = self._windows.get(name)
-                if window is not None:
-                    self.window_closes.labels(name).set(e.at + window)
-            case Kind.WINDOW_CLOSED:
-                self._forget(self.window_closes, name)
-            case Kind.DONE:
-                self._set_status(name, Status.PROMOTED)
-                self.ended.labels(name).set(e.at)
-            case _:
-                pass
+        handler = self._handlers.get(e.kind)
+        if handler is not None:
+            handler(e)
         deadline = e.details.get("deadline_at")
         if isinstance(deadline, int | float):
             self.deadline.labels(name).set(float(deadline))
+
+    @property
+    def _handlers(self) -> dict[Kind, Callable[[Event], None]]:
+        return {Kind.STARTED: self._started, Kind.STATE: self._state,
+                Kind.STATE_DONE: self._state_done, Kind.MEASUREMENT: self._measurement,
+                Kind.ROLLING_BACK: self._rolling_back, Kind.ROLLED_BACK: self._rolled_back,
+                Kind.FAILED: self._failed, Kind.PROMOTED: self._promoted,
+                Kind.WINDOW_CLOSED: self._window_closed, Kind.DONE: self._done}
+
+    def _started(self, e: Event) -> None:
+        self._set_status(e.release, Status.RUNNING)
+        self.started.labels(e.release).set(e.at)
+
+    def _state(self, e: Event) -> None:
+        # Resumed or going on: what the machine records for this state (a release in
+        # its window or cleanup is promoted, not running).
+        self._set_status(e.release, _PROMOTED_STATES.get(e.state or "", Status.RUNNING))
+
+    def _state_done(self, e: Event) -> None:
+        duration = e.details.get("duration_s")
+        if isinstance(duration, int | float) and e.state is not None:
+            self.duration.labels(e.state).observe(float(duration))
+
+    def _rolling_back(self, e: Event) -> None:
+        self._set_status(e.release, Status.RUNNING)
+        self.rollbacks.labels(reason_kind(e.reason)).inc()
+
+    def _rolled_back(self, e: Event) -> None:
+        self._set_status(e.release, Status.ROLLED_BACK)
+        self.weight.labels(e.release).set(0)
+        self.ended.labels(e.release).set(e.at)
+        self._forget(self.window_closes, e.release)
+
+    def _failed(self, e: Event) -> None:
+        self._set_status(e.release, Status.FAILED)
+        self.failures.labels(e.state or "unknown").inc()
+        self.ended.labels(e.release).set(e.at)
+
+    def _promoted(self, e: Event) -> None:
+        self._set_status(e.release, Status.PROMOTED)
+        self.weight.labels(e.release).set(100)
+        self.last_success.set(e.at)
+        window = self._windows.get(e.release)
+        if window is not None:
+            self.window_closes.labels(e.release).set(e.at + window)
+
+    def _window_closed(self, e: Event) -> None:
+        self._forget(self.window_closes, e.release)
+
+    def _done(self, e: Event) -> None:
+        self._set_status(e.release, Status.PROMOTED)
+        self.ended.labels(e.release).set(e.at)
 
     def _measurement(self, e: Event) -> None:
         check = str(e.details.get("check", ""))

@@ -65,6 +65,10 @@ def test_the_deadline_before_promotion_rolls_back_with_the_reason(pair: Pair) ->
     assert row.facts.rollback_reason is not None and "deadline" in row.facts.rollback_reason
     rolled = [e for e in pair.events.events if e.kind == Kind.ROLLED_BACK]
     assert len(rolled) == 1 and rolled[0].reason is not None and "deadline" in rolled[0].reason
+    # Each state tells the metrics when the run's limit falls (the past-deadline alert).
+    assert stop.limit is not None
+    assert [e.details.get("deadline_at") for e in pair.events.events
+            if e.kind == Kind.STATE] == [stop.limit.at, stop.limit.at]  # canary, rollback
 
 
 def test_the_deadline_after_promotion_leaves_it_promoted(pair: Pair) -> None:
