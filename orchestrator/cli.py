@@ -345,8 +345,9 @@ def serve(ctx: click.Context, config_path: Path, listen: str | None, host: str |
 
     cfg = _load(ctx, config_path)
     default_host, default_port = parse_listen(listen or cfg.alerts.listen)
-    run_server(cfg, host=host or default_host,
-               port=default_port if port is None else port, insecure=insecure)
+    # As written: without release.name the receiver follows the release of the day.
+    run_server(cfg, host=host or default_host, port=default_port if port is None else port,
+               insecure=insecure, loaded=load_config(config_path))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -50,6 +50,7 @@ def release_cfg(pg: PgCluster, tmp_path: Path) -> Iterator[ReleaseConfig]:
                  "password": {"file": str(pw)}, "sslmode": "disable"},
         "green": {"host": pg.host, "port": pg.port, "dbname": "green", "user": "postgres"},
         "router": {"kind": "fake"},
+        "canary": {"checks": [], "allow_unanalysed": True},
         "alerts": {"state_timeout": "4s"},
     }, base_dir=tmp_path)
     store = StateStore.for_config(config)

@@ -114,12 +114,14 @@ class AlertReceiver:
         run_rollback: Callable[[str], None],
         store_factory: Callable[[], ReceiverStore] | None = None,
         max_stores: int = 4,
+        follow: Callable[[ReceiverStore], ReleaseConfig] | None = None,
     ) -> None:
-        self.name = cfg.release.name
-        self.matchers = Matchers(cfg.alerts.matchers, cfg.template_variables())
-        self.selector = AlertSelector(self.name, cfg.alerts.release_label, self.matchers)
+        self._bind(cfg)
         self.state_timeout = cfg.alerts.state_timeout
-        self.window = cfg.rollback.window
+        # A config without release.name (a CronJob's recurring releases): which
+        # release, and with a pair which side is blue, is read again at each alert,
+        # so that a receiver left running guards the release of the day.
+        self._follow = follow
         if token is not None:
             register_secret(token)
         self._token = token.encode() if token is not None else None
@@ -164,10 +166,41 @@ class AlertReceiver:
         # 503: Alertmanager retries, and the next attempt may find the database back.
         return Decision(503, {"action": "none", "error": error})
 
+    # -- the release followed --------------------------------------------------------
+
+    def _bind(self, cfg: ReleaseConfig) -> None:
+        # One assignment each: a decision under way reads a consistent release.
+        self.cfg = cfg
+        self.name = cfg.release.name
+        self.matchers = Matchers(cfg.alerts.matchers, cfg.template_variables())
+        self.selector = AlertSelector(self.name, cfg.alerts.release_label, self.matchers)
+        self.window = cfg.rollback.window
+
+    def _refresh(self, ticket: Ticket) -> Decision | None:
+        """Follow the release of the day (``follow``); a 503 when the store cannot say."""
+        assert self._follow is not None
+        follow = self._follow
+        try:
+            store = self._checkout(ticket)
+            try:
+                cfg: ReleaseConfig = self._with_store(store, ticket, lambda: follow(store))
+            finally:
+                self._checkin(store, ticket)
+        except StoreUnavailable as exc:
+            return self.unavailable(str(exc))
+        if cfg.release.name != self.name:
+            log.info("following release", release=cfg.release.name, previous=self.name)
+            self._bind(cfg)
+        return None
+
     # -- decisions ----------------------------------------------------------------
 
     def handle(self, alerts: list[Alert], ticket: Ticket | None = None) -> Decision:
         ticket = ticket or Ticket()
+        if self._follow is not None and any(a.status == "firing" for a in alerts):
+            unavailable = self._refresh(ticket)
+            if unavailable is not None:
+                return unavailable
         firing = [a for a in alerts if a.status == "firing"]
         concerned, refused = [], []
         for a in firing:

@@ -18,6 +18,7 @@ from typing import Any
 
 import uvicorn
 
+from orchestrator import pairing
 from orchestrator.config import AlertsConfig, ReleaseConfig
 from orchestrator.errors import ConfigError
 from orchestrator.logging import get_logger
@@ -210,20 +211,40 @@ class ReceiverHTTP:
 
 
 def build_receiver(cfg: ReleaseConfig, token: str | None, *,
-                   run_rollback: Callable[[str], None] | None = None) -> AlertReceiver:
-    """The receiver on the real state database, its connections short-timed."""
-    return AlertReceiver(cfg, store=ReceiverStateStore.for_receiver(cfg), token=token,
-                         lock_is_free=lock_probe(cfg),
-                         run_rollback=run_rollback or rollback_runner(cfg),
-                         store_factory=lambda: ReceiverStateStore.for_receiver(cfg))
+                   run_rollback: Callable[[str], None] | None = None,
+                   loaded: ReleaseConfig | None = None) -> AlertReceiver:
+    """The receiver on the real state database, its connections short-timed.
+
+    ``loaded``: the config as written, when it names no release; the receiver then
+    follows the release of the day, and its lock probe and rollback use the release
+    it follows at that moment."""
+    follow = None
+    if loaded is not None and not loaded.release.name:
+        def follow(store: Any) -> ReleaseConfig:
+            return pairing.resolve(loaded, store, starting=False)
+
+    receiver: AlertReceiver
+
+    def lock_is_free() -> bool:
+        return lock_probe(receiver.cfg)()
+
+    def rollback(reason: str) -> None:
+        (run_rollback or rollback_runner(receiver.cfg))(reason)
+
+    receiver = AlertReceiver(cfg, store=ReceiverStateStore.for_receiver(cfg), token=token,
+                             lock_is_free=lock_is_free, run_rollback=rollback,
+                             store_factory=lambda: ReceiverStateStore.for_receiver(cfg),
+                             follow=follow)
+    return receiver
 
 
 def serve(cfg: ReleaseConfig, *, host: str, port: int, insecure: bool = False,
-          ready: Callable[[str, int], None] | None = None) -> None:
+          ready: Callable[[str, int], None] | None = None,
+          loaded: ReleaseConfig | None = None) -> None:
     """Serve until SIGTERM/SIGINT. Blocking."""
     token = resolve_token(cfg.alerts, host=host, insecure=insecure)
     check_transport(cfg.alerts, host=host)
-    receiver = build_receiver(cfg, token)
+    receiver = build_receiver(cfg, token, loaded=loaded)
     # This app answers /metrics: a rollback it runs must not open a second port.
     process_telemetry().served_elsewhere = True
     process_telemetry().watch_slots(cfg)

@@ -243,3 +243,41 @@ def test_an_unfinished_release_owns_green(dbs: Dbs) -> None:
     assert pairing.prepare_green(cfg, store, FakeRouter(Weights.green_at(0))) is False
     assert _exists(dbs, dbs.a)
     store.close()
+
+
+def test_serve_follows_the_release_of_the_day_and_its_sides(dbs: Dbs) -> None:
+    """`orchestrate serve` left running across two CronJob runs: an alert about the
+    second run rolls back that one, with that run's blue and green."""
+    import json
+
+    from orchestrator.server import parse_payload
+    from orchestrator.server.run import build_receiver
+
+    loaded = dbs.config()
+    store = store_for(loaded)
+    first = pairing.resolve(loaded, store, starting=True)
+    finish(store, first)  # done: b is live now
+    rolled: list[str] = []
+    receiver = build_receiver(pairing.resolve(loaded, StateStore.for_config(loaded),
+                                              starting=False),
+                              "t" * 40, loaded=loaded, run_rollback=rolled.append)
+    assert receiver.name == "shop-v7"
+    second = pairing.resolve(loaded, StateStore.for_config(loaded), starting=True)
+    sha, data = config_digest(second)
+    store.create(second.release.name, State.CANARY, sha, data)
+    body = json.dumps({"version": "4", "status": "firing", "alerts": [{
+        "status": "firing", "labels": {"alertname": "GreenErrors",
+                                       "release": second.release.name},
+        "annotations": {"summary": "green answers 5xx"},
+        "startsAt": datetime.now(UTC).isoformat(), "endsAt": "0001-01-01T00:00:00Z"}]})
+    try:
+        decision = receiver.handle(parse_payload(body.encode()))
+        receiver.wait(10)
+    finally:
+        receiver.close()
+    assert decision.code == 202, decision.body
+    assert receiver.name == second.release.name
+    assert (receiver.cfg.blue.dbname, receiver.cfg.green.dbname) == (dbs.b, dbs.a)
+    assert rolled == ["alert GreenErrors firing: green answers 5xx"]
+    row = store.get(second.release.name)
+    assert row is not None and row.rollback_requested == rolled[0]

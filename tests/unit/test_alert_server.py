@@ -153,7 +153,8 @@ def running(state: str = "canary", status: str = "running",
 
 class Harness:
     def __init__(self, row: ReleaseRow | None, *, lock_free: bool = False,
-                 rollback_blocks: bool = False, config: ReleaseConfig | None = None) -> None:
+                 rollback_blocks: bool = False, config: ReleaseConfig | None = None,
+                 follow: Any = None) -> None:
         self.store = FakeStore(row)
         self.lock_free = lock_free
         self.rollbacks: list[str] = []
@@ -163,7 +164,7 @@ class Harness:
         self.receiver_cfg = config or cfg()
         self.receiver = AlertReceiver(self.receiver_cfg, store=self.store, token=TOKEN,
                                       lock_is_free=lambda: self.lock_free,
-                                      run_rollback=self._rollback)
+                                      run_rollback=self._rollback, follow=follow)
 
     def _rollback(self, reason: str) -> None:
         self.rollbacks.append(reason)
@@ -246,6 +247,28 @@ def test_an_alert_in_the_rollback_window_rolls_a_promoted_release_back() -> None
     assert body["state"] == "window" and body["executor"] == "receiver"
     assert h.store.requests == ["alert GreenErrors firing: green answers 5xx"]
     assert h.rollbacks == ["alert GreenErrors firing: green answers 5xx"]
+
+
+def test_a_receiver_without_a_release_name_follows_the_release_of_the_day() -> None:
+    # serve started while shop-r1 ran; the CronJob's next run is shop-r2. An alert
+    # naming shop-r2 is about the release now running, not "another release".
+    first = cfg()
+    second = first.model_copy(update={"release": first.release.model_copy(
+        update={"name": "shop-r2"})})
+    current = [first]
+    h = Harness(running(), follow=lambda store: current[0])
+    code, body = h.send(alert(release="shop-r2"))
+    assert code == 200 and body["action"] == "ignored" and "shop-r2" in body["reason"]
+    current[0] = second
+    code, body = h.send(alert(release="shop-r2"))
+    assert code == 202 and body["release"] == "shop-r2", body
+    assert h.receiver.name == "shop-r2" and h.receiver.cfg is second
+    # The state database down while following: 503, Alertmanager retries.
+    h.store.row = None
+    h2 = Harness(running(), follow=lambda store: store.get("x") or current[0])
+    h2.store.down = 2
+    code, body = h2.send(alert())
+    assert code == 503 and "unreachable" in body["error"]
 
 
 def test_without_an_orchestrator_the_receiver_rolls_back_itself_once() -> None:
