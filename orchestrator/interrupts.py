@@ -33,7 +33,7 @@ from types import FrameType
 
 from orchestrator.config import ReleaseConfig
 from orchestrator.errors import STOPPED_EXIT, Interrupted
-from orchestrator.record import Facts, Outcome, Pause, State, Status
+from orchestrator.record import TERMINAL, Facts, Outcome, Pause, State, Status
 from orchestrator.schedule import (
     Limit,
     canary_seconds,
@@ -41,6 +41,7 @@ from orchestrator.schedule import (
     next_opening,
     run_limit,
 )
+from orchestrator.store import ReleaseRow
 
 HANDLED = (signal.SIGTERM, signal.SIGINT)
 
@@ -53,10 +54,11 @@ class Phase(StrEnum):
 
 
 def traffic_moved(facts: Facts) -> bool:
-    """Whether users (or their writes) reached green: then only a rollback undoes it."""
+    """Whether users (or their writes) reached green, or the switchover began (blue
+    fenced, the forward path dropped): then only a rollback undoes it."""
     target = facts.weights_target
-    return facts.green_writable or facts.switched_over or (
-        target is not None and target.green > 0)
+    return facts.green_writable or facts.switched_over or facts.blue_fenced or (
+        facts.forward_dropped) or (target is not None and target.green > 0)
 
 
 class Stop:
@@ -89,6 +91,18 @@ class Stop:
             stop.closed = (f"release {cfg.release.name}: outside every maintenance window "
                            f"(schedule.windows), nothing done{after}. `--force` runs it now")
         return stop
+
+    def left_unfinished(self, row: ReleaseRow | None) -> Stop:
+        """Outside every window, a release a killed run left with users on green (or
+        half rolled back) is not left so until the next window: this run finishes it,
+        its limit already passed (a canary rolls back at once). Otherwise ``self``."""
+        if not self.closed or row is None or row.state in TERMINAL:
+            return self
+        if row.state != State.ROLLBACK and not traffic_moved(row.facts):
+            return self
+        return Stop(Limit(self.clock(), "outside every maintenance window "
+                          f"(schedule.windows), with {row.name} left in {row.state}"),
+                    cfg=self.cfg, clock=self.clock)
 
     # ------------------------------------------------------------- the machine
 
@@ -179,17 +193,27 @@ class Stop:
     def deliver(self, signum: int) -> None:
         """What a signal does (the handler's body; tests call it directly)."""
         phase = self.phase()
+        # Before the driver entered a state, the release's facts are not loaded yet
+        # (a resumed canary would read as "before"): its first state decides.
+        started = self.state is not None
         if signum == signal.SIGALRM:
             # The limit has passed: the guard reads the clock during the canary; only
             # a run still before it has to be interrupted where it blocks.
-            if phase == Phase.BEFORE:
+            if phase == Phase.BEFORE and started:
                 self.check()
             return
         name = signal.Signals(signum).name
         self.signals += 1
         self.signalled = self.signalled or name
         if phase == Phase.BEFORE:
-            self.check()
+            if started:
+                self.check()  # raises Interrupted
+            _say(f"orchestrate: {name} received while starting: acted on at its first state")
+            return
+        if self.state == State.PROMOTE:
+            _say(f"orchestrate: {name} received (promoting): the promotion finishes, then "
+                 "the release stays promoted; stopping")
+            return
         what = {
             Phase.CANARY: "rolling back: all traffic back to blue, then exiting"
             if self.signals == 1 else "still rolling back; finishing it, not leaving "

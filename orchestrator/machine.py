@@ -395,6 +395,11 @@ class Release:
             remaining = closes - time.time()
         if remaining > 0:
             return Pause(f"promoted; the rollback window closes in {remaining:.0f}s")
+        # A request taken in the window's last poll was promised a rollback.
+        requested = self.ctx.journal.rollback_requested()
+        if requested:
+            self._enter_rollback(State.WINDOW, requested)
+            return State.ROLLBACK
         return State.CLEANUP
 
     def cleanup(self) -> State:

@@ -31,6 +31,9 @@ from psycopg import sql
 
 from orchestrator import naming
 from orchestrator.config import ReleaseConfig
+from orchestrator.config.canary import CanaryConfig
+from orchestrator.config.defaults import default_checks
+from orchestrator.config.metrics import MetricCheck
 from orchestrator.config.pair import PairRoutes, Side, other
 from orchestrator.errors import PreflightError
 from orchestrator.logging import get_logger
@@ -98,10 +101,26 @@ def with_sides(cfg: ReleaseConfig, live: Side) -> ReleaseConfig:
     if fields is not None:
         update["router"] = cfg.router.model_copy(update={
             fields[0]: names.of(live), fields[1]: names.of(green)})
+        canary = _defaults_for(cfg, update["router"])
+        if canary is not None:
+            update["canary"] = canary
     labels = {**cfg.prometheus.labels, COLOUR_OF["blue"]: DEFAULT_COLOURS.of(live),
               COLOUR_OF["green"]: DEFAULT_COLOURS.of(green)}
     update["prometheus"] = cfg.prometheus.model_copy(update={"labels": labels})
     return cfg.model_copy(update=update)
+
+
+def _defaults_for(cfg: ReleaseConfig, router: Any) -> CanaryConfig | None:
+    """The default checks name the router's servers (a's and b's) in their queries:
+    when the config's checks are those defaults, they are built again for the swapped
+    router, or green's query would read the live side. None when they are not."""
+    before = default_checks(cfg.router.model_dump())
+    if before is None or [c.model_dump(exclude_none=True)
+                          for c in cfg.canary.checks] != before:
+        return None
+    after = default_checks(router.model_dump()) or []
+    return cfg.canary.model_copy(update={
+        "checks": [MetricCheck.model_validate(c) for c in after]})
 
 
 def green_side(cfg: ReleaseConfig) -> Side:
@@ -135,6 +154,12 @@ def prepare_green(cfg: ReleaseConfig, store: StateStore, router: TrafficRouter) 
         return False
     side = green_side(cfg)
     where = f"green ({side}: {cfg.green.describe()})"
+    if not cfg.green.create_database and (found.tables or found.markers):
+        raise GreenInUse(
+            f"{where} would have to be dropped and created again, but this side says "
+            "create_database: false",
+            hint="let orchestrate create it (create_database: true and CREATEDB for its "
+            "user), or empty that database by hand; nothing was changed")
     _refuse_traffic(where, router)
     finished = store.finished_names()
     _refuse_foreign(where, found, finished)

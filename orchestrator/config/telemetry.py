@@ -8,6 +8,8 @@ short-lived CronJob whose pod Prometheus may never scrape before it ends.
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from pydantic import Field, field_validator
 
 from orchestrator.config._base import Duration, _Model
@@ -24,6 +26,15 @@ class PushgatewayConfig(_Model):
     # Per HTTP call; ``attempts`` calls at most per push (1 s apart, then 2 s, ...).
     timeout: Duration = Field(default=5.0, gt=0, le=60)
     attempts: int = Field(default=3, ge=1, le=10)
+
+    @field_validator("url")
+    @classmethod
+    def _no_credentials(cls, url: str) -> str:
+        # The URL is logged when the gateway is down: a password in it would be too.
+        if "@" in urlsplit(url).netloc:
+            raise ValueError("put no user or password in the Pushgateway URL (it appears "
+                             "in logs); protect the gateway with a network policy instead")
+        return url
 
 
 class TelemetryConfig(_Model):

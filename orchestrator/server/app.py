@@ -156,7 +156,9 @@ def create_app(receiver: AlertReceiver, executor: ThreadPoolExecutor) -> FastAPI
         return _json(200, {"status": "ok", "release": receiver.name})
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    # Not async: the leftover-slot count connects to both databases, and that must
+    # not hold the event loop (and every alert) while a server does not answer.
+    def metrics() -> Response:
         return PlainTextResponse(metrics_text(receiver),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 

@@ -281,3 +281,13 @@ def test_serve_follows_the_release_of_the_day_and_its_sides(dbs: Dbs) -> None:
     assert rolled == ["alert GreenErrors firing: green answers 5xx"]
     row = store.get(second.release.name)
     assert row is not None and row.rollback_requested == rolled[0]
+
+
+def test_a_green_that_may_not_be_created_is_not_dropped(dbs: Dbs) -> None:
+    cfg, store = _leave_previous_release(dbs)
+    fixed = cfg.model_copy(update={"green": cfg.green.model_copy(
+        update={"create_database": False})})
+    with pytest.raises(pairing.GreenInUse, match="create_database: false"):
+        pairing.prepare_green(fixed, store, FakeRouter(Weights.green_at(0)))
+    assert _exists(dbs, dbs.a)
+    store.close()

@@ -143,3 +143,18 @@ def test_the_window_judges_a_relative_check_by_its_blue_idle_limits() -> None:
     only_relative = MetricCheck(name="r", query="q", max_increase_over_blue=0.1)
     (judged,) = window_checks([relative, only_relative])
     assert (judged.max, judged.min, judged.compares_with_blue) == (0.5, None, False)
+
+
+def test_a_request_taken_as_the_window_closes_is_still_obeyed(pair: Pair) -> None:
+    # Alertmanager was answered 202 in the window's last poll: the promise holds.
+    cfg = pair.config(rollback={"window": "1s"})
+    pair.seed(cfg, State.WINDOW, status=Status.PROMOTED, promoted_at=time.time() - 5,
+              **PROMOTED)
+    pair.router.weights = Weights.green_at(100)
+    pair.store(cfg).request_rollback(cfg.release.name, "alert in the last poll")
+
+    outcome = pair.release(cfg, sleep=FakeSleep()).run()
+
+    assert (outcome.state, outcome.status) == (State.ROLLED_BACK, Status.ROLLED_BACK)
+    assert pair.row(cfg).facts.rollback_reason == "alert in the last poll"
+    assert pair.router.weights == Weights.green_at(0)

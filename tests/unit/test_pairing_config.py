@@ -123,3 +123,20 @@ def test_long_names_stay_valid_and_distinct() -> None:
     assert len(stamp) <= naming.MAX_NAME and stamp.endswith("-20260105t000000z")
     assert naming.slug("Web_App 1.2+build") == "web_app-1-2-build"
     assert naming.slug("...") == "release"
+
+
+def test_the_default_checks_follow_the_swapped_servers(tmp_path: Path) -> None:
+    # With b live, green is a: the default checks must read a's server for green and
+    # b's for blue, or a broken green would be compared with itself.
+    cfg = parse_config(raw_pair(router={"kind": "haproxy", "socket": "/run/h.sock",
+                                        "blue_server": "app_a", "green_server": "app_b"}),
+                       base_dir=tmp_path)
+    swapped = pairing.with_sides(cfg, "b")
+    for check in swapped.canary.checks:
+        assert 'server="app_a"' in check.query, check.query
+        assert check.baseline_query is None or 'server="app_b"' in check.baseline_query
+    assert [c.name for c in swapped.canary.checks] == [c.name for c in cfg.canary.checks]
+    # Checks a person wrote are theirs: left as written.
+    own = parse_config(raw_pair(canary={"checks": [
+        {"name": "e", "query": 'x{server="$colour"}', "max": 1}]}), base_dir=tmp_path)
+    assert pairing.with_sides(own, "b").canary.checks == own.canary.checks

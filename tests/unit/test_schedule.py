@@ -24,6 +24,7 @@ from orchestrator.schedule import (
     next_opening,
     run_limit,
 )
+from orchestrator.store import ReleaseRow
 
 BERLIN = ZoneInfo("Europe/Berlin")
 
@@ -183,13 +184,54 @@ def test_outside_every_window_the_run_is_closed_unless_forced() -> None:
 
 
 def test_a_stop_before_any_traffic_moved_interrupts_for_a_resume() -> None:
-    for state, facts in [(None, Facts()), (State.SYNC, Facts()),
+    for state, facts in [(State.SYNC, Facts()),
                          (State.CANARY, Facts(weights_target=Weights.green_at(0)))]:
         stop, _ = stop_with(facts, state)
         assert stop.phase() == Phase.BEFORE
         with pytest.raises(Interrupted, match="SIGTERM received before the canary"):
             stop.deliver(signal.SIGTERM)
         assert stop.acted
+
+
+def test_a_signal_before_the_first_state_waits_for_the_loaded_facts(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    # A resumed canary whose facts are not loaded yet reads as "before the canary":
+    # acting then would exit "nothing to undo" with users on green.
+    stop, _ = stop_with(Facts(), None)
+    stop.deliver(signal.SIGTERM)
+    stop.deliver(signal.SIGALRM)
+    assert not stop.acted and "acted on at its first state" in capfd.readouterr().err
+    stop.facts_of = lambda: MOVED
+    assert stop.at(State.CANARY) == "SIGTERM received: all traffic back to blue"
+
+
+def test_a_switchover_under_way_is_traffic_moved() -> None:
+    # Blue fenced, the forward path dropped, green not yet writable: a stop there must
+    # roll back (it unfences blue), not exit "nothing to undo".
+    for facts in (Facts(blue_fenced=True), Facts(forward_dropped=True)):
+        stop, _ = stop_with(facts, State.PROMOTE)
+        assert stop.phase() == Phase.CANARY
+        stop.deliver(signal.SIGTERM)
+        assert stop.check() == "SIGTERM received: all traffic back to blue"
+
+
+def test_outside_every_window_a_release_left_with_users_on_green_is_finished() -> None:
+    cfg = config(schedule={"windows": [{"cron": "0 3 * * 6", "duration": "1h",
+                                        "timezone": "UTC"}]})
+    closed = Stop.for_run(cfg, clock=lambda: utc(2026, 12, 2, 12, 0))  # a Wednesday
+    assert closed.closed
+    row = ReleaseRow(name="r", state=State.CANARY, status=Status.RUNNING,
+                     config_sha256="x", facts=MOVED)
+    now = closed.left_unfinished(row)
+    assert now.closed is None and now.limit is not None
+    assert now.limit.at == utc(2026, 12, 2, 12, 0)
+    assert "with r left in canary" in now.limit.what
+    # Nothing moved, or over: the run stays closed and changes nothing.
+    for quiet in (None, ReleaseRow(name="r", state=State.SYNC, status=Status.RUNNING,
+                                   config_sha256="x"),
+                  ReleaseRow(name="r", state=State.DONE, status=Status.PROMOTED,
+                             config_sha256="x", facts=MOVED)):
+        assert closed.left_unfinished(quiet) is closed
 
 
 def test_a_stop_during_the_canary_asks_for_a_rollback_and_never_raises() -> None:

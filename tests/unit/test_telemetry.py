@@ -177,6 +177,8 @@ def test_telemetry_config_is_checked() -> None:
         _cfg(listen="nohost")
     with pytest.raises(ConfigError, match=r"telemetry\.pushgateway"):
         _cfg(pushgateway={"url": "pushgateway:9091"})  # no scheme
+    with pytest.raises(ConfigError, match=r"no user or password in the Pushgateway URL"):
+        _cfg(pushgateway={"url": "https://ops:s3cret@push.example:9091"})
     cfg = _cfg(pushgateway={"url": "http://127.0.0.1:9091", "timeout": "2s"})
     assert cfg.telemetry.pushgateway.timeout == 2.0  # type: ignore[attr-defined]
     assert cfg.telemetry.listen is None  # type: ignore[attr-defined]
