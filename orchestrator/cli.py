@@ -94,8 +94,11 @@ def release(ctx: click.Context, config_path: Path, wait_window: bool, force: boo
             metrics_port: int | None) -> None:
     """Run the release, or resume it where it stopped."""
     cfg = _load(ctx, config_path, starting=True)
-    stop = Stop.for_run(cfg, force=force).left_unfinished(
-        ctx.obj["store"].get(cfg.release.name))
+    stop = Stop.for_run(cfg, force=force)
+    if stop.closed:
+        # Read only outside every window: a release left with users on green is
+        # finished now rather than at the next window.
+        stop = stop.left_unfinished(ctx.obj["store"].get(cfg.release.name))
     if stop.closed:
         click.echo(stop.closed)
         ctx.exit(0)

@@ -103,3 +103,33 @@ def test_a_run_outside_its_window_changes_nothing_and_force_runs(
     row = release_row(sb, "outside-window")
     assert row is not None and row["status"] == "promoted"
     reset(sb)
+
+
+def test_outside_its_window_a_release_a_killed_run_left_on_green_is_rolled_back(
+        sandbox_16_17: Sandbox) -> None:
+    """The Job is killed at 20 % (OOM, node loss) and the next run comes after the
+    window closed: it does not leave users split until next week, it rolls back."""
+    sb = sandbox_16_17
+    reset(sb)
+    cfg = write_config(sb, "left-on-green", canary=LONG_STAGE, schedule=NEVER_NOW)
+    log = sb.base_dir / "left-on-green.log"
+    load = LoadGenerator(sb.haproxy.url, rate=60.0, write_ratio=0.5)
+    load.start()
+    proc = spawn_cli(sb, "release", "--config", str(cfg), "--force", log=log)
+    try:
+        assert wait_for(lambda: green_weight(sb, "left-on-green") == 20, timeout=180), (
+            log.read_text()[-3000:])
+        proc.kill()
+        proc.wait(timeout=30)
+        assert router(sb).current() == Weights.green_at(20)
+        rerun = run_cli(sb, "release", "--config", str(cfg))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        report = load.stop()
+    assert rerun.code == STOPPED_EXIT, rerun.out + rerun.err[-3000:]
+    assert "nothing done" not in rerun.out
+    row = release_row(sb, "left-on-green")
+    assert row is not None and row["status"] == "rolled_back"
+    assert "outside every maintenance window" in (row["error"] or "")
+    assert_left_clean(sb, report)
