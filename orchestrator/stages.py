@@ -221,11 +221,13 @@ class StageRunner:
 
     def _recorder(self, index: int, weight: int) -> Callable[[Evaluation], None]:
         ctx = self.ctx
+        # As people read it: "stage 2" of "stage 2/4", and past the last, the window.
+        shown: int | str = index + 1 if index < len(ctx.cfg.canary.stages) else "window"
 
         def record(ev: Evaluation) -> None:
             ctx.journal.measure(stage=index, weight=weight, check=ev.check, value=ev.value,
                                 baseline=ev.baseline, verdict=ev.verdict, detail=ev.detail)
-            log.info("check", stage=index + 1, check=ev.check, value=ev.value,
+            log.info("check", stage=shown, check=ev.check, value=ev.value,
                      verdict=ev.verdict, detail=ev.detail)
 
         return record
