@@ -5,12 +5,10 @@ Every item can be run again after a crash; see ``orchestrator.pg.schema_sections
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -28,9 +26,12 @@ from orchestrator.pg.post_data import (
     pending,
     relation,
 )
+from orchestrator.pg.scheduler import Node, Scheduler, Sessions
 
 Progress = Callable[[str, int, int], None]
-_U = TypeVar("_U")
+
+_STEPS = ((STEP_BUILD, "indexes"), (STEP_ATTACH, "constraints"),
+          (STEP_FOREIGN_KEYS, "foreign keys"))
 
 
 @dataclass
@@ -141,7 +142,56 @@ def _units(todo: list[Deferred], step: int, sizes: dict[tuple[str, str], int]
     return list(groups.values())
 
 
-def _restore_unit(unit: list[Deferred], conn: psycopg.Connection[Any]) -> int:
+@dataclass(frozen=True)
+class Unit:
+    """One node's work: ``items`` run in one session one after another, an ANALYZE of
+    ``analyze``, or the end of the step called ``ends`` (run in no session)."""
+
+    items: tuple[Deferred, ...] = ()
+    analyze: tuple[str, str] | None = None
+    ends: str | None = None
+
+    @property
+    def table(self) -> tuple[str, str]:
+        return self.items[0].qualified_table if self.items else self.analyze or ("", "")
+
+    @property
+    def name(self) -> str:
+        if self.items:
+            return f"{self.items[0].kind} {self.items[0].schema}.{self.items[0].name}"
+        return f"analyze {'.'.join(self.table)}" if self.analyze else f"end of {self.ends}"
+
+
+def graph(items: list[Deferred], sizes: dict[tuple[str, str], int],
+          analyze: list[tuple[str, str]]) -> list[Node[Unit]]:
+    """The steps one after another (each waits for the end of the one before: a
+    foreign key needs its tables' unique indexes), the units of a step side by side."""
+    nodes: list[Node[Unit]] = []
+    before: list[Node[Unit]] = []
+    steps: list[tuple[str, list[Unit]]] = [
+        (label, [Unit(items=tuple(u)) for u in _units(
+            [i for i in items if i.step == step], step, sizes)])
+        for step, label in _STEPS]
+    if analyze:
+        steps.append(("analyze", [Unit(analyze=t) for t in analyze]))
+    for label, units in steps:
+        step_nodes = []
+        for rank, unit in enumerate(units):
+            # Priority by rank keeps ``_units``' order (largest table first) exactly,
+            # ties included.
+            node = Node(unit.name, sizes.get(unit.table, 0), unit,
+                        priority=len(units) - rank)
+            node.after(before)
+            step_nodes.append(node)
+        end_unit = Unit(ends=label)
+        end = Node(end_unit.name, 0, end_unit)
+        end.after(step_nodes or before)
+        nodes += [*step_nodes, end]
+        before = [end]
+    return nodes
+
+
+def _restore_unit(unit: tuple[Deferred, ...], conn: psycopg.Connection[Any]) -> int:
     worked = 0
     for item in unit:
         try:
@@ -181,83 +231,48 @@ def restore_post_data(
             return stats
         sizes = _table_sizes(conn, items)
     stats.items = len(items)
-    deadline = started + timeout
-    done = 0
     total = len(items) + len(analyze or [])
-    jobs = max(1, jobs)
-    sessions: list[psycopg.Connection[Any]] = []
-    try:
-        for _ in range(jobs):
-            sessions.append(session(db, maintenance_work_mem=maintenance_work_mem,
-                                     parallel_workers=max_parallel_maintenance_workers,
-                                     tag=tag))
-        for step, label in ((STEP_BUILD, "indexes"), (STEP_ATTACH, "constraints"),
-                            (STEP_FOREIGN_KEYS, "foreign keys")):
-            step_started = time.monotonic()
-            todo = [i for i in items if i.step == step]
-            worked = _parallel(_units(todo, step, sizes), sessions, _restore_unit, deadline,
-                               on_done=_reporter(progress, done, total))
-            done += len(todo)
-            stats.skipped += len(todo) - worked
-            stats.seconds_by_step[label] = round(time.monotonic() - step_started, 3)
-        if analyze:
-            step_started = time.monotonic()
-            tables = [[t] for t in analyze]
+    done = 0
+    step_started = time.monotonic()
 
-            def _analyze(unit: list[tuple[str, str]], conn: psycopg.Connection[Any]) -> int:
-                conn.execute(sql.SQL("ANALYZE {}").format(relation(*unit[0])))
-                return 1
+    def work(node: Node[Unit], conn: psycopg.Connection[Any] | None) -> int:
+        unit = node.job
+        if unit.ends is not None:
+            return 0
+        assert conn is not None
+        if unit.analyze is not None:
+            conn.execute(sql.SQL("ANALYZE {}").format(relation(*unit.analyze)))
+            return 1
+        return _restore_unit(unit.items, conn)
 
-            _parallel(tables, sessions, _analyze, deadline,
-                      on_done=_reporter(progress, done, total))
-            stats.seconds_by_step["analyze"] = round(time.monotonic() - step_started, 3)
-        with db.connect("green", application_name=tag[:63]) as conn:
-            done_ids(conn, control_schema, [i.id for i in items])
-    finally:
-        for s in sessions:
-            s.close()
+    def finished(node: Node[Unit], worked: int) -> None:
+        nonlocal done, step_started
+        unit = node.job
+        if unit.ends is not None:
+            now = time.monotonic()
+            stats.seconds_by_step[unit.ends] = round(now - step_started, 3)
+            step_started = now
+            return
+        if unit.items:
+            stats.skipped += len(unit.items) - worked
+        done += len(unit.items) or 1
+        if progress:
+            progress("post-data", done, total)
+
+    Scheduler[Unit](
+        jobs=max(1, jobs), deadline=started + timeout,
+        sessions=Sessions(lambda: session(
+            db, maintenance_work_mem=maintenance_work_mem,
+            parallel_workers=max_parallel_maintenance_workers, tag=tag)),
+        work=work, in_session=lambda n: n.job.ends is None, finished=finished,
+        # Nothing runs outside the sessions, whose statements the scheduler cancels:
+        # the step is redone on the next run.
+        cancel=lambda: None,
+        late=lambda: ReleaseFailed("restoring green's indexes and constraints timed out",
+                                   hint="raise sync.initial_copy_timeout"),
+        thread_name_prefix="post-data",
+    ).run(graph(items, sizes, analyze or []))
+    with db.connect("green", application_name=tag[:63]) as conn:
+        done_ids(conn, control_schema, [i.id for i in items])
     stats.seconds = round(time.monotonic() - started, 3)
     return stats
-
-
-def _reporter(progress: Progress | None, base: int, total: int) -> Callable[[int], None]:
-    def report(finished: int) -> None:
-        if progress:
-            progress("post-data", base + finished, total)
-    return report
-
-
-def _parallel(units: list[_U], sessions: list[psycopg.Connection[Any]],
-                 fn: Callable[[_U, psycopg.Connection[Any]], int], deadline: float,
-                 on_done: Callable[[int], None]) -> int:
-    """Run ``fn`` on every unit, each session doing one unit at a time."""
-    if not units:
-        return 0
-    free = list(sessions)
-    queue = list(units)
-    running: dict[Future[int], psycopg.Connection[Any]] = {}
-    worked = 0
-    finished = 0
-    with ThreadPoolExecutor(max_workers=len(sessions)) as pool:
-        try:
-            while queue or running:
-                while queue and free:
-                    conn = free.pop()
-                    running[pool.submit(fn, queue.pop(0), conn)] = conn
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise ReleaseFailed("restoring green's indexes and constraints timed out",
-                                        hint="raise sync.initial_copy_timeout")
-                done, _ = wait(list(running), timeout=remaining, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    free.append(running.pop(fut))
-                    worked += fut.result()
-                    finished += 1
-                    on_done(finished)
-        except BaseException:
-            # Stop the statements still running: the step is redone on the next run.
-            for conn in running.values():
-                with contextlib.suppress(psycopg.Error, OSError):
-                    conn.cancel_safe(timeout=5)
-            raise
-    return worked

@@ -73,8 +73,8 @@ tables itself, with more sync workers for the run (``tune_sync_workers``),
 ``binary`` when both majors are 16+ and ``streaming = parallel`` on 16+.
 
 The package is split by job: ``plan`` (what to copy, in which chunks), ``graph`` (the
-copies, rebuilds and ANALYZEs with their order), ``schedule`` (the parallel scheduler:
-dependencies, priorities, a session pool, a deadline), ``pipes`` (the psql pipe
+copies, rebuilds and ANALYZEs with their order, run by ``orchestrator.pg.scheduler``,
+which the post-data restore shares), ``pipes`` (the psql pipe
 transport and its stall watchdog), ``slot`` (the exported snapshot), ``state`` (the
 progress kept for a rerun), ``subscribe`` (the subscription and the plain path's
 tuning) and ``sync`` (the driver). This module is its face; so is

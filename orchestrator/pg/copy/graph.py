@@ -15,9 +15,9 @@ from orchestrator.logging import scrub
 from orchestrator.pg import schema_sections
 from orchestrator.pg.copy.pipes import Copier
 from orchestrator.pg.copy.plan import CopyPlan, CopyTask
-from orchestrator.pg.copy.schedule import Node, Scheduler, Sessions, bottom_levels
 from orchestrator.pg.copy.state import ident
 from orchestrator.pg.endpoint import Endpoint
+from orchestrator.pg.scheduler import Node, Scheduler, Sessions, bottom_levels
 
 Progress = Callable[[str, int, int], None]
 

@@ -1,11 +1,13 @@
-"""The parallel scheduler: a dependency graph run in ``jobs`` slots, longest chain first.
+"""The parallel scheduler: a dependency graph run in ``jobs`` slots, highest priority first.
 
-A node becomes ready once everything it waits for is done; of the ready nodes the one
-with the longest chain of work still behind it (``bottom_levels``) starts first. A
+It runs both the initial copy (``orchestrator.pg.copy.graph``) and the post-data
+restore (``orchestrator.pg.post_data_restore``). A node becomes ready once everything
+it waits for is done; of the ready nodes the one with the highest priority starts
+first (for the copy, the longest chain of work still behind it: ``bottom_levels``). A
 node runs either on its own (a copy pipe: its psql children are the session) or in a
 database session taken from a ``Sessions`` pool and given back after it. The whole
-run ends by a deadline; on any failure the caller's ``cancel`` stops what still runs
-and the sessions' statements are cancelled.
+run ends by a deadline; on any failure the caller's ``cancel`` stops what still runs,
+the sessions' statements are cancelled and every session is closed.
 """
 
 from __future__ import annotations
@@ -107,31 +109,35 @@ class Scheduler(Generic[J]):
     def run(self, nodes: list[Node[J]]) -> None:
         ready = [n for n in nodes if not n.deps]
         running: dict[Future[int], tuple[Node[J], Session | None]] = {}
-        with ThreadPoolExecutor(max_workers=self.jobs,
-                                thread_name_prefix=self.thread_name_prefix) as pool:
-            try:
-                while ready or running:
-                    self._start(pool, ready, running)
-                    remaining = self.deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise self.late()
-                    done, _ = wait(list(running), timeout=remaining,
-                                   return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        self._finish(fut, ready, running)
-            except BaseException:
-                self.cancel()
-                for _, held in running.values():
-                    if held is not None:
-                        with contextlib.suppress(psycopg.Error, OSError):
-                            held.cancel_safe(timeout=5)
-                raise
-            finally:
-                # Once the pool is done no session is in use any more.
-                for _, held in running.values():
-                    if held is not None:
-                        self.sessions.give(held)
-        self.sessions.close()
+        try:
+            with ThreadPoolExecutor(max_workers=self.jobs,
+                                    thread_name_prefix=self.thread_name_prefix) as pool:
+                try:
+                    while ready or running:
+                        self._start(pool, ready, running)
+                        remaining = self.deadline - time.monotonic()
+                        if remaining <= 0:
+                            raise self.late()
+                        done, _ = wait(list(running), timeout=remaining,
+                                       return_when=FIRST_COMPLETED)
+                        for fut in done:
+                            self._finish(fut, ready, running)
+                except BaseException:
+                    self.cancel()
+                    for _, held in running.values():
+                        if held is not None:
+                            with contextlib.suppress(psycopg.Error, OSError):
+                                held.cancel_safe(timeout=5)
+                    raise
+                finally:
+                    # Closed below, once the pool is done and no session is in use.
+                    for _, held in running.values():
+                        if held is not None:
+                            self.sessions.give(held)
+        finally:
+            # A failed run's sessions too: left to the garbage collector, a backend
+            # would idle on green until then.
+            self.sessions.close()
 
     def _start(self, pool: ThreadPoolExecutor, ready: list[Node[J]],
                running: dict[Future[int], tuple[Node[J], Session | None]]) -> None:
