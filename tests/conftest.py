@@ -16,6 +16,9 @@ import pytest
 from orchestrator.sandbox.ports import DEFAULT_RANGE, RANGE_ENV
 from tests.workers import worker_count, worker_index
 
+# fix_pg: the `pg` version marker; pytester: its tests run it in a pytest of their own.
+pytest_plugins = ["tests.fix_pg", "pytester"]
+
 
 def _worker_port_range() -> None:
     """Under pytest-xdist, give each worker its own slice of the sandbox port range,

@@ -30,7 +30,7 @@ from tests.integration.helpers import (
     write_config,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.pg(">=16")]
 
 
 def test_release_promotes_then_rolls_back_inside_the_window(sandbox_16_17: Sandbox) -> None:

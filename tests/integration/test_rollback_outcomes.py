@@ -138,6 +138,7 @@ def test_switchover_failure_at_each_step_leaves_blue_serving_15_to_17(
     _blue_takes_writes_through_the_router(sb)
 
 
+@pytest.mark.pg(">=16")
 @pytest.mark.parametrize("step", STEPS)
 def test_switchover_failure_at_each_step_leaves_blue_serving_bidirectional(
         sandbox_16_17: Sandbox, step: str, monkeypatch: pytest.MonkeyPatch,
@@ -153,6 +154,7 @@ def test_switchover_failure_at_each_step_leaves_blue_serving_bidirectional(
     _blue_takes_writes_through_the_router(sb)
 
 
+@pytest.mark.pg(">=16")
 def test_rollback_from_another_process_while_waiting_in_the_window(
         sandbox_16_17: Sandbox) -> None:
     sb = sandbox_16_17

@@ -408,6 +408,7 @@ def _replicate(pair: Pair) -> Callable[[], None]:
     return catch_up
 
 
+@pytest.mark.pg(">=16")
 def test_under_writes_only_real_differences_are_reported(pair: Pair) -> None:
     pair.both("CREATE TABLE acc (id bigint PRIMARY KEY, v int NOT NULL, note text)")
     pair.run("blue", "INSERT INTO acc SELECT g, g, 'n' || g FROM generate_series(1, 6000) g; "
