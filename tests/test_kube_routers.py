@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,10 +30,11 @@ from orchestrator.routers.ingress_nginx import CANARY, CANARY_WEIGHT, IngressNgi
 from orchestrator.routers.kube import KubeError, KubeObjects, RetryPolicy, api_client
 from orchestrator.routers.service import ServiceSelectorRouter
 from orchestrator.routers.weighted import WeightedObjectRouter, pointer
+from tests.conftest import KUBE_NAMESPACE
 from tests.fakes.kube_api import JSON_PATCH, FakeKubeApi
 
 JsonObject = dict[str, Any]
-NS = "shop"
+NS = KUBE_NAMESPACE
 # Quick retries: the behaviour under test is "retried and bounded", not the waiting.
 FAST = RetryPolicy(attempts=4, initial_wait=0.01, max_wait=0.05, jitter=0.01)
 
@@ -267,20 +268,16 @@ CASES = {
 }
 
 
-@pytest.fixture
-def kube() -> Iterator[FakeKubeApi]:
-    with FakeKubeApi() as api:
-        yield api
-
-
-@pytest.fixture
-def kubeconfig(kube: FakeKubeApi, tmp_path: Path) -> Path:
-    return kube.write_kubeconfig(tmp_path / "kubeconfig", namespace=NS)
-
-
 @pytest.fixture(params=list(CASES))
 def case(request: pytest.FixtureRequest) -> Case:
     return CASES[str(request.param)]
+
+
+@pytest.fixture
+def router(case: Case, kube: FakeKubeApi, kubeconfig: Path) -> WeightedObjectRouter:
+    """The case's router, its object already in the API."""
+    kube.put(case.seed)
+    return case.build(kubeconfig)
 
 
 def _without_weights(case: Case, obj: JsonObject) -> JsonObject:
@@ -312,9 +309,9 @@ def test_routers_follow_the_protocol(case: Case, kube: FakeKubeApi, kubeconfig: 
     assert kube.requests == []
 
 
-def test_reads_the_initial_weights(case: Case, kube: FakeKubeApi, kubeconfig: Path) -> None:
-    kube.put(case.seed)
-    router = case.build(kubeconfig)
+def test_reads_the_initial_weights(
+    case: Case, kube: FakeKubeApi, router: WeightedObjectRouter
+) -> None:
     router.check()
     assert router.current() == Weights(blue=100, green=0)
     seen = kube.requests
@@ -360,19 +357,15 @@ def test_canary_stages_change_only_the_weights(
 
 
 def test_setting_the_live_weights_again_writes_nothing(
-    case: Case, kube: FakeKubeApi, kubeconfig: Path
+    case: Case, kube: FakeKubeApi, router: WeightedObjectRouter
 ) -> None:
-    kube.put(case.seed)
-    router = case.build(kubeconfig)
     assert router.set_weights(Weights(blue=100, green=0)) == Weights(blue=100, green=0)
     assert _patches(kube) == []
 
 
 def test_a_concurrent_write_is_retried_and_kept(
-    case: Case, kube: FakeKubeApi, kubeconfig: Path
+    case: Case, kube: FakeKubeApi, router: WeightedObjectRouter
 ) -> None:
-    kube.put(case.seed)
-    router = case.build(kubeconfig)
 
     def someone_else(obj: JsonObject) -> None:
         obj["metadata"]["labels"]["touched-by"] = "other-controller"
@@ -390,9 +383,9 @@ def test_a_concurrent_write_is_retried_and_kept(
     assert len(_patches(kube)) == 2
 
 
-def test_injected_conflicts_are_retried(case: Case, kube: FakeKubeApi, kubeconfig: Path) -> None:
-    kube.put(case.seed)
-    router = case.build(kubeconfig)
+def test_injected_conflicts_are_retried(
+    case: Case, kube: FakeKubeApi, router: WeightedObjectRouter
+) -> None:
     kube.fail_next(2, 409, method="PATCH")
     target = Weights.green_at(case.stages[-1])
     assert router.set_weights(target, expected=Weights(blue=100, green=0)) == target
@@ -401,10 +394,8 @@ def test_injected_conflicts_are_retried(case: Case, kube: FakeKubeApi, kubeconfi
 
 
 def test_endless_conflicts_give_up_with_a_router_error(
-    case: Case, kube: FakeKubeApi, kubeconfig: Path
+    case: Case, kube: FakeKubeApi, router: WeightedObjectRouter
 ) -> None:
-    kube.put(case.seed)
-    router = case.build(kubeconfig)
     kube.fail_next(100, 409, method="PATCH")
     with pytest.raises(RouterError, match="kept changing"):
         router.set_weights(Weights.green_at(case.stages[-1]))
@@ -412,9 +403,9 @@ def test_endless_conflicts_give_up_with_a_router_error(
     assert len(kube.history(case.kind, NS, case.name)) == 1
 
 
-def test_unavailable_api_is_retried(case: Case, kube: FakeKubeApi, kubeconfig: Path) -> None:
-    kube.put(case.seed)
-    router = case.build(kubeconfig)
+def test_unavailable_api_is_retried(
+    case: Case, kube: FakeKubeApi, router: WeightedObjectRouter
+) -> None:
     kube.fail_next(2, 503, method="GET")
     assert router.current() == Weights(blue=100, green=0)
     kube.fail_next(1, 503, method="PATCH")
@@ -425,10 +416,8 @@ def test_unavailable_api_is_retried(case: Case, kube: FakeKubeApi, kubeconfig: P
 
 
 def test_a_persistent_outage_is_a_router_error(
-    case: Case, kube: FakeKubeApi, kubeconfig: Path
+    case: Case, kube: FakeKubeApi, router: WeightedObjectRouter
 ) -> None:
-    kube.put(case.seed)
-    router = case.build(kubeconfig)
     kube.fail_next(50, 503)
     with pytest.raises(RouterError, match="503"):
         router.current()
@@ -436,10 +425,8 @@ def test_a_persistent_outage_is_a_router_error(
 
 
 def test_a_slow_api_times_out_and_is_retried(
-    case: Case, kube: FakeKubeApi, kubeconfig: Path
+    case: Case, kube: FakeKubeApi, router: WeightedObjectRouter
 ) -> None:
-    kube.put(case.seed)
-    router = case.build(kubeconfig)
     router.objects.target = router.objects.target.model_copy(update={"timeout": 0.3})
     kube.delay_next(1, 2.0, method="GET")
     started = time.monotonic()
@@ -448,10 +435,8 @@ def test_a_slow_api_times_out_and_is_retried(
 
 
 def test_a_write_whose_answer_was_lost_is_not_applied_twice(
-    case: Case, kube: FakeKubeApi, kubeconfig: Path
+    case: Case, kube: FakeKubeApi, router: WeightedObjectRouter
 ) -> None:
-    kube.put(case.seed)
-    router = case.build(kubeconfig)
     router.objects.target = router.objects.target.model_copy(update={"timeout": 0.3})
     kube.delay_next(1, 1.0, method="PATCH", after_write=True)
     target = Weights.green_at(case.stages[-1])
@@ -476,10 +461,8 @@ def test_a_missing_object_is_a_clear_router_error(
 
 
 def test_drift_is_reported_and_nothing_changes(
-    case: Case, kube: FakeKubeApi, kubeconfig: Path
+    case: Case, kube: FakeKubeApi, router: WeightedObjectRouter
 ) -> None:
-    kube.put(case.seed)
-    router = case.build(kubeconfig)
     # Someone moves traffic by hand after orchestrate last set 0 %.
     by_hand = kube.edit(case.kind, NS, case.name, lambda o: case.set_green(o, case.stages[-1]))
     # A target other than the drifted value (a Service has only two values).
@@ -521,10 +504,8 @@ def test_service_race_to_the_same_colour_is_not_a_drift(
 
 
 def test_forbidden_patch_fails_the_preflight(
-    case: Case, kube: FakeKubeApi, kubeconfig: Path
+    case: Case, kube: FakeKubeApi, router: WeightedObjectRouter
 ) -> None:
-    kube.put(case.seed)
-    router = case.build(kubeconfig)
     message = f'{case.kind.lower()}s is forbidden: User "system:serviceaccount:shop:x" cannot patch'
     kube.fail_next(
         1,
