@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,7 +146,10 @@ def settle(*clusters: PgCluster) -> None:
             conn.execute("CHECKPOINT")
 
 
-def check_counts(blue: PgCluster, green: PgCluster, name: str, tables: list[str]) -> str:
+ALL_TABLES = ("pgbench_accounts", "wide", "orders")
+
+
+def check_counts(blue: PgCluster, green: PgCluster, name: str, tables: Sequence[str]) -> str:
     with psycopg.connect(blue.conninfo(BLUE_DB)) as b, psycopg.connect(
             green.conninfo(name)) as g:
         for t in tables:
@@ -156,6 +159,26 @@ def check_counts(blue: PgCluster, green: PgCluster, name: str, tables: list[str]
             if nb != ng:
                 return f"MISMATCH {t}: {nb} vs {ng}"
     return "counts ok"
+
+
+def checked_and_dropped(blue: PgCluster, green: PgCluster, name: str,
+                        tables: Sequence[str] = ALL_TABLES) -> str:
+    """Green's counts against blue's; then green's database and its replication go,
+    so that the next method starts from nothing."""
+    counts = check_counts(blue, green, name, tables)
+    drop_green(green, blue, name)
+    return counts
+
+
+def pipe(producer: list[str], producer_env: dict[str, str], consumer: list[str],
+         consumer_env: dict[str, str], what: str) -> None:
+    """``producer | consumer``, both to the end; either failing ends the benchmark."""
+    src = subprocess.Popen(producer, stdout=subprocess.PIPE, env=producer_env)
+    dst = subprocess.run(consumer, stdin=src.stdout, env=consumer_env, check=False)
+    assert src.stdout is not None
+    src.stdout.close()
+    if src.wait() != 0 or dst.returncode != 0:
+        raise SystemExit(f"{what} failed")
 
 
 def run_ours(blue: PgCluster, green: PgCluster, tools: PgTools, jobs: int, method: str
@@ -179,8 +202,7 @@ def run_ours(blue: PgCluster, green: PgCluster, tools: PgTools, jobs: int, metho
         detail += (f" ({report.copy.tasks} tasks, {report.copy.binary_tables} binary / "
                    f"{report.copy.text_tables} text tables)")
     detail += f", catch-up {report.catchup_s:.2f}s"
-    counts = check_counts(blue, green, name, ["pgbench_accounts", "wide", "orders"])
-    drop_green(green, blue, name)
+    counts = checked_and_dropped(blue, green, name)
     return Result(method, seconds, f"{detail}; {counts}")
 
 
@@ -188,17 +210,11 @@ def run_dump_pipe(blue: PgCluster, green: PgCluster, tools: PgTools) -> Result:
     name = "g_dump_pipe"
     started = time.monotonic()
     fresh_green(green, name)
-    dump = subprocess.Popen([tools.path("pg_dump"), "-Fc", "-d", BLUE_DB],
-                            stdout=subprocess.PIPE, env=env_for(blue))
-    restore = subprocess.run([tools.path("pg_restore"), "--no-owner", "-d", name],
-                             stdin=dump.stdout, env=env_for(green), check=False)
-    assert dump.stdout is not None
-    dump.stdout.close()
-    if dump.wait() != 0 or restore.returncode != 0:
-        raise SystemExit("pg_dump | pg_restore failed")
+    pipe([tools.path("pg_dump"), "-Fc", "-d", BLUE_DB], env_for(blue),
+         [tools.path("pg_restore"), "--no-owner", "-d", name], env_for(green),
+         "pg_dump | pg_restore")
     seconds = time.monotonic() - started
-    counts = check_counts(blue, green, name, ["pgbench_accounts", "wide", "orders"])
-    drop_green(green, blue, name)
+    counts = checked_and_dropped(blue, green, name)
     return Result("pg_dump -Fc | pg_restore", seconds, counts)
 
 
@@ -215,8 +231,7 @@ def run_dump_dir(blue: PgCluster, green: PgCluster, tools: PgTools, jobs: int, t
     sh([tools.path("pg_restore"), "--no-owner", "-j", str(jobs), "-d", name, str(out)],
        env_for(green))
     seconds = time.monotonic() - started
-    counts = check_counts(blue, green, name, ["pgbench_accounts", "wide", "orders"])
-    drop_green(green, blue, name)
+    counts = checked_and_dropped(blue, green, name)
     shutil.rmtree(out, ignore_errors=True)
     return Result(f"pg_dump -Fd -j{jobs} ; pg_restore -j{jobs}", seconds,
                   f"dump {dumped:.1f}s + restore {seconds - dumped:.1f}s; {counts}")
@@ -229,21 +244,13 @@ def run_raw_copy(blue: PgCluster, green: PgCluster, tools: PgTools, fmt: str) ->
         conn.execute("CREATE TABLE pgbench_accounts (aid int NOT NULL, bid int, "
                      "abalance int, filler char(84))")
     started = time.monotonic()
-    src = subprocess.Popen(
-        [tools.path("psql"), "-X", "-q", "-d", BLUE_DB, "-c",
-         f"COPY pgbench_accounts TO STDOUT (FORMAT {fmt})"],
-        stdout=subprocess.PIPE, env=env_for(blue))
-    dst = subprocess.run(
-        [tools.path("psql"), "-X", "-q", "-d", name, "-c",
-         f"COPY pgbench_accounts FROM STDIN (FORMAT {fmt})"],
-        stdin=src.stdout, env=env_for(green), check=False)
-    assert src.stdout is not None
-    src.stdout.close()
-    if src.wait() != 0 or dst.returncode != 0:
-        raise SystemExit("raw COPY failed")
+    pipe([tools.path("psql"), "-X", "-q", "-d", BLUE_DB, "-c",
+          f"COPY pgbench_accounts TO STDOUT (FORMAT {fmt})"], env_for(blue),
+         [tools.path("psql"), "-X", "-q", "-d", name, "-c",
+          f"COPY pgbench_accounts FROM STDIN (FORMAT {fmt})"], env_for(green),
+         "raw COPY")
     seconds = time.monotonic() - started
-    counts = check_counts(blue, green, name, ["pgbench_accounts"])
-    drop_green(green, blue, name)
+    counts = checked_and_dropped(blue, green, name, ["pgbench_accounts"])
     return Result(f"raw COPY pgbench_accounts ({fmt}, no index)", seconds, counts)
 
 
