@@ -254,6 +254,13 @@ def run_raw_copy(blue: PgCluster, green: PgCluster, tools: PgTools, fmt: str) ->
     return Result(f"raw COPY pgbench_accounts ({fmt}, no index)", seconds, counts)
 
 
+def blue_row(blue: PgCluster, query: str) -> tuple[Any, ...]:
+    with psycopg.connect(blue.conninfo(BLUE_DB)) as conn:
+        row = conn.execute(query.encode()).fetchone()
+    assert row is not None
+    return row
+
+
 def loadavg() -> str:
     one, five, fifteen = os.getloadavg()
     return f"{one:.2f} {five:.2f} {fifteen:.2f}"
@@ -291,12 +298,9 @@ def main() -> int:
         print("settings on both clusters: " + ", ".join(f"{k}={v}" for k, v in SETTINGS.items())
               + " (fsync on)")
         build_blue(blue, tools, args.scale, args.wide_rows, args.fk_rows)
-        with psycopg.connect(blue.conninfo(BLUE_DB)) as conn:
-            rows = conn.execute(
-                "SELECT sum(n_live_tup), pg_size_pretty(pg_database_size(current_database())), "
-                "pg_size_pretty(pg_total_relation_size('pgbench_accounts')) "
-                "FROM pg_stat_user_tables").fetchone()
-        assert rows is not None
+        rows = blue_row(
+            blue, "SELECT sum(n_live_tup), pg_size_pretty(pg_database_size(current_database())), "
+            "pg_size_pretty(pg_total_relation_size('pgbench_accounts')) FROM pg_stat_user_tables")
         print(f"blue: {int(rows[0]):,} rows, database {rows[1]}, pgbench_accounts {rows[2]}")
         steps: list[tuple[str, Callable[[], Result]]] = [
             ("ours", lambda: run_ours(blue, green, tools, args.jobs, "snapshot")),
@@ -313,12 +317,10 @@ def main() -> int:
             result = step()
             results.append(result)
             print(f"  {result.method}: {result.seconds:.1f}s  ({result.note})", flush=True)
-        with psycopg.connect(blue.conninfo(BLUE_DB)) as conn:
-            sizes = conn.execute(
-                "SELECT sum(pg_total_relation_size(relid) - pg_indexes_size(relid)), "
-                "pg_total_relation_size('pgbench_accounts') - pg_indexes_size('pgbench_accounts') "
-                "FROM pg_stat_user_tables").fetchone()
-        assert sizes is not None
+        sizes = blue_row(
+            blue, "SELECT sum(pg_total_relation_size(relid) - pg_indexes_size(relid)), "
+            "pg_total_relation_size('pgbench_accounts') - pg_indexes_size('pgbench_accounts') "
+            "FROM pg_stat_user_tables")
         report(results, int(sizes[0]), int(sizes[1]))
         print(f"load average {loadavg()} (after)")
     finally:

@@ -294,6 +294,12 @@ def _without_weights(case: Case, obj: JsonObject) -> JsonObject:
     return out
 
 
+def _reaches(router: WeightedObjectRouter, target: Weights, **kw: Any) -> None:
+    """``set_weights`` answers with the target, and the object then reads as it."""
+    assert router.set_weights(target, **kw) == target
+    assert router.current() == target
+
+
 def _patches(kube: FakeKubeApi) -> list[Any]:
     return [r for r in kube.requests if r.method == "PATCH"]
 
@@ -331,8 +337,7 @@ def test_canary_stages_change_only_the_weights(
     versions = [original["metadata"]["resourceVersion"]]
     for pct in case.stages:
         target = Weights.green_at(pct)
-        assert router.set_weights(target, expected=last) == target
-        assert router.current() == target
+        _reaches(router, target, expected=last)
         stored = kube.get(case.kind, NS, case.name)
         assert stored is not None
         assert _without_weights(case, stored) == _without_weights(case, original)
@@ -387,9 +392,7 @@ def test_injected_conflicts_are_retried(
     case: Case, kube: FakeKubeApi, router: WeightedObjectRouter
 ) -> None:
     kube.fail_next(2, 409, method="PATCH")
-    target = Weights.green_at(case.stages[-1])
-    assert router.set_weights(target, expected=Weights(blue=100, green=0)) == target
-    assert router.current() == target
+    _reaches(router, Weights.green_at(case.stages[-1]), expected=Weights(blue=100, green=0))
     assert len(_patches(kube)) == 3
 
 
@@ -410,9 +413,7 @@ def test_unavailable_api_is_retried(
     assert router.current() == Weights(blue=100, green=0)
     kube.fail_next(1, 503, method="PATCH")
     kube.fail_next(1, 429, method="PATCH", headers={"Retry-After": "0"})
-    target = Weights.green_at(case.stages[-1])
-    assert router.set_weights(target) == target
-    assert router.current() == target
+    _reaches(router, Weights.green_at(case.stages[-1]))
 
 
 def test_a_persistent_outage_is_a_router_error(
@@ -711,6 +712,9 @@ def test_fake_answers_like_the_api_server(kube: FakeKubeApi, kubeconfig: Path) -
     api = CustomObjectsApi(api_client(KubeTarget(kubeconfig=kubeconfig, context="fake")))
     group, version, plural = "gateway.networking.k8s.io", "v1", "httproutes"
     stored = kube.put(ROUTE)
+
+    def patch(body: Any, **kw: Any) -> Any:
+        return api.patch_namespaced_custom_object(group, version, NS, plural, "web", body, **kw)
     rv = stored["metadata"]["resourceVersion"]
 
     with pytest.raises(ApiException) as missing:
@@ -721,56 +725,33 @@ def test_fake_answers_like_the_api_server(kube: FakeKubeApi, kubeconfig: Path) -
     # A stale resourceVersion in a merge patch: 409 Conflict, nothing stored.
     kube.edit("HTTPRoute", NS, "web", lambda o: o["metadata"]["labels"].update(x="1"))
     with pytest.raises(ApiException) as conflict:
-        api.patch_namespaced_custom_object(
-            group, version, NS, plural, "web", {"metadata": {"resourceVersion": rv}}
-        )
+        patch({"metadata": {"resourceVersion": rv}})
     assert conflict.value.status == 409
     assert "the object has been modified" in str(conflict.value.body)
 
     # A failed JSON Patch test: 422 Invalid with empty details.
     with pytest.raises(ApiException) as invalid:
-        api.patch_namespaced_custom_object(
-            group,
-            version,
-            NS,
-            plural,
-            "web",
-            [{"op": "test", "path": "/metadata/resourceVersion", "value": rv}],
-            _content_type=JSON_PATCH,
-        )
+        patch([{"op": "test", "path": "/metadata/resourceVersion", "value": rv}],
+              _content_type=JSON_PATCH)
     assert invalid.value.status == 422
     assert '"details":{}' in str(invalid.value.body).replace(" ", "")
 
     # A spec change bumps resourceVersion and generation; a no-op bumps nothing.
     current = kube.get("HTTPRoute", NS, "web")
     assert current is not None
-    changed: Any = api.patch_namespaced_custom_object(
-        group, version, NS, plural, "web", {"spec": {"hostnames": ["a.example.com"]}}
-    )
+    changed = patch({"spec": {"hostnames": ["a.example.com"]}})
     assert int(changed["metadata"]["resourceVersion"]) > int(current["metadata"]["resourceVersion"])
     assert changed["metadata"]["generation"] == current["metadata"]["generation"] + 1
-    same: Any = api.patch_namespaced_custom_object(
-        group, version, NS, plural, "web", {"spec": {"hostnames": ["a.example.com"]}}
-    )
+    same = patch({"spec": {"hostnames": ["a.example.com"]}})
     assert same["metadata"]["resourceVersion"] == changed["metadata"]["resourceVersion"]
 
     # A dry run answers with the result and stores nothing.
-    dry: Any = api.patch_namespaced_custom_object(
-        group, version, NS, plural, "web", {"spec": {"hostnames": ["b.example.com"]}}, dry_run="All"
-    )
+    dry = patch({"spec": {"hostnames": ["b.example.com"]}}, dry_run="All")
     assert dry["spec"]["hostnames"] == ["b.example.com"]
     after = kube.get("HTTPRoute", NS, "web")
     assert after is not None and after["spec"]["hostnames"] == ["a.example.com"]
 
     # Strategic merge patch is not served for custom resources.
     with pytest.raises(ApiException) as unsupported:
-        api.patch_namespaced_custom_object(
-            group,
-            version,
-            NS,
-            plural,
-            "web",
-            {"spec": {}},
-            _content_type="application/strategic-merge-patch+json",
-        )
+        patch({"spec": {}}, _content_type="application/strategic-merge-patch+json")
     assert unsupported.value.status == 415
