@@ -37,7 +37,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.cleanup import stop_and_clean
-from orchestrator.config import GreenConfig, SecretRef
+from orchestrator.config import GreenConfig
 from orchestrator.pg import catalog, initial_copy, replication, schema
 from orchestrator.pg.tools import PgTools, find_tools
 from orchestrator.sandbox.pgcluster import PgCluster
@@ -77,9 +77,7 @@ def db_config(cluster: PgCluster, dbname: str) -> GreenConfig:
     var = f"BENCH_PW_{cluster.name.upper()}"
     os.environ[var] = cluster.password
     # GreenConfig is a DatabaseConfig that can also be provisioned into.
-    return GreenConfig(host=cluster.host, port=cluster.port, dbname=dbname,
-                       user=cluster.superuser, password=SecretRef(env=var),
-                       sslmode="disable")
+    return GreenConfig.model_validate(cluster.database_section(dbname, var))
 
 
 def build_blue(blue: PgCluster, tools: PgTools, scale: int, wide_rows: int, fk_rows: int

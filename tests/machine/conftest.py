@@ -102,9 +102,7 @@ class Pair:
 
     def config(self, **overrides: Any) -> ReleaseConfig:
         def database(dbname: str) -> dict[str, Any]:
-            return {"host": self.cluster.host, "port": self.cluster.port, "dbname": dbname,
-                    "user": self.cluster.superuser, "password": {"env": PASSWORD_ENV},
-                    "sslmode": "disable"}
+            return self.cluster.database_section(dbname, PASSWORD_ENV)
 
         raw: dict[str, Any] = {
             "release": {"name": self.name, "service": "app", "version": "v2"},
