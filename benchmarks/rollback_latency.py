@@ -92,18 +92,14 @@ class Run:
         return "-" if t is None else f"{t - self.t0:6.2f}s"
 
 
-class Probe:
-    """A request every 50 ms through HAProxy, each on a fresh connection, recording
-    which colour answered (the demo app's X-Served-By header)."""
+class Poller:
+    """Calls ``tick`` every ``period`` seconds on a daemon thread, from ``start`` until
+    ``stop``."""
 
-    def __init__(self, url: str, period: float = 0.05) -> None:
-        parts = urllib.parse.urlsplit(url)
-        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+    def __init__(self, period: float, name: str) -> None:
         self.period = period
-        self.samples: list[tuple[float, str]] = []
-        self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="probe", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -113,21 +109,39 @@ class Probe:
         self._thread.join(5)
 
     def _run(self) -> None:
-        n = 0
         while not self._stop.wait(self.period):
-            n += 1
-            conn = http.client.HTTPConnection(self.host, self.port, timeout=HTTP_TIMEOUT_S)
-            try:
-                conn.request("GET", f"/items/{n % 1000 + 1}")
-                resp = conn.getresponse()
-                resp.read()
-                colour = resp.getheader("X-Served-By") or "?"
-            except (OSError, http.client.HTTPException):
-                colour = "error"
-            finally:
-                conn.close()
-            with self._lock:
-                self.samples.append((time.time(), colour))
+            self.tick()
+
+    def tick(self) -> None:
+        raise NotImplementedError
+
+
+class Probe(Poller):
+    """A request every 50 ms through HAProxy, each on a fresh connection, recording
+    which colour answered (the demo app's X-Served-By header)."""
+
+    def __init__(self, url: str, period: float = 0.05) -> None:
+        super().__init__(period, "probe")
+        parts = urllib.parse.urlsplit(url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.samples: list[tuple[float, str]] = []
+        self._lock = threading.Lock()
+        self._sent = 0
+
+    def tick(self) -> None:
+        self._sent += 1
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=HTTP_TIMEOUT_S)
+        try:
+            conn.request("GET", f"/items/{self._sent % 1000 + 1}")
+            resp = conn.getresponse()
+            resp.read()
+            colour = resp.getheader("X-Served-By") or "?"
+        except (OSError, http.client.HTTPException):
+            colour = "error"
+        finally:
+            conn.close()
+        with self._lock:
+            self.samples.append((time.time(), colour))
 
     def last_not_blue(self, after: float, until: float) -> float | None:
         """When the last answer not from blue (green's, or an error) came, in a period."""
@@ -262,44 +276,35 @@ def _http_ok(url: str) -> bool:
     return True
 
 
-class Forwarder:
+class Forwarder(Poller):
     """Without Alertmanager: poll Prometheus's firing alerts every 0.5 s and POST them
     to the receiver as an Alertmanager webhook (payload version 4) would."""
 
     def __init__(self, sb: Sandbox, receiver_url: str) -> None:
+        super().__init__(0.5, "forwarder")
         self.sb = sb
         self.receiver_url = receiver_url
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.5):
-            try:
-                alerts = json.loads(_open(f"{self.sb.prometheus.url}/api/v1/alerts"))[
-                    "data"]["alerts"]
-                firing = [a for a in alerts if a["state"] == "firing"]
-                if not firing:
-                    continue
-                body = json.dumps({"version": "4", "status": "firing",
-                                   "receiver": "orchestrate", "groupLabels": {},
-                                   "commonLabels": {}, "commonAnnotations": {},
-                                   "externalURL": "", "groupKey": "bench",
-                                   "truncatedAlerts": 0, "alerts": [
-                                       {"status": "firing", "labels": a["labels"],
-                                        "annotations": a.get("annotations", {}),
-                                        "startsAt": a["activeAt"], "fingerprint": ""}
-                                       for a in firing]}).encode()
-                _open(self.receiver_url, body, {"Authorization": f"Bearer {TOKEN}",
-                                                "Content-Type": "application/json"})
-            except (OSError, ValueError, KeyError):
-                continue
+    def tick(self) -> None:
+        try:
+            alerts = json.loads(_open(f"{self.sb.prometheus.url}/api/v1/alerts"))[
+                "data"]["alerts"]
+            firing = [a for a in alerts if a["state"] == "firing"]
+            if not firing:
+                return
+            body = json.dumps({"version": "4", "status": "firing",
+                               "receiver": "orchestrate", "groupLabels": {},
+                               "commonLabels": {}, "commonAnnotations": {},
+                               "externalURL": "", "groupKey": "bench",
+                               "truncatedAlerts": 0, "alerts": [
+                                   {"status": "firing", "labels": a["labels"],
+                                    "annotations": a.get("annotations", {}),
+                                    "startsAt": a["activeAt"], "fingerprint": ""}
+                                   for a in firing]}).encode()
+            _open(self.receiver_url, body, {"Authorization": f"Bearer {TOKEN}",
+                                            "Content-Type": "application/json"})
+        except (OSError, ValueError, KeyError):
+            return
 
 
 # -- one run -----------------------------------------------------------------------------

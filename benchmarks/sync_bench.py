@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.cleanup import stop_and_clean
-from orchestrator.config import GreenConfig, SecretRef
+from orchestrator.config import GreenConfig
 from orchestrator.pg import catalog, initial_copy, replication, schema
 from orchestrator.pg.tools import PgTools, find_tools
 from orchestrator.sandbox.pgcluster import PgCluster
@@ -77,9 +77,7 @@ def db_config(cluster: PgCluster, dbname: str) -> GreenConfig:
     var = f"BENCH_PW_{cluster.name.upper()}"
     os.environ[var] = cluster.password
     # GreenConfig is a DatabaseConfig that can also be provisioned into.
-    return GreenConfig(host=cluster.host, port=cluster.port, dbname=dbname,
-                       user=cluster.superuser, password=SecretRef(env=var),
-                       sslmode="disable")
+    return GreenConfig.model_validate(cluster.database_section(dbname, var))
 
 
 def build_blue(blue: PgCluster, tools: PgTools, scale: int, wide_rows: int, fk_rows: int
@@ -146,7 +144,10 @@ def settle(*clusters: PgCluster) -> None:
             conn.execute("CHECKPOINT")
 
 
-def check_counts(blue: PgCluster, green: PgCluster, name: str, tables: list[str]) -> str:
+ALL_TABLES = ("pgbench_accounts", "wide", "orders")
+
+
+def check_counts(blue: PgCluster, green: PgCluster, name: str, tables: Sequence[str]) -> str:
     with psycopg.connect(blue.conninfo(BLUE_DB)) as b, psycopg.connect(
             green.conninfo(name)) as g:
         for t in tables:
@@ -156,6 +157,26 @@ def check_counts(blue: PgCluster, green: PgCluster, name: str, tables: list[str]
             if nb != ng:
                 return f"MISMATCH {t}: {nb} vs {ng}"
     return "counts ok"
+
+
+def checked_and_dropped(blue: PgCluster, green: PgCluster, name: str,
+                        tables: Sequence[str] = ALL_TABLES) -> str:
+    """Green's counts against blue's; then green's database and its replication go,
+    so that the next method starts from nothing."""
+    counts = check_counts(blue, green, name, tables)
+    drop_green(green, blue, name)
+    return counts
+
+
+def pipe(producer: list[str], producer_env: dict[str, str], consumer: list[str],
+         consumer_env: dict[str, str], what: str) -> None:
+    """``producer | consumer``, both to the end; either failing ends the benchmark."""
+    src = subprocess.Popen(producer, stdout=subprocess.PIPE, env=producer_env)
+    dst = subprocess.run(consumer, stdin=src.stdout, env=consumer_env, check=False)
+    assert src.stdout is not None
+    src.stdout.close()
+    if src.wait() != 0 or dst.returncode != 0:
+        raise SystemExit(f"{what} failed")
 
 
 def run_ours(blue: PgCluster, green: PgCluster, tools: PgTools, jobs: int, method: str
@@ -179,8 +200,7 @@ def run_ours(blue: PgCluster, green: PgCluster, tools: PgTools, jobs: int, metho
         detail += (f" ({report.copy.tasks} tasks, {report.copy.binary_tables} binary / "
                    f"{report.copy.text_tables} text tables)")
     detail += f", catch-up {report.catchup_s:.2f}s"
-    counts = check_counts(blue, green, name, ["pgbench_accounts", "wide", "orders"])
-    drop_green(green, blue, name)
+    counts = checked_and_dropped(blue, green, name)
     return Result(method, seconds, f"{detail}; {counts}")
 
 
@@ -188,17 +208,11 @@ def run_dump_pipe(blue: PgCluster, green: PgCluster, tools: PgTools) -> Result:
     name = "g_dump_pipe"
     started = time.monotonic()
     fresh_green(green, name)
-    dump = subprocess.Popen([tools.path("pg_dump"), "-Fc", "-d", BLUE_DB],
-                            stdout=subprocess.PIPE, env=env_for(blue))
-    restore = subprocess.run([tools.path("pg_restore"), "--no-owner", "-d", name],
-                             stdin=dump.stdout, env=env_for(green), check=False)
-    assert dump.stdout is not None
-    dump.stdout.close()
-    if dump.wait() != 0 or restore.returncode != 0:
-        raise SystemExit("pg_dump | pg_restore failed")
+    pipe([tools.path("pg_dump"), "-Fc", "-d", BLUE_DB], env_for(blue),
+         [tools.path("pg_restore"), "--no-owner", "-d", name], env_for(green),
+         "pg_dump | pg_restore")
     seconds = time.monotonic() - started
-    counts = check_counts(blue, green, name, ["pgbench_accounts", "wide", "orders"])
-    drop_green(green, blue, name)
+    counts = checked_and_dropped(blue, green, name)
     return Result("pg_dump -Fc | pg_restore", seconds, counts)
 
 
@@ -215,8 +229,7 @@ def run_dump_dir(blue: PgCluster, green: PgCluster, tools: PgTools, jobs: int, t
     sh([tools.path("pg_restore"), "--no-owner", "-j", str(jobs), "-d", name, str(out)],
        env_for(green))
     seconds = time.monotonic() - started
-    counts = check_counts(blue, green, name, ["pgbench_accounts", "wide", "orders"])
-    drop_green(green, blue, name)
+    counts = checked_and_dropped(blue, green, name)
     shutil.rmtree(out, ignore_errors=True)
     return Result(f"pg_dump -Fd -j{jobs} ; pg_restore -j{jobs}", seconds,
                   f"dump {dumped:.1f}s + restore {seconds - dumped:.1f}s; {counts}")
@@ -229,22 +242,21 @@ def run_raw_copy(blue: PgCluster, green: PgCluster, tools: PgTools, fmt: str) ->
         conn.execute("CREATE TABLE pgbench_accounts (aid int NOT NULL, bid int, "
                      "abalance int, filler char(84))")
     started = time.monotonic()
-    src = subprocess.Popen(
-        [tools.path("psql"), "-X", "-q", "-d", BLUE_DB, "-c",
-         f"COPY pgbench_accounts TO STDOUT (FORMAT {fmt})"],
-        stdout=subprocess.PIPE, env=env_for(blue))
-    dst = subprocess.run(
-        [tools.path("psql"), "-X", "-q", "-d", name, "-c",
-         f"COPY pgbench_accounts FROM STDIN (FORMAT {fmt})"],
-        stdin=src.stdout, env=env_for(green), check=False)
-    assert src.stdout is not None
-    src.stdout.close()
-    if src.wait() != 0 or dst.returncode != 0:
-        raise SystemExit("raw COPY failed")
+    pipe([tools.path("psql"), "-X", "-q", "-d", BLUE_DB, "-c",
+          f"COPY pgbench_accounts TO STDOUT (FORMAT {fmt})"], env_for(blue),
+         [tools.path("psql"), "-X", "-q", "-d", name, "-c",
+          f"COPY pgbench_accounts FROM STDIN (FORMAT {fmt})"], env_for(green),
+         "raw COPY")
     seconds = time.monotonic() - started
-    counts = check_counts(blue, green, name, ["pgbench_accounts"])
-    drop_green(green, blue, name)
+    counts = checked_and_dropped(blue, green, name, ["pgbench_accounts"])
     return Result(f"raw COPY pgbench_accounts ({fmt}, no index)", seconds, counts)
+
+
+def blue_row(blue: PgCluster, query: str) -> tuple[Any, ...]:
+    with psycopg.connect(blue.conninfo(BLUE_DB)) as conn:
+        row = conn.execute(query.encode()).fetchone()
+    assert row is not None
+    return row
 
 
 def loadavg() -> str:
@@ -284,12 +296,9 @@ def main() -> int:
         print("settings on both clusters: " + ", ".join(f"{k}={v}" for k, v in SETTINGS.items())
               + " (fsync on)")
         build_blue(blue, tools, args.scale, args.wide_rows, args.fk_rows)
-        with psycopg.connect(blue.conninfo(BLUE_DB)) as conn:
-            rows = conn.execute(
-                "SELECT sum(n_live_tup), pg_size_pretty(pg_database_size(current_database())), "
-                "pg_size_pretty(pg_total_relation_size('pgbench_accounts')) "
-                "FROM pg_stat_user_tables").fetchone()
-        assert rows is not None
+        rows = blue_row(
+            blue, "SELECT sum(n_live_tup), pg_size_pretty(pg_database_size(current_database())), "
+            "pg_size_pretty(pg_total_relation_size('pgbench_accounts')) FROM pg_stat_user_tables")
         print(f"blue: {int(rows[0]):,} rows, database {rows[1]}, pgbench_accounts {rows[2]}")
         steps: list[tuple[str, Callable[[], Result]]] = [
             ("ours", lambda: run_ours(blue, green, tools, args.jobs, "snapshot")),
@@ -306,12 +315,10 @@ def main() -> int:
             result = step()
             results.append(result)
             print(f"  {result.method}: {result.seconds:.1f}s  ({result.note})", flush=True)
-        with psycopg.connect(blue.conninfo(BLUE_DB)) as conn:
-            sizes = conn.execute(
-                "SELECT sum(pg_total_relation_size(relid) - pg_indexes_size(relid)), "
-                "pg_total_relation_size('pgbench_accounts') - pg_indexes_size('pgbench_accounts') "
-                "FROM pg_stat_user_tables").fetchone()
-        assert sizes is not None
+        sizes = blue_row(
+            blue, "SELECT sum(pg_total_relation_size(relid) - pg_indexes_size(relid)), "
+            "pg_total_relation_size('pgbench_accounts') - pg_indexes_size('pgbench_accounts') "
+            "FROM pg_stat_user_tables")
         report(results, int(sizes[0]), int(sizes[1]))
         print(f"load average {loadavg()} (after)")
     finally:

@@ -13,6 +13,7 @@ import json
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -81,15 +82,19 @@ def cli(ctx: click.Context, debug: bool, log_format: str | None) -> None:
     ctx.obj.update(debug=debug, fmt=fmt)
 
 
-@cli.command()
-@CONFIG
+def _config_command(fn: Callable[..., None]) -> click.Command:
+    """A subcommand of ``cli`` that reads ``--config`` (its first option) and is
+    called with the click context."""
+    return cli.command()(CONFIG(click.pass_context(fn)))
+
+
+@_config_command
 @click.option("--wait-window", is_flag=True,
               help="After promotion, wait for the rollback window to close and clean up.")
 @click.option("--force", is_flag=True, help="Run even outside schedule.windows.")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
               help="Serve the release's metrics on 127.0.0.1:PORT/metrics (telemetry.listen "
               "chooses another address).")
-@click.pass_context
 def release(ctx: click.Context, config_path: Path, wait_window: bool, force: bool,
             metrics_port: int | None) -> None:
     """Run the release, or resume it where it stopped."""
@@ -119,22 +124,18 @@ def release(ctx: click.Context, config_path: Path, wait_window: bool, force: boo
     ctx.exit(stop.exit_code(outcome))
 
 
-@cli.command()
-@CONFIG
+@_config_command
 @click.option("--reason", default="requested by an operator", show_default=True)
 @click.option("--timeout", default=600.0, show_default=True,
               help="Seconds to wait for a running orchestrator to finish the rollback.")
-@click.pass_context
 def rollback(ctx: click.Context, config_path: Path, reason: str, timeout: float) -> None:
     """Roll the release back to blue, keeping every acknowledged write."""
     cfg = _load(ctx, config_path)
     ctx.exit(_rollback(ctx, cfg, reason, timeout))
 
 
-@cli.command()
-@CONFIG
+@_config_command
 @click.option("--reason", default="aborted by an operator", show_default=True)
-@click.pass_context
 def abort(ctx: click.Context, config_path: Path, reason: str) -> None:
     """Abort a running canary (same as rollback)."""
     cfg = _load(ctx, config_path)
@@ -172,9 +173,7 @@ def _echo_recorded(recorded: rollback_request.Recorded) -> None:
         click.echo("the running orchestrator is already rolling back; waiting")
 
 
-@cli.command()
-@CONFIG
-@click.pass_context
+@_config_command
 def promote(ctx: click.Context, config_path: Path) -> None:
     """Approve the next canary stage that waits for a person."""
     cfg = _load(ctx, config_path)
@@ -187,15 +186,13 @@ def promote(ctx: click.Context, config_path: Path) -> None:
     click.echo(f"stage {stage + 1} of release {cfg.release.name} approved")
 
 
-@cli.command()
-@CONFIG
+@_config_command
 @OUTPUT
 @click.option("--watch", is_flag=True,
               help="Redraw until the release ends (JSON lines with --output json or when "
               "not on a terminal).")
 @click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(min=0.1),
               help="Seconds between reads of the state with --watch.")
-@click.pass_context
 def status(ctx: click.Context, config_path: Path, output: str, watch: bool,
            interval: float) -> None:
     """Show where the release is, what it measured, and its recent log."""
@@ -271,10 +268,8 @@ def _window(cfg: ReleaseConfig, row: ReleaseRow) -> dict[str, Any] | None:
             "remaining_s": round(remaining, 1)}
 
 
-@cli.command()
-@CONFIG
+@_config_command
 @OUTPUT
-@click.pass_context
 def plan(ctx: click.Context, config_path: Path, output: str) -> None:
     """Print every step and the SQL it would run. Changes nothing."""
     cfg = _load(ctx, config_path)
@@ -285,10 +280,8 @@ def plan(ctx: click.Context, config_path: Path, output: str) -> None:
         click.echo(planner.render_text(cfg, steps, notes))
 
 
-@cli.command()
-@CONFIG
+@_config_command
 @OUTPUT
-@click.pass_context
 def validate(ctx: click.Context, config_path: Path, output: str) -> None:
     """Compare green with blue now (counts, checksums, schema)."""
     from orchestrator.pg import replication
@@ -331,8 +324,7 @@ def validate(ctx: click.Context, config_path: Path, output: str) -> None:
     ctx.exit(0 if report.ok else 1)
 
 
-@cli.command()
-@CONFIG
+@_config_command
 @click.option("--listen", default=None, metavar="HOST:PORT",
               help="Address to listen on (default: alerts.listen, 127.0.0.1:8080).")
 @click.option("--host", default=None, help="Override the host of --listen.")
@@ -340,7 +332,6 @@ def validate(ctx: click.Context, config_path: Path, output: str) -> None:
               help="Override the port of --listen (0: any free port).")
 @click.option("--insecure", is_flag=True,
               help="Run without a bearer token; allowed on a loopback address only.")
-@click.pass_context
 def serve(ctx: click.Context, config_path: Path, listen: str | None, host: str | None,
           port: int | None, insecure: bool) -> None:
     """Receive Alertmanager webhooks: a matching firing alert rolls the release back."""

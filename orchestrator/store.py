@@ -138,6 +138,11 @@ class StateStore:
     def _q(self, template: str) -> sql.Composed:
         return sql.SQL(template).format(schema=sql.Identifier(self.schema))
 
+    def _rows(self, template: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+        with self.conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(self._q(template), params)
+            return list(cur.fetchall())
+
     @_state_call
     def ensure_schema(self) -> None:
         control_schema.ensure_state(self.conn, self.schema)
@@ -362,17 +367,12 @@ class StateStore:
 
     @_state_call
     def log_entries(self, name: str, limit: int = 50) -> list[dict[str, Any]]:
-        with self.conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(
-                self._q(
-                    "SELECT at, level::text AS level, state, message, details, "
-                    "extract(epoch FROM duration)::float8 AS duration_s "
-                    "FROM (SELECT * FROM {schema}.release_log WHERE release = %s "
-                    "ORDER BY id DESC LIMIT %s) l ORDER BY at"
-                ),
-                (name, limit),
-            )
-            return list(cur.fetchall())
+        return self._rows(
+            "SELECT at, level::text AS level, state, message, details, "
+            "extract(epoch FROM duration)::float8 AS duration_s "
+            "FROM (SELECT * FROM {schema}.release_log WHERE release = %s "
+            "ORDER BY id DESC LIMIT %s) l ORDER BY at",
+            (name, limit))
 
     @_state_call
     def record_measurement(self, name: str, *, stage: int, weight: int, check: str,
@@ -388,30 +388,20 @@ class StateStore:
 
     @_state_call
     def measurements(self, name: str) -> list[dict[str, Any]]:
-        with self.conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(
-                self._q(
-                    "SELECT stage, weight, check_name, count(*) AS evaluations, "
-                    "count(*) FILTER (WHERE verdict = 'fail') AS failed, "
-                    "count(*) FILTER (WHERE verdict = 'inconclusive') AS inconclusive, "
-                    "max(value) AS max_value, avg(value) AS avg_value "
-                    "FROM {schema}.stage_measurements WHERE release = %s "
-                    "GROUP BY stage, weight, check_name ORDER BY stage, check_name"
-                ),
-                (name,),
-            )
-            return list(cur.fetchall())
+        return self._rows(
+            "SELECT stage, weight, check_name, count(*) AS evaluations, "
+            "count(*) FILTER (WHERE verdict = 'fail') AS failed, "
+            "count(*) FILTER (WHERE verdict = 'inconclusive') AS inconclusive, "
+            "max(value) AS max_value, avg(value) AS avg_value "
+            "FROM {schema}.stage_measurements WHERE release = %s "
+            "GROUP BY stage, weight, check_name ORDER BY stage, check_name",
+            (name,))
 
     @_state_call
     def latest_measurements(self, name: str) -> list[dict[str, Any]]:
         """Each check's (probe's, hook's, lag's) last measurement: the live view."""
-        with self.conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(
-                self._q(
-                    "SELECT DISTINCT ON (check_name) stage, weight, at, check_name, value, "
-                    "baseline, verdict, detail FROM {schema}.stage_measurements "
-                    "WHERE release = %s ORDER BY check_name, id DESC"
-                ),
-                (name,),
-            )
-            return list(cur.fetchall())
+        return self._rows(
+            "SELECT DISTINCT ON (check_name) stage, weight, at, check_name, value, "
+            "baseline, verdict, detail FROM {schema}.stage_measurements "
+            "WHERE release = %s ORDER BY check_name, id DESC",
+            (name,))

@@ -8,12 +8,13 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from orchestrator.sandbox.ports import DEFAULT_RANGE, RANGE_ENV
+from tests.fakes.kube_api import FakeKubeApi
+from tests.local_http import LocalServer, QuietHandler
 from tests.workers import worker_count, worker_index
 
 # fix_pg: the `pg` version marker; pytester: its tests run it in a pytest of their own.
@@ -76,7 +77,7 @@ class ColourServer:
         self._lock = threading.Lock()
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 if self.path == "/healthz":
                     code, body, ctype = 200, b"ok", "text/plain"
@@ -93,27 +94,12 @@ class ColourServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-            def handle_error(self, request: object, client_address: object) -> None:
-                # HAProxy's health checks close the connection before reading the
-                # whole answer; the resulting resets are not errors here.
-                pass
-
-        self._httpd = Server(("127.0.0.1", 0), Handler)
-        self.port: int = self._httpd.server_address[1]
+        self._local = LocalServer(Handler)
+        self.port = self._local.port
         self.address = f"127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-        self._thread.start()
 
     def close(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(timeout=5)
+        self._local.close()
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +115,19 @@ def colour_server() -> Iterator[Callable[..., ColourServer]]:
     yield make
     for server in servers:
         server.close()
+
+
+# The fake Kubernetes API and a kubeconfig pointing at it, in the namespace the
+# router tests use (tests/test_kube_*.py).
+KUBE_NAMESPACE = "shop"
+
+
+@pytest.fixture
+def kube() -> Iterator[FakeKubeApi]:
+    with FakeKubeApi() as api:
+        yield api
+
+
+@pytest.fixture
+def kubeconfig(kube: FakeKubeApi, tmp_path: Path) -> Path:
+    return kube.write_kubeconfig(tmp_path / "kubeconfig", namespace=KUBE_NAMESPACE)

@@ -11,8 +11,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from tests.local_http import LocalServer, QuietHandler
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class Receiver:
         self._release_sleepers = threading.Event()
         receiver = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
                 body = self.rfile.read(length)
@@ -53,19 +54,8 @@ class Receiver:
                 except OSError:
                     pass  # the client gave up waiting: that is the point of a slow one
 
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-            def handle_error(self, request: object, client_address: object) -> None:
-                pass
-
-        self._httpd = Server(("127.0.0.1", 0), Handler)
-        self.port: int = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-        self._thread.start()
+        self._local = LocalServer(Handler)
+        self.port = self._local.port
 
     def url(self, path: str = "/hook") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -86,9 +76,7 @@ class Receiver:
 
     def close(self) -> None:
         self._release_sleepers.set()
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(timeout=5)
+        self._local.close()
 
 
 @contextmanager

@@ -3,7 +3,7 @@ DatabaseConfig for it, for the test modules that each start their own cluster.""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -20,6 +20,15 @@ def tmp_cluster(name: str, major: int, prefix: str) -> Iterator[PgCluster]:
     and removed on exit."""
     with short_tmpdir(prefix) as base, PgCluster(name, major, base) as pg:
         yield pg
+
+
+def module_cluster(name: str, major: int, prefix: str) -> Callable[[], Iterator[PgCluster]]:
+    """A module-scoped fixture of one ``tmp_cluster``: ``cluster = module_cluster(...)``."""
+    @pytest.fixture(scope="module")
+    def cluster() -> Iterator[PgCluster]:
+        with tmp_cluster(name, major, prefix) as pg:
+            yield pg
+    return cluster
 
 
 def superuser_config(pg: PgCluster, monkeypatch: pytest.MonkeyPatch, env: str, *,

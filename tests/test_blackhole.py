@@ -14,13 +14,9 @@ from orchestrator.errors import ConnectError
 from orchestrator.pg.conn import StatementDeadline, connect
 from orchestrator.sandbox.pgcluster import PgCluster
 from tests.faults.netns import IsolatedAddress
-from tests.pg_helpers import superuser_config, tmp_cluster
+from tests.pg_helpers import module_cluster, superuser_config
 
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[PgCluster]:
-    with tmp_cluster("bh", 17, "orch-bh-") as pg:
-        yield pg
+cluster = module_cluster("bh", 17, "orch-bh-")
 
 
 @pytest.fixture

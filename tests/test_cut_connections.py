@@ -17,13 +17,9 @@ from orchestrator.retry import refused_by_server
 from orchestrator.sandbox.pgcluster import PgCluster
 from orchestrator.sandbox.ports import free_port
 from tests.faults.proxy import Proxy
-from tests.pg_helpers import superuser_config, tmp_cluster
+from tests.pg_helpers import module_cluster, superuser_config
 
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[PgCluster]:
-    with tmp_cluster("cut", 16, "orch-cut-") as pg:
-        yield pg
+cluster = module_cluster("cut", 16, "orch-cut-")
 
 
 @pytest.fixture

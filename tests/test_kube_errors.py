@@ -4,7 +4,6 @@ and the retry decision carried by the class (against the fake API server, over H
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from structlog.testing import capture_logs
 
 from orchestrator.retry import TransientError
 from orchestrator.routers.base import RouterError, Weights
+from orchestrator.routers.gateway import GatewayRouter
 from orchestrator.routers.kube import (
     HTTPROUTES,
     KubeApiError,
@@ -33,17 +33,6 @@ from tests.fakes.kube_api import FakeKubeApi, status_body
 from tests.test_kube_routers import FAST, NS, ROUTE, _gateway
 
 WHAT = "patch httproutes.gateway.networking.k8s.io shop/web"
-
-
-@pytest.fixture
-def kube() -> Iterator[FakeKubeApi]:
-    with FakeKubeApi() as api:
-        yield api
-
-
-@pytest.fixture
-def kubeconfig(kube: FakeKubeApi, tmp_path: Path) -> Path:
-    return kube.write_kubeconfig(tmp_path / "kubeconfig", namespace=NS)
 
 
 def _answer(status: int, details: dict[str, Any] | None = None,
@@ -104,16 +93,24 @@ def _patches(kube: FakeKubeApi) -> int:
     return sum(1 for r in kube.requests if r.method == "PATCH")
 
 
+def _refused_once(kube: FakeKubeApi, kubeconfig: Path, status: int,
+                  cls: type[KubeApiError]) -> GatewayRouter:
+    """A router whose first patch the API refuses with ``status``: the transport
+    raises ``cls`` (not transient) after that one request, and sends no other."""
+    kube.put(ROUTE)
+    router = _gateway(kubeconfig)
+    kube.fail_next(1, status, method="PATCH")
+    with pytest.raises(cls) as raised:
+        router.objects.json_patch(HTTPROUTES, "web", [])
+    assert raised.value.status == status and not isinstance(raised.value, TransientError)
+    assert _patches(kube) == 1
+    return router
+
+
 def test_a_conflict_is_not_resent_by_the_transport_but_retried_by_the_router(
     kube: FakeKubeApi, kubeconfig: Path
 ) -> None:
-    kube.put(ROUTE)
-    router = _gateway(kubeconfig)
-    kube.fail_next(1, 409, method="PATCH")
-    with pytest.raises(KubeConflict) as raised:
-        router.objects.json_patch(HTTPROUTES, "web", [])
-    assert raised.value.status == 409 and not isinstance(raised.value, TransientError)
-    assert _patches(kube) == 1
+    router = _refused_once(kube, kubeconfig, 409, KubeConflict)
     # The router re-reads and rebuilds its patch: the conflict is retried there.
     kube.fail_next(1, 409, method="PATCH")
     assert router.set_weights(Weights(blue=0, green=100)) == Weights(blue=0, green=100)
@@ -121,13 +118,7 @@ def test_a_conflict_is_not_resent_by_the_transport_but_retried_by_the_router(
 
 
 def test_a_forbidden_answer_is_not_retried(kube: FakeKubeApi, kubeconfig: Path) -> None:
-    kube.put(ROUTE)
-    router = _gateway(kubeconfig)
-    kube.fail_next(1, 403, method="PATCH")
-    with pytest.raises(KubeForbidden) as raised:
-        router.objects.json_patch(HTTPROUTES, "web", [])
-    assert raised.value.status == 403 and not isinstance(raised.value, TransientError)
-    assert _patches(kube) == 1
+    router = _refused_once(kube, kubeconfig, 403, KubeForbidden)
     kube.fail_next(5, 403, method="PATCH")
     with pytest.raises(RouterError, match="not allowed"):
         router.set_weights(Weights(blue=0, green=100))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,10 +30,11 @@ from orchestrator.routers.ingress_nginx import CANARY, CANARY_WEIGHT, IngressNgi
 from orchestrator.routers.kube import KubeError, KubeObjects, RetryPolicy, api_client
 from orchestrator.routers.service import ServiceSelectorRouter
 from orchestrator.routers.weighted import WeightedObjectRouter, pointer
+from tests.conftest import KUBE_NAMESPACE
 from tests.fakes.kube_api import JSON_PATCH, FakeKubeApi
 
 JsonObject = dict[str, Any]
-NS = "shop"
+NS = KUBE_NAMESPACE
 # Quick retries: the behaviour under test is "retried and bounded", not the waiting.
 FAST = RetryPolicy(attempts=4, initial_wait=0.01, max_wait=0.05, jitter=0.01)
 
@@ -267,20 +268,16 @@ CASES = {
 }
 
 
-@pytest.fixture
-def kube() -> Iterator[FakeKubeApi]:
-    with FakeKubeApi() as api:
-        yield api
-
-
-@pytest.fixture
-def kubeconfig(kube: FakeKubeApi, tmp_path: Path) -> Path:
-    return kube.write_kubeconfig(tmp_path / "kubeconfig", namespace=NS)
-
-
 @pytest.fixture(params=list(CASES))
 def case(request: pytest.FixtureRequest) -> Case:
     return CASES[str(request.param)]
+
+
+@pytest.fixture
+def router(case: Case, kube: FakeKubeApi, kubeconfig: Path) -> WeightedObjectRouter:
+    """The case's router, its object already in the API."""
+    kube.put(case.seed)
+    return case.build(kubeconfig)
 
 
 def _without_weights(case: Case, obj: JsonObject) -> JsonObject:
@@ -295,6 +292,12 @@ def _without_weights(case: Case, obj: JsonObject) -> JsonObject:
             node = node[int(part)] if isinstance(node, list) else node[part]
         node.pop(leaf, None)
     return out
+
+
+def _reaches(router: WeightedObjectRouter, target: Weights, **kw: Any) -> None:
+    """``set_weights`` answers with the target, and the object then reads as it."""
+    assert router.set_weights(target, **kw) == target
+    assert router.current() == target
 
 
 def _patches(kube: FakeKubeApi) -> list[Any]:
@@ -312,9 +315,9 @@ def test_routers_follow_the_protocol(case: Case, kube: FakeKubeApi, kubeconfig: 
     assert kube.requests == []
 
 
-def test_reads_the_initial_weights(case: Case, kube: FakeKubeApi, kubeconfig: Path) -> None:
-    kube.put(case.seed)
-    router = case.build(kubeconfig)
+def test_reads_the_initial_weights(
+    case: Case, kube: FakeKubeApi, router: WeightedObjectRouter
+) -> None:
     router.check()
     assert router.current() == Weights(blue=100, green=0)
     seen = kube.requests
@@ -334,8 +337,7 @@ def test_canary_stages_change_only_the_weights(
     versions = [original["metadata"]["resourceVersion"]]
     for pct in case.stages:
         target = Weights.green_at(pct)
-        assert router.set_weights(target, expected=last) == target
-        assert router.current() == target
+        _reaches(router, target, expected=last)
         stored = kube.get(case.kind, NS, case.name)
         assert stored is not None
         assert _without_weights(case, stored) == _without_weights(case, original)
@@ -360,19 +362,15 @@ def test_canary_stages_change_only_the_weights(
 
 
 def test_setting_the_live_weights_again_writes_nothing(
-    case: Case, kube: FakeKubeApi, kubeconfig: Path
+    case: Case, kube: FakeKubeApi, router: WeightedObjectRouter
 ) -> None:
-    kube.put(case.seed)
-    router = case.build(kubeconfig)
     assert router.set_weights(Weights(blue=100, green=0)) == Weights(blue=100, green=0)
     assert _patches(kube) == []
 
 
 def test_a_concurrent_write_is_retried_and_kept(
-    case: Case, kube: FakeKubeApi, kubeconfig: Path
+    case: Case, kube: FakeKubeApi, router: WeightedObjectRouter
 ) -> None:
-    kube.put(case.seed)
-    router = case.build(kubeconfig)
 
     def someone_else(obj: JsonObject) -> None:
         obj["metadata"]["labels"]["touched-by"] = "other-controller"
@@ -390,21 +388,17 @@ def test_a_concurrent_write_is_retried_and_kept(
     assert len(_patches(kube)) == 2
 
 
-def test_injected_conflicts_are_retried(case: Case, kube: FakeKubeApi, kubeconfig: Path) -> None:
-    kube.put(case.seed)
-    router = case.build(kubeconfig)
+def test_injected_conflicts_are_retried(
+    case: Case, kube: FakeKubeApi, router: WeightedObjectRouter
+) -> None:
     kube.fail_next(2, 409, method="PATCH")
-    target = Weights.green_at(case.stages[-1])
-    assert router.set_weights(target, expected=Weights(blue=100, green=0)) == target
-    assert router.current() == target
+    _reaches(router, Weights.green_at(case.stages[-1]), expected=Weights(blue=100, green=0))
     assert len(_patches(kube)) == 3
 
 
 def test_endless_conflicts_give_up_with_a_router_error(
-    case: Case, kube: FakeKubeApi, kubeconfig: Path
+    case: Case, kube: FakeKubeApi, router: WeightedObjectRouter
 ) -> None:
-    kube.put(case.seed)
-    router = case.build(kubeconfig)
     kube.fail_next(100, 409, method="PATCH")
     with pytest.raises(RouterError, match="kept changing"):
         router.set_weights(Weights.green_at(case.stages[-1]))
@@ -412,23 +406,19 @@ def test_endless_conflicts_give_up_with_a_router_error(
     assert len(kube.history(case.kind, NS, case.name)) == 1
 
 
-def test_unavailable_api_is_retried(case: Case, kube: FakeKubeApi, kubeconfig: Path) -> None:
-    kube.put(case.seed)
-    router = case.build(kubeconfig)
+def test_unavailable_api_is_retried(
+    case: Case, kube: FakeKubeApi, router: WeightedObjectRouter
+) -> None:
     kube.fail_next(2, 503, method="GET")
     assert router.current() == Weights(blue=100, green=0)
     kube.fail_next(1, 503, method="PATCH")
     kube.fail_next(1, 429, method="PATCH", headers={"Retry-After": "0"})
-    target = Weights.green_at(case.stages[-1])
-    assert router.set_weights(target) == target
-    assert router.current() == target
+    _reaches(router, Weights.green_at(case.stages[-1]))
 
 
 def test_a_persistent_outage_is_a_router_error(
-    case: Case, kube: FakeKubeApi, kubeconfig: Path
+    case: Case, kube: FakeKubeApi, router: WeightedObjectRouter
 ) -> None:
-    kube.put(case.seed)
-    router = case.build(kubeconfig)
     kube.fail_next(50, 503)
     with pytest.raises(RouterError, match="503"):
         router.current()
@@ -436,10 +426,8 @@ def test_a_persistent_outage_is_a_router_error(
 
 
 def test_a_slow_api_times_out_and_is_retried(
-    case: Case, kube: FakeKubeApi, kubeconfig: Path
+    case: Case, kube: FakeKubeApi, router: WeightedObjectRouter
 ) -> None:
-    kube.put(case.seed)
-    router = case.build(kubeconfig)
     router.objects.target = router.objects.target.model_copy(update={"timeout": 0.3})
     kube.delay_next(1, 2.0, method="GET")
     started = time.monotonic()
@@ -448,10 +436,8 @@ def test_a_slow_api_times_out_and_is_retried(
 
 
 def test_a_write_whose_answer_was_lost_is_not_applied_twice(
-    case: Case, kube: FakeKubeApi, kubeconfig: Path
+    case: Case, kube: FakeKubeApi, router: WeightedObjectRouter
 ) -> None:
-    kube.put(case.seed)
-    router = case.build(kubeconfig)
     router.objects.target = router.objects.target.model_copy(update={"timeout": 0.3})
     kube.delay_next(1, 1.0, method="PATCH", after_write=True)
     target = Weights.green_at(case.stages[-1])
@@ -476,10 +462,8 @@ def test_a_missing_object_is_a_clear_router_error(
 
 
 def test_drift_is_reported_and_nothing_changes(
-    case: Case, kube: FakeKubeApi, kubeconfig: Path
+    case: Case, kube: FakeKubeApi, router: WeightedObjectRouter
 ) -> None:
-    kube.put(case.seed)
-    router = case.build(kubeconfig)
     # Someone moves traffic by hand after orchestrate last set 0 %.
     by_hand = kube.edit(case.kind, NS, case.name, lambda o: case.set_green(o, case.stages[-1]))
     # A target other than the drifted value (a Service has only two values).
@@ -521,10 +505,8 @@ def test_service_race_to_the_same_colour_is_not_a_drift(
 
 
 def test_forbidden_patch_fails_the_preflight(
-    case: Case, kube: FakeKubeApi, kubeconfig: Path
+    case: Case, kube: FakeKubeApi, router: WeightedObjectRouter
 ) -> None:
-    kube.put(case.seed)
-    router = case.build(kubeconfig)
     message = f'{case.kind.lower()}s is forbidden: User "system:serviceaccount:shop:x" cannot patch'
     kube.fail_next(
         1,
@@ -730,6 +712,9 @@ def test_fake_answers_like_the_api_server(kube: FakeKubeApi, kubeconfig: Path) -
     api = CustomObjectsApi(api_client(KubeTarget(kubeconfig=kubeconfig, context="fake")))
     group, version, plural = "gateway.networking.k8s.io", "v1", "httproutes"
     stored = kube.put(ROUTE)
+
+    def patch(body: Any, **kw: Any) -> Any:
+        return api.patch_namespaced_custom_object(group, version, NS, plural, "web", body, **kw)
     rv = stored["metadata"]["resourceVersion"]
 
     with pytest.raises(ApiException) as missing:
@@ -740,56 +725,33 @@ def test_fake_answers_like_the_api_server(kube: FakeKubeApi, kubeconfig: Path) -
     # A stale resourceVersion in a merge patch: 409 Conflict, nothing stored.
     kube.edit("HTTPRoute", NS, "web", lambda o: o["metadata"]["labels"].update(x="1"))
     with pytest.raises(ApiException) as conflict:
-        api.patch_namespaced_custom_object(
-            group, version, NS, plural, "web", {"metadata": {"resourceVersion": rv}}
-        )
+        patch({"metadata": {"resourceVersion": rv}})
     assert conflict.value.status == 409
     assert "the object has been modified" in str(conflict.value.body)
 
     # A failed JSON Patch test: 422 Invalid with empty details.
     with pytest.raises(ApiException) as invalid:
-        api.patch_namespaced_custom_object(
-            group,
-            version,
-            NS,
-            plural,
-            "web",
-            [{"op": "test", "path": "/metadata/resourceVersion", "value": rv}],
-            _content_type=JSON_PATCH,
-        )
+        patch([{"op": "test", "path": "/metadata/resourceVersion", "value": rv}],
+              _content_type=JSON_PATCH)
     assert invalid.value.status == 422
     assert '"details":{}' in str(invalid.value.body).replace(" ", "")
 
     # A spec change bumps resourceVersion and generation; a no-op bumps nothing.
     current = kube.get("HTTPRoute", NS, "web")
     assert current is not None
-    changed: Any = api.patch_namespaced_custom_object(
-        group, version, NS, plural, "web", {"spec": {"hostnames": ["a.example.com"]}}
-    )
+    changed = patch({"spec": {"hostnames": ["a.example.com"]}})
     assert int(changed["metadata"]["resourceVersion"]) > int(current["metadata"]["resourceVersion"])
     assert changed["metadata"]["generation"] == current["metadata"]["generation"] + 1
-    same: Any = api.patch_namespaced_custom_object(
-        group, version, NS, plural, "web", {"spec": {"hostnames": ["a.example.com"]}}
-    )
+    same = patch({"spec": {"hostnames": ["a.example.com"]}})
     assert same["metadata"]["resourceVersion"] == changed["metadata"]["resourceVersion"]
 
     # A dry run answers with the result and stores nothing.
-    dry: Any = api.patch_namespaced_custom_object(
-        group, version, NS, plural, "web", {"spec": {"hostnames": ["b.example.com"]}}, dry_run="All"
-    )
+    dry = patch({"spec": {"hostnames": ["b.example.com"]}}, dry_run="All")
     assert dry["spec"]["hostnames"] == ["b.example.com"]
     after = kube.get("HTTPRoute", NS, "web")
     assert after is not None and after["spec"]["hostnames"] == ["a.example.com"]
 
     # Strategic merge patch is not served for custom resources.
     with pytest.raises(ApiException) as unsupported:
-        api.patch_namespaced_custom_object(
-            group,
-            version,
-            NS,
-            plural,
-            "web",
-            {"spec": {}},
-            _content_type="application/strategic-merge-patch+json",
-        )
+        patch({"spec": {}}, _content_type="application/strategic-merge-patch+json")
     assert unsupported.value.status == 415

@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar, Self
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from orchestrator.errors import ConfigError
 
@@ -35,6 +35,17 @@ def parse_duration(value: Any) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def more_than_zero(message: str) -> AfterValidator:
+    """A duration (or an optional one) that must be more than 0s; ``message`` says
+    which one in the error."""
+    def check(value: float | None) -> float | None:
+        if value is not None and value <= 0:
+            raise ValueError(message)
+        return value
+    return AfterValidator(check)
+
 Name = Annotated[str, Field(pattern=r"^[a-z0-9]([a-z0-9_-]{0,46}[a-z0-9])?$")]
 
 
@@ -84,3 +95,36 @@ class SecretRef(_Model):
             raise ConfigError(f"{where} is empty",
                               hint="put the secret there, or fix the reference in the config")
         return value
+
+
+class ValueOrSecret(_Model):
+    """A value written out (a plain string), or read from a secret when it is used
+    (``{env: NAME}`` or ``{file: /path}``): exactly one of the three."""
+
+    # What a malformed one is told; each kind says which forms it takes.
+    forms: ClassVar[str] = "a string, or {env: NAME} or {file: /path} (exactly one of them)"
+
+    value: str | None = None
+    env: str | None = None
+    file: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _written_or_referenced(cls, value: Any) -> Any:
+        # A plain string is the value itself; a mapping says where to read it.
+        if isinstance(value, str):
+            return {"value": value}
+        if not isinstance(value, dict | cls):
+            raise ValueError(cls.forms)
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Self:
+        if sum(x is not None for x in (self.value, self.env, self.file)) != 1:
+            raise ValueError(self.forms)
+        return self
+
+    def resolve(self) -> str:
+        if self.value is not None:
+            return self.value
+        return SecretRef(env=self.env, file=self.file).resolve()

@@ -54,7 +54,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from orchestrator.config._base import Name, _Model
-from orchestrator.config.metrics import BlueIdleLimits, MetricCheck
+from orchestrator.config.metrics import Limits, MetricCheck
 from orchestrator.matchers import parse
 
 Selector = Mapping[str, str]
@@ -76,7 +76,7 @@ class ColourValues(_Model):
     green: str
 
 
-class BuiltinCheck(_Model):
+class BuiltinCheck(Limits):
     """A named check from the library in ``orchestrator/canary/builtin.py``, written for
     one metrics provider; expanded into a ``MetricCheck`` when the config is loaded.
 
@@ -92,14 +92,6 @@ class BuiltinCheck(_Model):
     # The check's name in measurements and in stage ``checks`` lists; default: ``check``.
     name: Name | None = None
     selector: dict[str, str | ColourValues | None] = Field(default_factory=dict)
-    max: float | None = None
-    min: float | None = None
-    max_increase_over_blue: float | None = None
-    max_decrease_from_blue: float | None = Field(default=None, ge=0)
-    max_ratio_to_blue: float | None = Field(default=None, gt=0)
-    blue_idle: BlueIdleLimits | None = None
-    failure_limit: int = Field(default=1, ge=1)
-    inconclusive_limit: int = Field(default=3, ge=1)
 
     @model_validator(mode="after")
     def _supported(self) -> BuiltinCheck:
@@ -130,19 +122,19 @@ def _success_rate(counter: str, ok: str) -> QueryBuilder:
     return build
 
 
-def _p99(histogram: str, scale: float = 1.0) -> QueryBuilder:
-    def build(s: Selector) -> str:
-        query = (f"histogram_quantile(0.99, sum by (le) "
-                 f"(rate({histogram}_bucket{_sel(s)}[$window])))")
-        return f"{query} / {scale:g}" if scale != 1.0 else query
-    return build
+# Over a histogram ``{h}`` (its series' prefix) selected by ``{s}``.
+_P99 = "histogram_quantile(0.99, sum by (le) (rate({h}_bucket{s}[$window])))"
+_AVERAGE = "sum(rate({h}_sum{s}[$window])) / sum(rate({h}_count{s}[$window]))"
 
 
-def _average(histogram: str, scale: float = 1.0) -> QueryBuilder:
+def _histogram(shape: str, histogram: str, scale: float = 1.0) -> QueryBuilder:
+    # ``scale``: the histogram's unit per second (Envoy and Istio: milliseconds).
     def build(s: Selector) -> str:
-        query = (f"sum(rate({histogram}_sum{_sel(s)}[$window])) / "
-                 f"sum(rate({histogram}_count{_sel(s)}[$window]))")
-        return f"({query}) / {scale:g}" if scale != 1.0 else query
+        query = shape.format(h=histogram, s=_sel(s))
+        if scale == 1.0:
+            return query
+        # A quotient is grouped before it is divided again.
+        return f"({query}) / {scale:g}" if " / " in query else f"{query} / {scale:g}"
     return build
 
 
@@ -152,6 +144,10 @@ def _haproxy_average(s: Selector) -> str:
     return (f"max(avg_over_time(haproxy_server_response_time_average_seconds{_sel(s)}"
             f"[$window])) and on() "
             f"(sum(rate(haproxy_server_http_responses_total{_sel(s)}[$window])) > 0)")
+
+
+_NGINX_DURATION = "nginx_ingress_controller_request_duration_seconds"
+_ISTIO_DURATION = "istio_request_duration_milliseconds"
 
 
 @dataclass(frozen=True)
@@ -182,8 +178,8 @@ PROVIDERS: dict[str, Provider] = {
         queries={
             "request-success-rate": _success_rate("nginx_ingress_controller_requests",
                                                   'status!~"5.."'),
-            "latency-p99": _p99("nginx_ingress_controller_request_duration_seconds"),
-            "latency-average": _average("nginx_ingress_controller_request_duration_seconds"),
+            "latency-p99": _histogram(_P99, _NGINX_DURATION),
+            "latency-average": _histogram(_AVERAGE, _NGINX_DURATION),
         },
     ),
     "envoy": Provider(
@@ -191,8 +187,8 @@ PROVIDERS: dict[str, Provider] = {
         queries={
             "request-success-rate": _success_rate("envoy_cluster_upstream_rq_xx",
                                                   'envoy_response_code_class!="5"'),
-            "latency-p99": _p99("envoy_cluster_upstream_rq_time", 1000.0),
-            "latency-average": _average("envoy_cluster_upstream_rq_time", 1000.0),
+            "latency-p99": _histogram(_P99, "envoy_cluster_upstream_rq_time", 1000.0),
+            "latency-average": _histogram(_AVERAGE, "envoy_cluster_upstream_rq_time", 1000.0),
         },
     ),
     "istio": Provider(
@@ -201,16 +197,16 @@ PROVIDERS: dict[str, Provider] = {
         queries={
             "request-success-rate": _success_rate("istio_requests_total",
                                                   'response_code!~"5.."'),
-            "latency-p99": _p99("istio_request_duration_milliseconds", 1000.0),
-            "latency-average": _average("istio_request_duration_milliseconds", 1000.0),
+            "latency-p99": _histogram(_P99, _ISTIO_DURATION, 1000.0),
+            "latency-average": _histogram(_AVERAGE, _ISTIO_DURATION, 1000.0),
         },
     ),
     "demo": Provider(
         selector={"colour": "$colour"},
         queries={
             "request-success-rate": _success_rate("demo_http_requests_total", 'code!~"5.."'),
-            "latency-p99": _p99("demo_http_request_duration_seconds"),
-            "latency-average": _average("demo_http_request_duration_seconds"),
+            "latency-p99": _histogram(_P99, "demo_http_request_duration_seconds"),
+            "latency-average": _histogram(_AVERAGE, "demo_http_request_duration_seconds"),
         },
     ),
 }

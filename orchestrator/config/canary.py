@@ -3,47 +3,27 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from orchestrator.config._base import Duration, Name, SecretRef, _Model
+from orchestrator.config._base import Duration, Name, ValueOrSecret, _Model, more_than_zero
 from orchestrator.config.builtin import BuiltinCheck, expand
 from orchestrator.config.metrics import MetricCheck
 
-_HEADER_FORMS = ("a header is a string, or {env: NAME} or {file: /path} (exactly one of "
-                 "them), with an optional prefix such as 'Bearer '")
 
-
-def _header_value(value: Any) -> Any:
-    # A plain string is the header's value; a mapping reads it from a secret.
-    if isinstance(value, str):
-        return {"value": value}
-    if not isinstance(value, dict | HeaderValue):
-        raise ValueError(_HEADER_FORMS)
-    return value
-
-
-class HeaderValue(_Model):
+class HeaderValue(ValueOrSecret):
     """A hook's header: a plain value, or one read from a secret when the hook is
     called (never stored in the config): ``{env: SMOKE_TOKEN, prefix: "Bearer "}``."""
 
-    value: str | None = None
-    env: str | None = None
-    file: Path | None = None
+    forms: ClassVar[str] = ("a header is a string, or {env: NAME} or {file: /path} "
+                            "(exactly one of them), with an optional prefix such as "
+                            "'Bearer '")
+
     prefix: str = ""
 
-    @model_validator(mode="after")
-    def _one_source(self) -> HeaderValue:
-        if sum(x is not None for x in (self.value, self.env, self.file)) != 1:
-            raise ValueError(_HEADER_FORMS)
-        return self
-
     def resolve(self) -> str:
-        if self.value is not None:
-            return self.prefix + self.value
-        return self.prefix + SecretRef(env=self.env, file=self.file).resolve()
+        return self.prefix + super().resolve()
 
 
 class Webhook(_Model):
@@ -55,10 +35,9 @@ class Webhook(_Model):
     method: Literal["POST", "PUT"] = "POST"
     # Per attempt; connection errors, timeouts and 408/425/429/502/503/504 are retried
     # ``retries`` times, any other answer is the hook's verdict.
-    timeout: Duration = 10.0
+    timeout: Annotated[Duration, more_than_zero("a hook's timeout must be more than 0s")] = 10.0
     retries: int = Field(default=2, ge=0, le=10)
-    headers: dict[str, Annotated[HeaderValue, BeforeValidator(_header_value)]] = Field(
-        default_factory=dict)
+    headers: dict[str, HeaderValue] = Field(default_factory=dict)
     # Extra fields for the JSON body, e.g. which smoke test suite to run.
     metadata: dict[str, str] = Field(default_factory=dict)
     on_failure: Literal["rollback", "ignore"] = "rollback"
@@ -75,13 +54,6 @@ class Webhook(_Model):
                              "{env: NAME, prefix: 'Bearer '}}")
         return url
 
-    @field_validator("timeout")
-    @classmethod
-    def _positive_timeout(cls, timeout: float) -> float:
-        if timeout <= 0:
-            raise ValueError("a hook's timeout must be more than 0s")
-        return timeout
-
 
 class CanaryStage(_Model):
     weight: int = Field(ge=0, le=100)
@@ -89,20 +61,14 @@ class CanaryStage(_Model):
     # Stop before this stage until someone runs `orchestrate promote`.
     manual_gate: bool = False
     # Evaluation interval for this stage; default: canary.interval.
-    interval: Duration | None = None
+    interval: Annotated[Duration, more_than_zero(
+        "a stage's interval must be more than 0s")] | None = None
     # Names of the checks evaluated in this stage; default: all of canary.checks.
     checks: list[str] | None = None
     # Hooks run in order before traffic moves to this stage's weight (after a manual
     # gate), and after the stage's analysis passed.
     before: list[Webhook] = Field(default_factory=list)
     after: list[Webhook] = Field(default_factory=list)
-
-    @field_validator("interval")
-    @classmethod
-    def _positive_interval(cls, interval: float | None) -> float | None:
-        if interval is not None and interval <= 0:
-            raise ValueError("a stage's interval must be more than 0s")
-        return interval
 
 
 def _default_stages() -> list[CanaryStage]:

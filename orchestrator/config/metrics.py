@@ -22,20 +22,11 @@ class BlueIdleLimits(_Model):
         return self
 
 
-class MetricCheck(_Model):
-    """A PromQL query evaluated every interval, against a threshold or a range.
+class Limits(_Model):
+    """What a check's value is held to, and how many bad evaluations it takes: the
+    same for a check written out (``MetricCheck``) and one from the built-in library
+    (``BuiltinCheck``), which is expanded into the former."""
 
-    The query is a template in ``string.Template`` syntax (``$colour``), which keeps
-    PromQL's braces intact: $colour, $service, $namespace, $version, $release and
-    $window are filled in, plus the labels of ``prometheus.labels``.
-    """
-
-    name: Name
-    query: str
-    # The query for blue, for comparisons, when blue's series cannot be selected by
-    # substituting $colour (ingress-nginx marks canary requests with a non-empty
-    # ``canary`` label instead of a name). Default: ``query`` with colour=blue.
-    baseline_query: str | None = None
     max: float | None = None
     min: float | None = None
     # Compare with blue: fail when green's value exceeds blue's value (same query with
@@ -52,6 +43,28 @@ class MetricCheck(_Model):
     blue_idle: BlueIdleLimits | None = None
     failure_limit: int = Field(default=1, ge=1)
     inconclusive_limit: int = Field(default=3, ge=1)
+
+    @property
+    def compares_with_blue(self) -> bool:
+        return (self.max_increase_over_blue is not None
+                or self.max_decrease_from_blue is not None
+                or self.max_ratio_to_blue is not None)
+
+
+class MetricCheck(Limits):
+    """A PromQL query evaluated every interval, against a threshold or a range.
+
+    The query is a template in ``string.Template`` syntax (``$colour``), which keeps
+    PromQL's braces intact: $colour, $service, $namespace, $version, $release and
+    $window are filled in, plus the labels of ``prometheus.labels``.
+    """
+
+    name: Name
+    query: str
+    # The query for blue, for comparisons, when blue's series cannot be selected by
+    # substituting $colour (ingress-nginx marks canary requests with a non-empty
+    # ``canary`` label instead of a name). Default: ``query`` with colour=blue.
+    baseline_query: str | None = None
 
     @model_validator(mode="after")
     def _has_threshold(self) -> MetricCheck:
@@ -83,12 +96,6 @@ class MetricCheck(_Model):
                       f">= {idle.min:g}" if idle.min is not None else ""]
             text += f" (blue idle: {', '.join(p for p in limits if p)})"
         return text
-
-    @property
-    def compares_with_blue(self) -> bool:
-        return (self.max_increase_over_blue is not None
-                or self.max_decrease_from_blue is not None
-                or self.max_ratio_to_blue is not None)
 
 
 class PrometheusConfig(_Model):

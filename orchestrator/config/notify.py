@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from orchestrator.config._base import Duration, Name, SecretRef, _Model
+from orchestrator.config._base import (
+    Duration,
+    Name,
+    SecretRef,
+    ValueOrSecret,
+    _Model,
+    more_than_zero,
+)
 from orchestrator.events import Kind
 
 # What a target hears unless its ``events`` say otherwise: the milestones a person
@@ -17,18 +23,8 @@ MILESTONES: tuple[Kind, ...] = (
     Kind.STARTED, Kind.STAGE_PASSED, Kind.AWAITING_APPROVAL, Kind.ROLLING_BACK,
     Kind.ROLLED_BACK, Kind.FAILED, Kind.PROMOTED, Kind.WINDOW_CLOSED, Kind.DONE)
 
-_URL_FORMS = ("a URL is a string, or {env: NAME} or {file: /path} (exactly one of them) "
-              "when it holds a token")
 _BY_REFERENCE = ("a secret is given by reference, never by value: {env: NAME} or "
                  "{file: /path}")
-
-
-def _url_value(value: Any) -> Any:
-    if isinstance(value, str):
-        return {"value": value}
-    if not isinstance(value, dict | UrlRef):
-        raise ValueError(_URL_FORMS)
-    return value
 
 
 def _secret_ref(value: Any) -> Any:
@@ -38,27 +34,12 @@ def _secret_ref(value: Any) -> Any:
     return value
 
 
-class UrlRef(_Model):
+class UrlRef(ValueOrSecret):
     """A target's URL: written out, or read when the release starts from an
     environment variable or a file (a Slack or Teams URL is itself a credential)."""
 
-    value: str | None = None
-    env: str | None = None
-    file: Path | None = None
-
-    @model_validator(mode="after")
-    def _one_source(self) -> UrlRef:
-        if sum(x is not None for x in (self.value, self.env, self.file)) != 1:
-            raise ValueError(_URL_FORMS)
-        return self
-
-    def resolve(self) -> str:
-        if self.value is not None:
-            return self.value
-        return SecretRef(env=self.env, file=self.file).resolve()
-
-
-Url = Annotated[UrlRef, BeforeValidator(_url_value)]
+    forms: ClassVar[str] = ("a URL is a string, or {env: NAME} or {file: /path} (exactly "
+                            "one of them) when it holds a token")
 
 
 class NotifyTarget(_Model):
@@ -71,25 +52,18 @@ class NotifyTarget(_Model):
     kind: Literal["webhook", "slack", "apprise"]
     # How logs name the target (never by its URL): default the kind and its position.
     name: Name | None = None
-    url: Url | None = None
-    urls: list[Url] = Field(default_factory=list)
+    url: UrlRef | None = None
+    urls: list[UrlRef] = Field(default_factory=list)
     secret: Annotated[SecretRef | None, BeforeValidator(_secret_ref)] = None
     # Default: the milestones (MILESTONES); `state` and `measurement` only on request.
     events: list[Kind] | None = None
     # Per attempt; a failed attempt is retried `retries` times with backoff.
-    timeout: Duration = 5.0
+    timeout: Annotated[Duration, more_than_zero("a target's timeout must be more than 0s")] = 5.0
     retries: int = Field(default=3, ge=0, le=10)
     # The first wait between attempts; it doubles (at most 5s, or this), with jitter.
     backoff: Duration = Field(default=0.5, gt=0, le=60)
     # Added to the webhook's JSON body under `labels` (over notifications.labels).
     labels: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("timeout")
-    @classmethod
-    def _positive_timeout(cls, timeout: float) -> float:
-        if timeout <= 0:
-            raise ValueError("a target's timeout must be more than 0s")
-        return timeout
 
     @field_validator("events")
     @classmethod

@@ -8,18 +8,20 @@ a malformed expression, zone or duration becomes a ``ConfigError`` naming the fi
 
 from __future__ import annotations
 
+from typing import Annotated
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
 from pydantic import Field, field_validator
 
-from orchestrator.config._base import Duration, _Model
+from orchestrator.config._base import Duration, _Model, more_than_zero
 
 
 class MaintenanceWindow(_Model):
     # Five fields, as a Kubernetes CronJob's schedule: "0 3 * * 6" is Saturday 03:00.
     cron: str
-    duration: Duration
+    duration: Annotated[Duration, more_than_zero(
+        "a maintenance window must last longer than 0s")]
     timezone: str = "UTC"
 
     @field_validator("cron")
@@ -30,13 +32,6 @@ class MaintenanceWindow(_Model):
         if len(value.split()) != 5 or not croniter.is_valid(value):
             raise ValueError(f"{value!r} is not a cron expression of five fields "
                              "(minute hour day-of-month month day-of-week), e.g. '0 3 * * 6'")
-        return value
-
-    @field_validator("duration")
-    @classmethod
-    def _positive(cls, value: float) -> float:
-        if value <= 0:
-            raise ValueError("a maintenance window must last longer than 0s")
         return value
 
     @field_validator("timezone")

@@ -43,37 +43,35 @@ def _stage(event: Event) -> str:
     return "the promotion" if event.stages is not None else "the next step"
 
 
+# What each kind of event says after "orchestrate <release>: ", filled in by text().
+_LINES: dict[Kind, str] = {
+    Kind.STARTED: "release started",
+    Kind.STAGE_PASSED: "{stage} passed{weight}",
+    # "stage 3/4" (the machine's details say "stage 3"), or "the promotion".
+    Kind.AWAITING_APPROVAL: ("waiting for approval of {stage} (`orchestrate promote "
+                             "--release {release}`)"),
+    Kind.ROLLING_BACK: "rolling back from {state}{reason}",
+    Kind.ROLLED_BACK: "rolled back, all traffic on blue{reason}",
+    Kind.FAILED: "FAILED in {state}, waiting for a person{reason}",
+    Kind.PROMOTED: "promoted, green takes all traffic; the rollback window is open",
+    Kind.WINDOW_CLOSED: "rollback window closed, cleaning up",
+    Kind.DONE: "done",
+    Kind.MEASUREMENT: "{check} = {value} ({verdict}) at {stage}",
+}
+
+
 def text(event: Event) -> str:
     """One short line: which release, what happened, at which stage, and why."""
     r = f"orchestrate {event.release}"
+    line = _LINES.get(event.kind)
+    if line is None:
+        return f"{r}: {event.kind.value} {event.state or ''}".rstrip()
+    d = event.details
     weight = f", {event.weight}% of traffic on green" if event.weight is not None else ""
-    match event.kind:
-        case Kind.STARTED:
-            return f"{r}: release started"
-        case Kind.STAGE_PASSED:
-            return f"{r}: {_stage(event)} passed{weight}"
-        case Kind.AWAITING_APPROVAL:
-            # "stage 3/4" (the machine's details say "stage 3"), or "the promotion".
-            return (f"{r}: waiting for approval of {_stage(event)} (`orchestrate promote "
-                    f"--release {event.release}`)")
-        case Kind.ROLLING_BACK:
-            return f"{r}: rolling back from {event.state}{_reason(event)}"
-        case Kind.ROLLED_BACK:
-            return f"{r}: rolled back, all traffic on blue{_reason(event)}"
-        case Kind.FAILED:
-            return f"{r}: FAILED in {event.state}, waiting for a person{_reason(event)}"
-        case Kind.PROMOTED:
-            return f"{r}: promoted, green takes all traffic; the rollback window is open"
-        case Kind.WINDOW_CLOSED:
-            return f"{r}: rollback window closed, cleaning up"
-        case Kind.DONE:
-            return f"{r}: done"
-        case Kind.MEASUREMENT:
-            d = event.details
-            return (f"{r}: {d.get('check')} = {d.get('value')} ({d.get('verdict')}) at "
-                    f"{_stage(event)}")
-        case _:
-            return f"{r}: {event.kind.value} {event.state or ''}".rstrip()
+    return f"{r}: " + line.format(
+        stage=_stage(event), weight=weight, release=event.release, state=event.state,
+        reason=_reason(event), check=d.get("check"), value=d.get("value"),
+        verdict=d.get("verdict"))
 
 
 def title(event: Event) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 import psycopg
@@ -30,23 +30,23 @@ class ProbeResult:
     detail: str
 
 
+@dataclass(eq=False)
 class SideProbe:
     """Probes one database every ``interval`` until stopped."""
 
-    def __init__(self, db: Endpoint, side: str, *, interval: float, timeout: float,
-                 failure_limit: int) -> None:
-        self.db = db
-        self.side = side
-        self.interval = interval
-        self.timeout = timeout
-        self.failure_limit = failure_limit
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._pending: list[ProbeResult] = []
-        self._failures = 0
-        self._last_error = ""
-        self._thread: threading.Thread | None = None
-        self._conn: psycopg.Connection[Any] | None = None
+    db: Endpoint
+    side: str
+    _: KW_ONLY
+    interval: float
+    timeout: float
+    failure_limit: int
+    _stop: threading.Event = field(default_factory=threading.Event, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    _pending: list[ProbeResult] = field(default_factory=list, init=False)
+    _failures: int = field(default=0, init=False)
+    _last_error: str = field(default="", init=False)
+    _thread: threading.Thread | None = field(default=None, init=False)
+    _conn: psycopg.Connection[Any] | None = field(default=None, init=False)
 
     def __enter__(self) -> SideProbe:
         self.start()

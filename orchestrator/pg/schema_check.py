@@ -143,19 +143,33 @@ def check_by_name(kind: NamedCheck[_D], blue: psycopg.Connection[Any],
     return out
 
 
+class _Validated(_Defined, Protocol):
+    @property
+    def valid(self) -> bool: ...
+
+
+def _differs(section: str, obj: str, label: str, blue: _Validated, green: _Validated, *,
+             invalid: str, mismatch: str | None) -> list[Finding]:
+    """What an index and a constraint share: not valid on green is a problem; then a
+    ``mismatch`` of kind is a problem, else another definition a note."""
+    out: list[Finding] = []
+    if blue.valid and not green.valid:
+        out.append(problem(section, obj, f"{label} {invalid}"))
+    if mismatch is not None:
+        out.append(problem(section, obj, mismatch))
+    elif blue.definition != green.definition:
+        out.append(note(section, obj, f"{label} differs: blue "
+                                      f"{blue.definition!r}, green {green.definition!r}"))
+    return out
+
+
 def _index_differs(_table: QualifiedName, _name: str, label: str, obj: str, bi: _Index,
                    gi: _Index) -> list[Finding]:
-    out: list[Finding] = []
-    if bi.valid and not gi.valid:
-        out.append(problem("index", obj,
-                           f"{label} is not valid on green (a failed "
-                           "CREATE INDEX CONCURRENTLY leaves it so; drop and recreate it)"))
-    if bi.unique and not gi.unique:
-        out.append(problem("index", obj, f"{label} is unique on blue but not on green"))
-    elif bi.definition != gi.definition:
-        out.append(note("index", obj, f"{label} differs: blue "
-                                      f"{bi.definition!r}, green {gi.definition!r}"))
-    return out
+    return _differs("index", obj, label, bi, gi,
+                    invalid="is not valid on green (a failed CREATE INDEX CONCURRENTLY "
+                            "leaves it so; drop and recreate it)",
+                    mismatch=(f"{label} is unique on blue but not on green"
+                              if bi.unique and not gi.unique else None))
 
 
 INDEX_CHECK = NamedCheck(
@@ -195,19 +209,13 @@ class _Constraint:
 
 def _constraint_differs(table: QualifiedName, name: str, label: str, obj: str,
                         bc: _Constraint, gc: _Constraint) -> list[Finding]:
-    out: list[Finding] = []
-    if bc.valid and not gc.valid:
-        out.append(problem("constraint", obj,
-                           f"{label} is NOT VALID on green (run ALTER TABLE "
-                           f"{table} VALIDATE CONSTRAINT {quote_ident(name)})"))
-    if gc.kind != bc.kind:
-        out.append(problem("constraint", obj, f"{name} on {table} is a "
-                           f"{CONSTRAINT_KINDS.get(bc.kind, 'constraint')} on blue but a "
-                           f"{CONSTRAINT_KINDS.get(gc.kind, gc.kind)} on green"))
-    elif gc.definition != bc.definition:
-        out.append(note("constraint", obj, f"{label} differs: blue "
-                                           f"{bc.definition!r}, green {gc.definition!r}"))
-    return out
+    return _differs("constraint", obj, label, bc, gc,
+                    invalid=f"is NOT VALID on green (run ALTER TABLE {table} VALIDATE "
+                            f"CONSTRAINT {quote_ident(name)})",
+                    mismatch=(f"{name} on {table} is a "
+                              f"{CONSTRAINT_KINDS.get(bc.kind, 'constraint')} on blue but a "
+                              f"{CONSTRAINT_KINDS.get(gc.kind, gc.kind)} on green"
+                              if gc.kind != bc.kind else None))
 
 
 CONSTRAINT_CHECK = NamedCheck(

@@ -13,6 +13,7 @@ import secrets
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import structlog
@@ -251,6 +252,13 @@ class PgCluster(Service):
         if password is not None:
             params["password"] = password
         return make_conninfo(**params)
+
+    def database_section(self, dbname: str, password_env: str, **extra: Any) -> dict[str, Any]:
+        """A release config's section (``blue``, ``green``, a pair's side, ``state``)
+        for ``dbname`` as the superuser, the password read from ``password_env``."""
+        return {"host": self.host, "port": self.port, "dbname": dbname,
+                "user": self.superuser, "password": {"env": password_env},
+                "sslmode": "disable", **extra}
 
     def execute(self, sql: str | pgsql.SQL | pgsql.Composed, dbname: str = "postgres") -> None:
         """Run SQL as the superuser, in autocommit mode (CREATE DATABASE needs it)."""

@@ -233,21 +233,12 @@ class Sandbox(Service):
         """A configuration for ``orchestrator.config.parse_config`` that releases the
         demo from blue to green; ``overrides`` are deep-merged into it."""
 
-        def database(cluster: PgCluster, env: str) -> dict[str, Any]:
-            return {
-                "host": cluster.host,
-                "port": cluster.port,
-                "dbname": APP_DATABASE,
-                "user": cluster.superuser,
-                "password": {"env": env},
-                "sslmode": "disable",
-                "app_role": APP_ROLE,
-            }
-
         raw: dict[str, Any] = {
             "release": {"name": name, "service": APP_DATABASE, "version": "v2"},
-            "blue": database(self.blue, "ORCHESTRATE_BLUE_PASSWORD"),
-            "green": database(self.green, "ORCHESTRATE_GREEN_PASSWORD"),
+            "blue": self.blue.database_section(APP_DATABASE, "ORCHESTRATE_BLUE_PASSWORD",
+                                               app_role=APP_ROLE),
+            "green": self.green.database_section(APP_DATABASE, "ORCHESTRATE_GREEN_PASSWORD",
+                                                 app_role=APP_ROLE),
             "migrations": {"dir": str(DEMO_MIGRATIONS)},
             "backup": {"dir": str(self.base_dir / "backups")},
             "sync": {"max_lag_bytes": 1024 * 1024},

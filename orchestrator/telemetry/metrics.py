@@ -66,64 +66,79 @@ def reason_kind(reason: str | None) -> str:
     return "check"
 
 
+_R = ("release",)
+# attribute: (type, name, help, labels)
+_METRICS: dict[str, tuple[type[Gauge | Counter | Histogram], str, str, tuple[str, ...]]] = {
+    "state": (Gauge, "orchestrate_release_state",
+              "1 for the state the release is in, 0 for the others.", ("release", "state")),
+    "status": (Gauge, "orchestrate_release_status", "1 for the release's status (running, "
+               "promoted, rolled_back, failed), 0 for the others.", ("release", "status")),
+    "stage": (Gauge, "orchestrate_release_stage",
+              "The canary stage running or last passed, 1-based.", _R),
+    "stages": (Gauge, "orchestrate_release_stages", "Canary stages configured.", _R),
+    "weight": (Gauge, "orchestrate_release_green_weight_percent",
+               "Percent of traffic the release last sent to green.", _R),
+    "duration": (Histogram, "orchestrate_state_duration_seconds",
+                 "How long each state that ended well took.", ("state",)),
+    "rows": (Counter, "orchestrate_rows_copied_total",
+             "Rows the initial copy wrote to green.", ()),
+    "lag": (Gauge, "orchestrate_replication_lag_bytes", "WAL the subscriber has not "
+            "confirmed, per direction, at the last canary measurement.",
+            ("release", "direction")),
+    "lag_limit": (Gauge, "orchestrate_replication_lag_limit_bytes",
+                  "sync.max_lag_bytes: the lag a canary stage tolerates.", _R),
+    "differences": (Gauge, "orchestrate_validation_differences",
+                    "Unexplained differences the last validation found.", _R),
+    "rollbacks": (Counter, "orchestrate_rollbacks_total",
+                  "Rollbacks started, by the kind of their reason.", ("reason_kind",)),
+    "failures": (Counter, "orchestrate_failures_total",
+                 "States that failed and stopped the release for a person.", ("state",)),
+    "last_success": (Gauge, "orchestrate_last_success_timestamp_seconds",
+                     "When a release last got promoted (unix time).", ()),
+    "started": (Gauge, "orchestrate_release_started_timestamp_seconds",
+                "When the release started (unix time).", _R),
+    "ended": (Gauge, "orchestrate_release_ended_timestamp_seconds",
+              "When the release was done, rolled back or failed (unix time).", _R),
+    "window_closes": (Gauge, "orchestrate_rollback_window_close_timestamp_seconds",
+                      "When the rollback window of a promoted release closes (unix time).",
+                      _R),
+    "deadline": (Gauge, "orchestrate_release_deadline_timestamp_seconds",
+                 "When the release must be over (unix time), where one is set.", _R),
+}
+
+
 class ReleaseMetrics:
     """The metrics and the event -> metric mapping. ``observe`` is cheap and never
     does I/O: it runs on the release's thread."""
+
+    # Made from _METRICS in __init__.
+    state: Gauge
+    status: Gauge
+    stage: Gauge
+    stages: Gauge
+    weight: Gauge
+    duration: Histogram
+    rows: Counter
+    lag: Gauge
+    lag_limit: Gauge
+    differences: Gauge
+    rollbacks: Counter
+    failures: Counter
+    last_success: Gauge
+    started: Gauge
+    ended: Gauge
+    window_closes: Gauge
+    deadline: Gauge
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
         self._lock = threading.Lock()
         self._windows: dict[str, float] = {}
-        self.state = Gauge("orchestrate_release_state",
-                           "1 for the state the release is in, 0 for the others.",
-                           ["release", "state"], registry=r)
-        self.status = Gauge("orchestrate_release_status",
-                            "1 for the release's status (running, promoted, rolled_back, "
-                            "failed), 0 for the others.", ["release", "status"], registry=r)
-        self.stage = Gauge("orchestrate_release_stage",
-                           "The canary stage running or last passed, 1-based.",
-                           ["release"], registry=r)
-        self.stages = Gauge("orchestrate_release_stages", "Canary stages configured.",
-                            ["release"], registry=r)
-        self.weight = Gauge("orchestrate_release_green_weight_percent",
-                            "Percent of traffic the release last sent to green.",
-                            ["release"], registry=r)
-        self.duration = Histogram("orchestrate_state_duration_seconds",
-                                  "How long each state that ended well took.", ["state"],
-                                  buckets=DURATION_BUCKETS, registry=r)
-        self.rows = Counter("orchestrate_rows_copied_total",
-                            "Rows the initial copy wrote to green.", registry=r)
-        self.lag = Gauge("orchestrate_replication_lag_bytes",
-                         "WAL the subscriber has not confirmed, per direction, at the last "
-                         "canary measurement.", ["release", "direction"], registry=r)
-        self.lag_limit = Gauge("orchestrate_replication_lag_limit_bytes",
-                               "sync.max_lag_bytes: the lag a canary stage tolerates.",
-                               ["release"], registry=r)
-        self.differences = Gauge("orchestrate_validation_differences",
-                                 "Unexplained differences the last validation found.",
-                                 ["release"], registry=r)
-        self.rollbacks = Counter("orchestrate_rollbacks_total",
-                                 "Rollbacks started, by the kind of their reason.",
-                                 ["reason_kind"], registry=r)
-        self.failures = Counter("orchestrate_failures_total",
-                                "States that failed and stopped the release for a person.",
-                                ["state"], registry=r)
-        self.last_success = Gauge("orchestrate_last_success_timestamp_seconds",
-                                  "When a release last got promoted (unix time).",
-                                  registry=r)
-        self.started = Gauge("orchestrate_release_started_timestamp_seconds",
-                             "When the release started (unix time).", ["release"], registry=r)
-        self.ended = Gauge("orchestrate_release_ended_timestamp_seconds",
-                           "When the release was done, rolled back or failed (unix time).",
-                           ["release"], registry=r)
-        self.window_closes = Gauge(
-            "orchestrate_rollback_window_close_timestamp_seconds",
-            "When the rollback window of a promoted release closes (unix time).",
-            ["release"], registry=r)
-        self.deadline = Gauge("orchestrate_release_deadline_timestamp_seconds",
-                              "When the release must be over (unix time), where one is set.",
-                              ["release"], registry=r)
+        for attr, (metric, name, doc, labels) in _METRICS.items():
+            setattr(self, attr, Histogram(name, doc, labels, registry=r,
+                                          buckets=DURATION_BUCKETS)
+                    if metric is Histogram else metric(name, doc, labels, registry=r))
         # Every kind present from the start: a rate over a series that appears at 1
         # would miss the first rollback.
         for kind in REASON_KINDS:

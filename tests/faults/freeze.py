@@ -15,7 +15,7 @@ from pathlib import Path
 from orchestrator.sandbox.pgcluster import PgCluster
 
 
-def _children(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -49,7 +49,7 @@ class Freeze:
         # The postmaster first: stopped, it cannot fork a backend we would miss.
         os.kill(postmaster, signal.SIGSTOP)
         self.pids = [postmaster]
-        for child in _children(postmaster):
+        for child in child_pids(postmaster):
             try:
                 os.kill(child, signal.SIGSTOP)
                 self.pids.append(child)

@@ -25,10 +25,10 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
+from tests.faults import during
 from tests.faults.proxy import Forwarder
 from tests.workers import worker_index
 
@@ -149,11 +149,6 @@ class IsolatedAddress:
         while carrier.read_text().strip() != "up" and time.monotonic() < deadline:
             time.sleep(0.05)
 
-    @contextlib.contextmanager
-    def blackholed(self) -> Iterator[None]:
+    def blackholed(self) -> contextlib.AbstractContextManager[None]:
         """Blackholed for the block; always restored."""
-        self.blackhole()
-        try:
-            yield
-        finally:
-            self.restore()
+        return during(self.blackhole, self.restore)

@@ -15,8 +15,10 @@ import selectors
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import TracebackType
+
+from tests.faults import during
 
 
 def _reset(sock: socket.socket) -> None:
@@ -142,11 +144,6 @@ class Proxy(Forwarder):
                  tb: TracebackType | None) -> None:
         self.stop()
 
-    @contextlib.contextmanager
-    def down(self) -> Iterator[None]:
+    def down(self) -> contextlib.AbstractContextManager[None]:
         """Refusing connections for the block; always started again."""
-        self.stop()
-        try:
-            yield
-        finally:
-            self.start()
+        return during(self.stop, self.start)

@@ -29,16 +29,13 @@ from orchestrator.sandbox.pgcluster import PgCluster
 from orchestrator.sandbox.stack import deep_merge
 from orchestrator.store import ReleaseRow, StateStore
 from tests.conftest import short_tmpdir
-from tests.pg_helpers import tmp_cluster
+from tests.pg_helpers import module_cluster
 
 PASSWORD_ENV = "ORCH_MACHINE_PW"
 _numbers = itertools.count()
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[PgCluster]:
-    with tmp_cluster("machine", 15, "orch-m-") as pg:
-        yield pg
+cluster = module_cluster("machine", 15, "orch-m-")
 
 
 def _admin(pg: PgCluster) -> psycopg.Connection[Any]:
@@ -105,9 +102,7 @@ class Pair:
 
     def config(self, **overrides: Any) -> ReleaseConfig:
         def database(dbname: str) -> dict[str, Any]:
-            return {"host": self.cluster.host, "port": self.cluster.port, "dbname": dbname,
-                    "user": self.cluster.superuser, "password": {"env": PASSWORD_ENV},
-                    "sslmode": "disable"}
+            return self.cluster.database_section(dbname, PASSWORD_ENV)
 
         raw: dict[str, Any] = {
             "release": {"name": self.name, "service": "app", "version": "v2"},

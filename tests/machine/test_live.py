@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -35,6 +34,7 @@ from orchestrator.record import State, Status, config_digest
 from orchestrator.routers.base import Weights
 from orchestrator.store import StateStore
 from orchestrator.wiring import release_for
+from tests.local_http import LocalServer, QuietHandler
 from tests.machine.conftest import SWITCHED_OVER, FakeSleep, Pair
 
 FOUR_STAGES = {"canary": {"stages": [
@@ -217,7 +217,7 @@ def read_all(leader: int, *, once_shown: str = "",
     return b"".join(chunks).decode(errors="replace")
 
 
-class FakePrometheus(BaseHTTPRequestHandler):
+class FakePrometheus(QuietHandler):
     """Answers every instant query with one series: 1 for preflight's vector(1),
     0.01 for a check."""
 
@@ -233,20 +233,14 @@ class FakePrometheus(BaseHTTPRequestHandler):
 
     do_POST = do_GET
 
-    def log_message(self, *_args: object) -> None:
-        pass
-
 
 @pytest.fixture
 def prometheus() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakePrometheus)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server = LocalServer(FakePrometheus)
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield server.url
     finally:
-        server.shutdown()
-        server.server_close()
+        server.close()
 
 
 def at_its_last_stage(pair: Pair, prometheus: str, duration: str) -> tuple[ReleaseConfig,

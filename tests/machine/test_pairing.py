@@ -39,9 +39,7 @@ class Dbs:
 
     def config(self, **release: Any) -> ReleaseConfig:
         def database(dbname: str) -> dict[str, Any]:
-            return {"host": self.cluster.host, "port": self.cluster.port, "dbname": dbname,
-                    "user": self.cluster.superuser, "password": {"env": PASSWORD_ENV},
-                    "sslmode": "disable"}
+            return self.cluster.database_section(dbname, PASSWORD_ENV)
 
         raw = {"release": {"service": "shop", "version": "v7", **release},
                "pair": {"a": database(self.a), "b": database(self.b)},

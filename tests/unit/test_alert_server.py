@@ -35,16 +35,20 @@ from orchestrator.store import ReleaseRow
 TOKEN = "test-token-0123456789abcdef-0123456789"
 
 
-def cfg(**alerts: Any) -> ReleaseConfig:
+def _config(**sections: Any) -> ReleaseConfig:
     return parse_config({
         "release": {"name": "shop-r1", "service": "shop", "namespace": "prod"},
         "blue": {"dbname": "shop", "user": "u"},
         "green": {"port": 5433, "dbname": "shop", "user": "u"},
         "router": {"kind": "fake"},
         "canary": {"checks": [], "allow_unanalysed": True},
-        "alerts": {"matchers": {"service": "$service", "severity": "~critical|page"},
-                   **alerts},
+        **sections,
     }, base_dir=Path("/tmp"))
+
+
+def cfg(**alerts: Any) -> ReleaseConfig:
+    return _config(alerts={"matchers": {"service": "$service", "severity": "~critical|page"},
+                           **alerts})
 
 
 def payload(*alerts: dict[str, Any], version: str = "4") -> bytes:
@@ -321,13 +325,7 @@ def test_state_database_down_answers_503_so_alertmanager_retries() -> None:
 
 def default_cfg() -> ReleaseConfig:
     """No alerts.matchers: the documented narrow default."""
-    return parse_config({
-        "release": {"name": "shop-r1", "service": "shop", "namespace": "prod"},
-        "blue": {"dbname": "shop", "user": "u"},
-        "green": {"port": 5433, "dbname": "shop", "user": "u"},
-        "router": {"kind": "fake"},
-        "canary": {"checks": [], "allow_unanalysed": True},
-    }, base_dir=Path("/tmp"))
+    return _config()
 
 
 def default_harness(row: ReleaseRow | None) -> Harness:

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 
 from orchestrator.canary.hooks import HookResult, call_hook, first_blocking, run_hooks
 from orchestrator.config import Webhook
+from tests.local_http import LocalServer, QuietHandler
 
 
 class HookServer:
@@ -24,7 +24,7 @@ class HookServer:
         self.calls: list[tuple[str, dict[str, str], dict[str, Any]]] = []
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.calls.append((self.path, dict(self.headers), body))
@@ -40,18 +40,11 @@ class HookServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
+        self._local = LocalServer(Handler)
+        self.url = self._local.url
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._local.close()
 
 
 @pytest.fixture
