@@ -26,7 +26,7 @@ from orchestrator.config import GreenConfig, SecretRef
 from orchestrator.pg import children, initial_copy
 from orchestrator.pg.tools import find_tools
 from orchestrator.sandbox.pgcluster import PgCluster
-from tests.integration.helpers import wait_for
+from tests.integration import helpers as h
 from tests.pg_helpers import tmp_cluster
 
 REPO = Path(__file__).resolve().parents[2]
@@ -112,7 +112,7 @@ def test_copy_children_and_sessions_end_with_a_killed_parent(cluster: PgCluster)
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     pids: list[int] = []
     try:
-        copying = wait_for(
+        copying = h.wait_for(
             lambda: sorted(d for d, s in _sessions(cluster) if s == "active")
             == ["blue", "green"], timeout=60, interval=0.05)
         assert copying, parent.stderr.read().decode()[-2000:] if parent.poll() else "no copy"
@@ -121,9 +121,9 @@ def test_copy_children_and_sessions_end_with_a_killed_parent(cluster: PgCluster)
         assert len(pids) == 2, pids
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(10)
-        assert wait_for(lambda: not any(_alive(p) for p in pids), timeout=5, interval=0.05), (
+        assert h.wait_for(lambda: not any(_alive(p) for p in pids), timeout=5, interval=0.05), (
             "psql children outlived their parent")
-        assert wait_for(lambda: not _sessions(cluster), timeout=10, interval=0.05), (
+        assert h.wait_for(lambda: not _sessions(cluster), timeout=10, interval=0.05), (
             f"server sessions outlived the copy: {_sessions(cluster)}")
     finally:
         if parent.poll() is None:
