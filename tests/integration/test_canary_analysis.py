@@ -39,15 +39,6 @@ TOKEN = "it-token-5b0f8d3c2a6e41f7"
 # -- helpers -------------------------------------------------------------------------
 
 
-def set_fault(sb: Sandbox, colour: str, fail_rate: float = 0.0,
-              extra_latency: float = 0.0) -> None:
-    body = json.dumps({"fail_rate": fail_rate, "extra_latency": extra_latency}).encode()
-    req = urllib.request.Request(f"{sb.app_urls[colour]}/admin/fault", data=body,
-                                 headers={"Content-Type": "application/json"}, method="POST")
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        assert resp.status == 200
-
-
 def canary(stages: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
     # Only the checks a test names: the sandbox's default ones would read, through
     # their 10 s rate window, what the previous test did to the apps. None at all must
@@ -109,71 +100,53 @@ def served_by(sb: Sandbox, requests: int = 20) -> set[str]:
     return seen
 
 
-class HookServer:
+class _HookHandler(BaseHTTPRequestHandler):
+    server: HookServer
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body["_path"] = self.path
+        self.server.bodies.append(body)
+        code = self.server.status.get(self.path, 200)
+        self.send_response(code)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok" if code < 300 else b"no")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class HookServer(ThreadingHTTPServer):
     """Stands in for a smoke test: answers ``status`` and keeps each body it got."""
 
+    daemon_threads = True
+
     def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _HookHandler)
         self.status: dict[str, int] = {}
         self.bodies: list[dict[str, Any]] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                body["_path"] = self.path
-                server.bodies.append(body)
-                code = server.status.get(self.path, 200)
-                self.send_response(code)
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"ok" if code < 300 else b"no")
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
 
 
 @pytest.fixture
 def hooks() -> Iterator[HookServer]:
-    server = HookServer()
-    yield server
-    server.close()
+    with HookServer() as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        yield server
+        server.shutdown()
 
 
 @pytest.fixture
 def load(sandbox_16_17: Sandbox) -> Iterator[LoadGenerator]:
     # Enough workers that 0.3 s of injected latency does not throttle the rate.
-    generator = LoadGenerator(sandbox_16_17.haproxy.url, rate=20.0, write_ratio=0.3,
-                              workers=16)
-    generator.start()
-    yield generator
-    generator.stop()
+    with h.under_load(sandbox_16_17, rate=20.0, write_ratio=0.3, workers=16) as generator:
+        yield generator
 
 
 @pytest.fixture
 def sb(sandbox_16_17: Sandbox) -> Iterator[Sandbox]:
-    h.reset(sandbox_16_17)
-    yield sandbox_16_17
-    set_fault(sandbox_16_17, "blue")
-    set_fault(sandbox_16_17, "green")
-    # A promoted release keeps green -> blue replication for its rollback window, which
-    # reset() does not undo: roll it back the way an operator would.
-    with h.blue_conn(sandbox_16_17) as conn:
-        has_state = conn.execute("SELECT to_regclass('orchestrate.releases')").fetchone()
-        promoted = [] if not has_state or has_state[0] is None else [r[0] for r in conn.execute(
-            "SELECT name FROM orchestrate.releases WHERE state = 'window'").fetchall()]
-    for name in promoted:
-        cfg = sandbox_16_17.base_dir / f"{name}.yaml"
-        done = h.run_cli(sandbox_16_17, "rollback", "--config", str(cfg), "--reason", "cleanup")
-        assert done.code == 0, done.err[-3000:]
+    yield from h.fresh(sandbox_16_17)
 
 
 # -- comparison with blue -------------------------------------------------------------------
@@ -189,7 +162,7 @@ COMPARE_STAGES = [{"weight": 0, "duration": "1s"}, {"weight": 20, "duration": "4
 
 def test_comparison_with_blue_fails_when_only_green_is_bad(
         sb: Sandbox, load: LoadGenerator) -> None:
-    set_fault(sb, "green", extra_latency=0.3)
+    h.set_fault(sb, "green", extra_latency=0.3)
     cfg = h.write_config(sb, "green-slow", canary=canary(COMPARE_STAGES, builtin=COMPARE))
     result = h.run_cli(sb, "release", "--config", str(cfg))
     assert result.code == 1 and "ROLLED BACK" in result.out, result.err[-3000:]
@@ -199,8 +172,8 @@ def test_comparison_with_blue_fails_when_only_green_is_bad(
 
 def test_comparison_with_blue_passes_when_both_are_bad_alike(
         sb: Sandbox, load: LoadGenerator) -> None:
-    set_fault(sb, "blue", extra_latency=0.3)
-    set_fault(sb, "green", extra_latency=0.3)
+    h.set_fault(sb, "blue", extra_latency=0.3)
+    h.set_fault(sb, "green", extra_latency=0.3)
     cfg = h.write_config(sb, "both-slow", canary=canary(COMPARE_STAGES, builtin=COMPARE))
     result = h.run_cli(sb, "release", "--config", str(cfg))
     assert result.code == 0, result.err[-3000:]
@@ -234,8 +207,7 @@ def test_no_data_pauses_when_configured_and_promote_resumes(
          {"weight": 100, "duration": "1s", "checks": []}],
         checks=[NO_DATA], on_inconclusive="pause"))
     log = tmp_path / "release.log"
-    proc = h.spawn_cli(sb, "release", "--config", str(cfg), log=log)
-    try:
+    with h.spawned(sb, "release", "--config", str(cfg), log=log) as proc:
         assert h.wait_for(lambda: logged(sb, "no-data-pause", "inconclusive, waiting for a "
                                          "person"), timeout=90), log.read_text()[-3000:]
         time.sleep(1.5)  # paused, not merely slow: nothing moves
@@ -244,9 +216,6 @@ def test_no_data_pauses_when_configured_and_promote_resumes(
         approved = h.run_cli(sb, "promote", "--config", str(cfg))
         assert approved.code == 0, approved.err
         assert finish(proc, log) == 0, log.read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     row = h.release_row(sb, "no-data-pause")
     assert row is not None and row["status"] == "promoted"
     assert h.router(sb).current() == Weights.green_at(100)
@@ -268,8 +237,7 @@ def test_manual_gate_waits_for_promote_and_hooks_are_recorded(
     hooks.status["/notify"] = 500  # ignored: recorded, and the release goes on
     cfg = h.write_config(sb, "gated", canary=canary(stages))
     log = tmp_path / "release.log"
-    proc = h.spawn_cli(sb, "release", "--config", str(cfg), log=log)
-    try:
+    with h.spawned(sb, "release", "--config", str(cfg), log=log) as proc:
         assert h.wait_for(lambda: logged(sb, "gated", "waiting for approval of stage 2"),
                           timeout=90), log.read_text()[-3000:]
         time.sleep(1.5)
@@ -279,9 +247,6 @@ def test_manual_gate_waits_for_promote_and_hooks_are_recorded(
         approved = h.run_cli(sb, "promote", "--config", str(cfg))
         assert approved.code == 0 and "stage 2" in approved.out, approved.err
         assert finish(proc, log) == 0, log.read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     smoke = next(b for b in hooks.bodies if b["_path"] == "/smoke")
     assert smoke["phase"] == "before" and smoke["weight"] == 0 and smoke["stage"] == 1
     assert smoke["release"] == "gated" and smoke["metadata"] == {"suite": "checkout"}
@@ -300,19 +265,14 @@ def test_abort_at_a_manual_gate_rolls_back(sb: Sandbox, load: LoadGenerator,
         [{"weight": 0, "duration": "1s"}, {"weight": 20, "duration": "2s"},
          {"weight": 100, "duration": "1s", "manual_gate": True}]))
     log = tmp_path / "release.log"
-    proc = h.spawn_cli(sb, "release", "--config", str(cfg), log=log)
-    try:
+    with h.spawned(sb, "release", "--config", str(cfg), log=log) as proc:
         assert h.wait_for(lambda: logged(sb, "gate-abort", "waiting for approval of stage 3"),
                           timeout=90), log.read_text()[-3000:]
         assert h.router(sb).current() == Weights.green_at(20)
         aborted = h.run_cli(sb, "abort", "--config", str(cfg))
         assert aborted.code == 0, aborted.out + aborted.err
         assert finish(proc, log) == 1
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    row = h.release_row(sb, "gate-abort")
-    assert row is not None and row["status"] == "rolled_back"
+    row = h.rolled_back_row(sb, "gate-abort")
     assert "aborted" in (row["error"] or "")
     assert h.router(sb).current() == Weights.green_at(0)
 
@@ -441,8 +401,7 @@ def test_alert_rolls_back_the_running_release(sb: Sandbox, load: LoadGenerator,
     # The orchestrator polls for requests every 0.5 s while it waits between evaluations.
     assert reacted < 3.0
     assert served_by(sb) == {"blue"}
-    row = h.release_row(sb, "alerted")
-    assert row is not None and row["status"] == "rolled_back"
+    row = h.rolled_back_row(sb, "alerted")
     assert "alert GreenErrorRate firing" in (row["error"] or "")
     assert logged(sb, "alerted", "rollback requested by Alertmanager")
     # A finished release is never rolled back again.
@@ -514,7 +473,7 @@ def test_builtin_checks_evaluate_to_real_numbers(sb: Sandbox, load: LoadGenerato
         return metrics.query(render(check.query, labels, colour))
 
     # Blue 50 ms slower than green: the latency queries must tell the colours apart.
-    set_fault(sb, "blue", extra_latency=0.05)
+    h.set_fault(sb, "blue", extra_latency=0.05)
 
     def settled() -> bool:
         green_success = value("haproxy-success", "green")

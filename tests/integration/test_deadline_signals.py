@@ -12,7 +12,6 @@ import pytest
 
 from orchestrator.errors import STOPPED_EXIT
 from orchestrator.routers.base import Weights
-from orchestrator.sandbox.loadgen import LoadGenerator
 from orchestrator.sandbox.stack import Sandbox
 from tests.integration import helpers as h
 
@@ -35,10 +34,7 @@ def test_sigterm_mid_canary_routes_everything_back_to_blue_losing_nothing(
     h.reset(sb)
     cfg = h.write_config(sb, "sigterm-canary", canary=LONG_STAGE)
     log = sb.base_dir / "sigterm-canary.log"
-    load = LoadGenerator(sb.haproxy.url, rate=60.0, write_ratio=0.5)
-    load.start()
-    proc = h.spawn_cli(sb, "release", "--config", str(cfg), log=log)
-    try:
+    with h.release_under_load(sb, cfg, log=log) as (proc, load):
         assert h.wait_for(lambda: h.green_weight(sb, "sigterm-canary") == 20, timeout=180), (
             log.read_text()[-3000:])
         assert h.wait_for(lambda: load.report().acked_by_colour.get("green", 0) > 10,
@@ -50,15 +46,11 @@ def test_sigterm_mid_canary_routes_everything_back_to_blue_losing_nothing(
         on_blue = time.monotonic() - sent
         code = proc.wait(timeout=120)
         exited = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        report = load.stop()
+    report = load.report()
     output = log.read_text()
     assert code == STOPPED_EXIT, output[-3000:]
     assert "SIGTERM received (canary): rolling back" in output
-    row = h.release_row(sb, "sigterm-canary")
-    assert row is not None and row["status"] == "rolled_back"
+    row = h.rolled_back_row(sb, "sigterm-canary")
     assert "SIGTERM received" in (row["error"] or "")
     assert report.acked_by_colour.get("green", 0) > 0
     h.assert_left_clean(sb, report)  # 100 % on blue, no leftovers, 0 acked writes lost

@@ -75,8 +75,7 @@ def test_release_promotes_then_rolls_back_inside_the_window(sandbox_16_17: Sandb
     finally:
         report = load.stop()
     h.assert_acked_writes_on_blue(sb, report)
-    row = h.release_row(sb, "promote-then-back")
-    assert row is not None and row["status"] == "rolled_back"
+    row = h.rolled_back_row(sb, "promote-then-back")
     assert row["facts"]["rollback_from"] == "window" and row["facts"]["rolled_back_at"]
     assert json.dumps(Facts.from_storage(row["facts"]).for_storage()) == json.dumps(row["facts"])
     assert h.replication_leftovers(sb) == []
@@ -87,7 +86,7 @@ def test_release_promotes_then_rolls_back_inside_the_window(sandbox_16_17: Sandb
 def test_threshold_breach_rolls_back_automatically(sandbox_16_17: Sandbox) -> None:
     sb = sandbox_16_17
     h.reset(sb)
-    h.set_green_fault(sb, fail_rate=0.6)
+    h.set_fault(sb, "green", fail_rate=0.6)
     cfg = h.write_config(sb, "breach")
     load = LoadGenerator(sb.haproxy.url, rate=60.0, write_ratio=0.4)
     load.start()
@@ -95,7 +94,7 @@ def test_threshold_breach_rolls_back_automatically(sandbox_16_17: Sandbox) -> No
         result = h.run_cli(sb, "release", "--config", str(cfg))
     finally:
         report = load.stop()
-        h.set_green_fault(sb)
+        h.set_fault(sb, "green")
     assert result.code == 1
     assert "ROLLED BACK" in result.out and "error-rate" in result.out
     row = h.release_row(sb, "breach")
@@ -125,10 +124,7 @@ def test_abort_while_both_sides_take_writes_keeps_every_write(sandbox_16_17: San
         {"weight": 0, "duration": "1s"}, {"weight": 20, "duration": "2s"},
         {"weight": 100, "duration": "2s", "manual_gate": True}]}
     cfg = h.write_config(sb, "abort-mid-canary", canary=stages)
-    load = LoadGenerator(sb.haproxy.url, rate=60.0, write_ratio=0.5)
-    load.start()
-    proc = h.spawn_cli(sb, "release", "--config", str(cfg), log=sb.base_dir / "abort.log")
-    try:
+    with h.release_under_load(sb, cfg, log=sb.base_dir / "abort.log") as (proc, load):
         def waiting_at_gate() -> bool:
             row = h.release_row(sb, "abort-mid-canary")
             return bool(row and row["facts"].get("stage") == 2)
@@ -141,14 +137,10 @@ def test_abort_while_both_sides_take_writes_keeps_every_write(sandbox_16_17: San
         aborted = h.run_cli(sb, "abort", "--config", str(cfg), "--reason", "test abort")
         assert aborted.code == 0, aborted.out + aborted.err[-2000:]
         assert proc.wait(timeout=120) == 1
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        report = load.stop()
+    report = load.report()
     assert report.acked_by_colour.get("green", 0) > 0 and report.acked_by_colour.get("blue", 0) > 0
     h.assert_acked_writes_on_blue(sb, report)
-    row = h.release_row(sb, "abort-mid-canary")
-    assert row is not None and row["status"] == "rolled_back"
+    row = h.rolled_back_row(sb, "abort-mid-canary")
     assert "test abort" in (row["error"] or "")
     assert h.router(sb).current() == Weights.green_at(0)
     assert h.replication_leftovers(sb) == []
@@ -163,8 +155,7 @@ def test_broken_replication_during_a_stage_rolls_back(sandbox_16_17: Sandbox) ->
         {"weight": 0, "duration": "1s"}, {"weight": 20, "duration": "60s"},
         {"weight": 100, "duration": "1s"}]}
     cfg = h.write_config(sb, "broken-sync", canary=stages)
-    proc = h.spawn_cli(sb, "release", "--config", str(cfg), log=sb.base_dir / "broken.log")
-    try:
+    with h.spawned(sb, "release", "--config", str(cfg), log=sb.base_dir / "broken.log") as proc:
         def at_20() -> bool:
             return h.green_weight(sb, "broken-sync") == 20
 
@@ -172,11 +163,7 @@ def test_broken_replication_during_a_stage_rolls_back(sandbox_16_17: Sandbox) ->
         with h.green_conn(sb) as g:
             g.execute("ALTER SUBSCRIPTION orch_broken_sync_fwd DISABLE")
         assert proc.wait(timeout=60) == 1
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    row = h.release_row(sb, "broken-sync")
-    assert row is not None and row["status"] == "rolled_back"
+    row = h.rolled_back_row(sb, "broken-sync")
     assert "forward replication stopped" in (row["error"] or "")
     assert h.router(sb).current() == Weights.green_at(0)
     assert h.replication_leftovers(sb) == []

@@ -91,66 +91,51 @@ STEPS = ["after-fence", "catch-up", "sequence-move", "reverse-start"]
 
 
 @pytest.fixture
-def secrets(monkeypatch: pytest.MonkeyPatch) -> Callable[[Sandbox], None]:
-    def apply(sb: Sandbox) -> None:
-        for key, value in sb.secrets_env.items():
-            monkeypatch.setenv(key, value)
-    return apply
+def restored(sandbox_16_17: Sandbox) -> Iterator[Sandbox]:
+    h.reset(sandbox_16_17)
+    yield sandbox_16_17
 
 
-def _inject_and_release(sb: Sandbox, name: str, step: str, monkeypatch: pytest.MonkeyPatch
-                        ) -> tuple[Any, _Injector, LoadReport]:
+def _fails_at_and_leaves_blue_serving(sb: Sandbox, name: str, step: str,
+                                      monkeypatch: pytest.MonkeyPatch) -> tuple[Any, LoadReport]:
+    """A release under load, in this process, whose switchover fails once at
+    ``step``: it must have rolled back and left what every rollback leaves."""
+    for key, value in sb.secrets_env.items():
+        monkeypatch.setenv(key, value)
     h.reset(sb)
     cfg = load_config(h.write_config(sb, name, canary=QUICK))
     injector = _Injector(monkeypatch, step, replication.reverse(name).subscription)
-    load = LoadGenerator(sb.haproxy.url, rate=60.0, write_ratio=0.5)
-    load.start()
-    try:
+    with h.under_load(sb) as load:
         outcome = release_for(cfg).run()
-    finally:
-        report = load.stop()
-    return outcome, injector, report
+    assert injector.fired, f"the switchover never reached {step}"
+    assert outcome.status == "rolled_back", outcome
+    h.assert_left_clean(sb, load.report())
+    _blue_takes_writes_through_the_router(sb)
+    return outcome, load.report()
 
 
 @pytest.mark.parametrize("step", STEPS)
 def test_switchover_failure_at_each_step_leaves_blue_serving_15_to_17(
-        sandbox_15_17: Sandbox, step: str, monkeypatch: pytest.MonkeyPatch,
-        secrets: Callable[[Sandbox], None]) -> None:
-    sb = sandbox_15_17
-    secrets(sb)
-    outcome, injector, load = _inject_and_release(sb, f"inject-sw-{step}", step, monkeypatch)
-    assert injector.fired, f"the switchover never reached {step}"
-    assert outcome.status == "rolled_back", outcome
+        sandbox_15_17: Sandbox, step: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    outcome, _ = _fails_at_and_leaves_blue_serving(sandbox_15_17, f"inject-sw-{step}", step,
+                                                   monkeypatch)
     assert f"injected failure: {step}" in (outcome.error or "")
-    h.assert_left_clean(sb, load)
-    _blue_takes_writes_through_the_router(sb)
 
 
 @pytest.mark.parametrize("step", STEPS)
 def test_switchover_failure_at_each_step_leaves_blue_serving_bidirectional(
-        sandbox_16_17: Sandbox, step: str, monkeypatch: pytest.MonkeyPatch,
-        secrets: Callable[[Sandbox], None]) -> None:
-    sb = sandbox_16_17
-    secrets(sb)
-    outcome, injector, load = _inject_and_release(sb, f"inject-bi-{step}", step, monkeypatch)
-    assert injector.fired, f"the switchover never reached {step}"
-    assert outcome.status == "rolled_back", outcome
+        sandbox_16_17: Sandbox, step: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, load = _fails_at_and_leaves_blue_serving(sandbox_16_17, f"inject-bi-{step}", step,
+                                                monkeypatch)
     # Green took writes at 100 % before the promotion's switchover: they came back.
     assert load.acked_by_colour.get("green", 0) > 0
-    h.assert_left_clean(sb, load)
-    _blue_takes_writes_through_the_router(sb)
 
 
-def test_rollback_from_another_process_while_waiting_in_the_window(
-        sandbox_16_17: Sandbox) -> None:
-    sb = sandbox_16_17
-    h.reset(sb)
+def test_rollback_from_another_process_while_waiting_in_the_window(restored: Sandbox) -> None:
+    sb = restored
     cfg = h.write_config(sb, "window-rollback", canary=QUICK)
     log = sb.base_dir / "window-rollback.log"
-    load = LoadGenerator(sb.haproxy.url, rate=60.0, write_ratio=0.5)
-    load.start()
-    proc = h.spawn_cli(sb, "release", "--config", str(cfg), "--wait-window", log=log)
-    try:
+    with h.release_under_load(sb, cfg, "--wait-window", log=log) as (proc, load):
         def in_window() -> bool:
             row = h.release_row(sb, "window-rollback")
             return bool(row and row["state"] == "window")
@@ -164,12 +149,8 @@ def test_rollback_from_another_process_while_waiting_in_the_window(
         assert "ROLLED BACK" in back.out
         # The waiting process did the rollback, and says so in its exit code.
         assert proc.wait(timeout=60) == 1, log.read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        report = load.stop()
-    row = h.release_row(sb, "window-rollback")
-    assert row is not None and row["status"] == "rolled_back"
+    report = load.report()
+    row = h.rolled_back_row(sb, "window-rollback")
     assert "second process" in (row["error"] or "")
     with h.blue_conn(sb) as b:
         seen = b.execute("SELECT extract(epoch FROM at) FROM orchestrate.release_log "
@@ -205,12 +186,6 @@ def _run_with_env(sb: Sandbox, cfg: Path, **env: str) -> subprocess.CompletedPro
 def _failed_logins(sb: Sandbox, side: str) -> int:
     cluster = sb.blue if side == "blue" else sb.green
     return cluster.log_path.read_text(errors="replace").count("password authentication failed")
-
-
-@pytest.fixture
-def restored(sandbox_16_17: Sandbox) -> Iterator[Sandbox]:
-    h.reset(sandbox_16_17)
-    yield sandbox_16_17
 
 
 @pytest.mark.parametrize("side", ["blue", "green"])

@@ -18,7 +18,6 @@ import pytest
 
 from orchestrator.pg.initial_copy import COPY_APP_PREFIX
 from orchestrator.routers.base import Weights
-from orchestrator.sandbox.loadgen import LoadGenerator
 from orchestrator.sandbox.pgcluster import PgCluster
 from orchestrator.sandbox.ports import free_port
 from orchestrator.sandbox.stack import Sandbox
@@ -91,11 +90,10 @@ def _green_stops_answering_in_a_stage(
         requested: bool) -> None:
     log = sb.base_dir / f"{name}.log"
     asked_log = sb.base_dir / f"{name}-rollback.log"
-    load = LoadGenerator(sb.haproxy.url, rate=60.0, write_ratio=0.5)
-    load.start()
-    proc = h.spawn_cli(sb, "release", "--config", str(cfg), log=log)
-    asker = None
-    try:
+    with h.release_under_load(sb, cfg, log=log) as (proc, load), \
+            contextlib.ExitStack() as stack:
+        asker = None
+
         def green_takes_writes() -> bool:
             return (h.green_weight(sb, name) == 20
                     and load.report().acked_by_colour.get("green", 0) > 10)
@@ -104,8 +102,9 @@ def _green_stops_answering_in_a_stage(
         with stop_answering():
             started = time.monotonic()
             if requested:
-                asker = h.spawn_cli(sb, "rollback", "--config", str(cfg), "--reason",
-                                    "operator during the freeze", log=asked_log)
+                asker = stack.enter_context(h.spawned(
+                    sb, "rollback", "--config", str(cfg), "--reason",
+                    "operator during the freeze", log=asked_log))
             # The release does not wait for the freeze to end: the probe (or the
             # request) ends the stage, traffic goes back to blue, and the rollback
             # stops, saying why (green holds writes blue has not got yet).
@@ -134,14 +133,9 @@ def _green_stops_answering_in_a_stage(
         # Green answers again: the rerun completes the rollback with green's writes.
         back = h.run_cli(sb, "rollback", "--config", str(cfg))
         assert back.code == 0, back.out + back.err[-3000:]
-    finally:
-        for p in (proc, asker):
-            if p is not None and p.poll() is None:
-                p.kill()
-        report = load.stop()
+    report = load.report()
     assert reacted < 20.0
-    row = h.release_row(sb, name)
-    assert row is not None and row["status"] == "rolled_back"
+    row = h.rolled_back_row(sb, name)
     assert report.acked_by_colour.get("green", 0) > 0
     h.assert_left_clean(sb, report)
 
@@ -158,10 +152,7 @@ def test_blue_frozen_longer_than_the_receiver_timeout_loses_no_write(
                   {"weight": 100, "duration": "1s"}]}
     cfg = h.write_config(sb, "blue-frozen", canary=stages)
     log = sb.base_dir / "blue-frozen.log"
-    load = LoadGenerator(sb.haproxy.url, rate=60.0, write_ratio=0.5)
-    load.start()
-    proc = h.spawn_cli(sb, "release", "--config", str(cfg), log=log)
-    try:
+    with h.release_under_load(sb, cfg, log=log) as (proc, load):
         def green_takes_writes() -> bool:
             return (h.green_weight(sb, "blue-frozen") == 20
                     and load.report().acked_by_colour.get("green", 0) > 10)
@@ -173,12 +164,8 @@ def test_blue_frozen_longer_than_the_receiver_timeout_loses_no_write(
         aborted = h.run_cli(sb, "abort", "--config", str(cfg), "--reason", "after the stall")
         assert aborted.code == 0, aborted.out + aborted.err[-3000:] + log.read_text()[-3000:]
         proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        report = load.stop()
-    row = h.release_row(sb, "blue-frozen")
-    assert row is not None and row["status"] == "rolled_back", row
+    report = load.report()
+    h.rolled_back_row(sb, "blue-frozen")
     h.assert_left_clean(sb, report)
 
 
@@ -193,10 +180,7 @@ def test_green_frozen_in_the_window_rolls_back_once_it_answers(
         {"weight": 0, "duration": "1s"}, {"weight": 100, "duration": "1s"}]}
     cfg = h.write_config(sb, "window-frozen", canary=stages)
     log = sb.base_dir / "window-frozen.log"
-    load = LoadGenerator(sb.haproxy.url, rate=60.0, write_ratio=0.5)
-    load.start()
-    proc = h.spawn_cli(sb, "release", "--config", str(cfg), "--wait-window", log=log)
-    try:
+    with h.release_under_load(sb, cfg, "--wait-window", log=log) as (proc, load):
         def promoted_with_green_writes() -> bool:
             row = h.release_row(sb, "window-frozen")
             return bool(row and row["state"] == "window"
@@ -214,13 +198,9 @@ def test_green_frozen_in_the_window_rolls_back_once_it_answers(
             time.sleep(max(0.0, FREEZE_S - reacted))
         back = h.run_cli(sb, "rollback", "--config", str(cfg))
         assert back.code == 0, back.out + back.err[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        report = load.stop()
+    report = load.report()
     assert reacted < 20.0
-    row = h.release_row(sb, "window-frozen")
-    assert row is not None and row["status"] == "rolled_back"
+    row = h.rolled_back_row(sb, "window-frozen")
     h.assert_left_clean(sb, report)
 
 
@@ -237,8 +217,7 @@ def test_green_frozen_during_the_initial_copy_fails_the_copy_naming_the_table(
         cfg = h.write_config(sb, "copy-frozen", backup={"enabled": False},
                              sync={"initial_copy": {"stall_timeout": "3s"}})
         log = sb.base_dir / "copy-frozen.log"
-        proc = h.spawn_cli(sb, "release", "--config", str(cfg), log=log)
-        try:
+        with h.spawned(sb, "release", "--config", str(cfg), log=log) as proc:
             def copying() -> bool:
                 with h.blue_conn(sb) as conn:
                     row = conn.execute(
@@ -253,11 +232,7 @@ def test_green_frozen_during_the_initial_copy_fails_the_copy_naming_the_table(
                 code = proc.wait(timeout=60)
                 reacted = time.monotonic() - started
                 assert code == 1, log.read_text()[-3000:]
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        row = h.release_row(sb, "copy-frozen")
-        assert row is not None and row["status"] == "rolled_back", row
+        row = h.rolled_back_row(sb, "copy-frozen")
         # Every pipe stalls at once; the first to hit the limit names its table.
         assert re.search(r"copying public\.\w+: no byte moved for 3s", row["error"] or "")
         assert reacted < 3 + 20
@@ -281,10 +256,7 @@ def test_blue_frozen_with_the_state_stops_the_release_and_the_rerun_resumes(
     cfg = h.write_config(sb, "state-frozen", canary=stages, blue={"statement_deadline": "4s",
                                                                   "connect_timeout": "2s"})
     log = sb.base_dir / "state-frozen.log"
-    load = LoadGenerator(sb.haproxy.url, rate=60.0, write_ratio=0.5)
-    load.start()
-    proc = h.spawn_cli(sb, "release", "--config", str(cfg), log=log)
-    try:
+    with h.release_under_load(sb, cfg, log=log) as (proc, load):
         def at_20() -> bool:
             return h.green_weight(sb, "state-frozen") == 20
 
@@ -302,10 +274,7 @@ def test_blue_frozen_with_the_state_stops_the_release_and_the_rerun_resumes(
         assert again.code == 0, again.out + again.err[-3000:]
         back = h.run_cli(sb, "rollback", "--config", str(cfg))
         assert back.code == 0, back.out + back.err[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        report = load.stop()
+    report = load.report()
     assert reacted < 60.0
     h.assert_left_clean(sb, report)
 
@@ -326,21 +295,15 @@ def test_connections_to_green_cut_during_a_stage_are_retried_and_the_release_pro
         cfg = h.write_config(sb, name, canary=stages,
                              green={"host": proxy.host, "port": proxy.port})
         log = sb.base_dir / f"{name}.log"
-        load = LoadGenerator(sb.haproxy.url, rate=60.0, write_ratio=0.5)
-        load.start()
-        proc = h.spawn_cli(sb, "release", "--config", str(cfg), log=log)
         cuts = 0
-        try:
+        with h.release_under_load(sb, cfg, log=log) as (proc, load):
             assert h.wait_for(lambda: h.green_weight(sb, name) == 20, timeout=180), \
                 log.read_text()[-3000:]
             while proc.poll() is None and h.green_weight(sb, name) == 20:
                 cuts += proxy.cut()
                 time.sleep(2.0)
             code = proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            report = load.stop()
+        report = load.report()
     assert cuts >= 3, f"only {cuts} connections cut"
     assert code == 0, log.read_text()[-3000:]
     row = h.release_row(sb, name)

@@ -36,19 +36,26 @@ def _rows(conn: psycopg.Connection[Any], query: str) -> list[tuple[Any, ...]]:
     return sorted(conn.execute(query).fetchall())
 
 
-@pytest.fixture
-def keyless(sandbox_16_17: Sandbox) -> Iterator[Sandbox]:
-    sb = sandbox_16_17
+def _on_blue(sb: Sandbox, setup: list[str], teardown: str) -> Iterator[Sandbox]:
+    """For a fixture: the sandbox reset, then ``setup`` run on blue; after the test,
+    reset again and ``teardown`` run on blue."""
     h.reset(sb)
     with h.blue_conn(sb) as b:
-        b.execute("CREATE TABLE public.notes (author text NOT NULL, body text, n int)")
-        b.execute("ALTER TABLE public.notes REPLICA IDENTITY FULL")
-        b.execute("INSERT INTO public.notes SELECT 'a' || g % 5, 'note ' || g, g "
-                  "FROM generate_series(1, 200) g")
+        for statement in setup:
+            b.execute(statement)
     yield sb
     h.reset(sb)
     with h.blue_conn(sb) as b:
-        b.execute("DROP TABLE IF EXISTS public.notes")
+        b.execute(teardown)
+
+
+@pytest.fixture
+def keyless(sandbox_16_17: Sandbox) -> Iterator[Sandbox]:
+    yield from _on_blue(sandbox_16_17, [
+        "CREATE TABLE public.notes (author text NOT NULL, body text, n int)",
+        "ALTER TABLE public.notes REPLICA IDENTITY FULL",
+        "INSERT INTO public.notes SELECT 'a' || g % 5, 'note ' || g, g "
+        "FROM generate_series(1, 200) g"], "DROP TABLE IF EXISTS public.notes")
 
 
 def test_full_identity_table_takes_updates_and_deletes_on_both_sides(keyless: Sandbox
@@ -57,8 +64,7 @@ def test_full_identity_table_takes_updates_and_deletes_on_both_sides(keyless: Sa
     every UPDATE/DELETE of the table on green, the forward apply's included."""
     sb = keyless
     cfg = h.write_config(sb, "full-identity", canary=HELD_AT_20)
-    proc = h.spawn_cli(sb, "release", "--config", str(cfg), log=sb.base_dir / "full.log")
-    try:
+    with h.spawned(sb, "release", "--config", str(cfg), log=sb.base_dir / "full.log") as proc:
         def at_gate() -> bool:
             row = h.release_row(sb, "full-identity")
             return bool(row and row["facts"].get("stage") == 2)
@@ -84,9 +90,6 @@ def test_full_identity_table_takes_updates_and_deletes_on_both_sides(keyless: Sa
         approved = h.run_cli(sb, "promote", "--config", str(cfg))
         assert approved.code == 0, approved.out + approved.err[-2000:]
         assert proc.wait(timeout=120) == 0, (sb.base_dir / "full.log").read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     row = h.release_row(sb, "full-identity")
     assert row is not None and row["status"] == "promoted", row
     with h.blue_conn(sb) as b, h.green_conn(sb) as g:
@@ -115,8 +118,7 @@ def test_full_identity_table_with_a_column_only_green_has_is_refused(keyless: Sa
                          migrations={"dir": str(migrations)})
     result = h.run_cli(sb, "release", "--config", str(cfg))
     assert result.code == 1
-    row = h.release_row(sb, "full-new-column")
-    assert row is not None and row["status"] == "rolled_back"
+    row = h.rolled_back_row(sb, "full-new-column")
     error = row["error"] or ""
     assert "REPLICA IDENTITY FULL" in error and "public.notes (green has tag" in error, error
     assert "sync failed" in error
@@ -154,31 +156,24 @@ def test_large_objects_and_unlogged_tables_are_refused_in_preflight(
 
 @pytest.fixture
 def with_matviews(sandbox_16_17: Sandbox) -> Iterator[Sandbox]:
-    sb = sandbox_16_17
-    h.reset(sb)
-    with h.blue_conn(sb) as b:
-        b.execute("CREATE TABLE public.sales (id int PRIMARY KEY, region text NOT NULL, "
-                  "amount numeric NOT NULL)")
-        b.execute("INSERT INTO public.sales SELECT g, 'r' || g % 7, g * 1.5 "
-                  "FROM generate_series(1, 5000) g")
+    yield from _on_blue(sandbox_16_17, [
+        "CREATE TABLE public.sales (id int PRIMARY KEY, region text NOT NULL, "
+        "amount numeric NOT NULL)",
+        "INSERT INTO public.sales SELECT g, 'r' || g % 7, g * 1.5 "
+        "FROM generate_series(1, 5000) g",
         # a_top is created first (lower OID) and reads z_by_region through a view that
         # is pointed at it afterwards: OID or name order would refresh it too early.
-        b.execute("CREATE VIEW public.m_regions AS SELECT 'none'::text AS region, "
-                  "0::numeric AS total")
-        b.execute("CREATE MATERIALIZED VIEW public.a_top AS SELECT region, total "
-                  "FROM public.m_regions ORDER BY total DESC LIMIT 3")
-        b.execute("CREATE MATERIALIZED VIEW public.z_by_region AS SELECT region, "
-                  "sum(amount) AS total, count(*) AS n FROM public.sales GROUP BY region")
-        b.execute("CREATE UNIQUE INDEX ON public.z_by_region (region)")
-        b.execute("CREATE OR REPLACE VIEW public.m_regions AS SELECT region, total "
-                  "FROM public.z_by_region")
-        b.execute("REFRESH MATERIALIZED VIEW public.a_top")
-        b.execute("CREATE MATERIALIZED VIEW public.never_filled AS SELECT id FROM "
-                  "public.sales WITH NO DATA")
-    yield sb
-    h.reset(sb)
-    with h.blue_conn(sb) as b:
-        b.execute("DROP TABLE public.sales CASCADE")
+        "CREATE VIEW public.m_regions AS SELECT 'none'::text AS region, 0::numeric AS total",
+        "CREATE MATERIALIZED VIEW public.a_top AS SELECT region, total "
+        "FROM public.m_regions ORDER BY total DESC LIMIT 3",
+        "CREATE MATERIALIZED VIEW public.z_by_region AS SELECT region, "
+        "sum(amount) AS total, count(*) AS n FROM public.sales GROUP BY region",
+        "CREATE UNIQUE INDEX ON public.z_by_region (region)",
+        "CREATE OR REPLACE VIEW public.m_regions AS SELECT region, total "
+        "FROM public.z_by_region",
+        "REFRESH MATERIALIZED VIEW public.a_top",
+        "CREATE MATERIALIZED VIEW public.never_filled AS SELECT id FROM "
+        "public.sales WITH NO DATA"], "DROP TABLE public.sales CASCADE")
 
 
 def test_materialized_views_are_refreshed_on_green_and_compared(with_matviews: Sandbox
@@ -242,8 +237,7 @@ def test_ddl_on_blue_during_the_release_rolls_back(keyless: Sandbox) -> None:
         {"weight": 0, "duration": "1s", "manual_gate": True}, {"weight": 20, "duration": "1s"},
         {"weight": 100, "duration": "1s"}]}
     cfg = h.write_config(sb, "ddl-on-blue", canary=stages)
-    proc = h.spawn_cli(sb, "release", "--config", str(cfg), log=sb.base_dir / "ddl.log")
-    try:
+    with h.spawned(sb, "release", "--config", str(cfg), log=sb.base_dir / "ddl.log") as proc:
         def at_gate() -> bool:
             row = h.release_row(sb, "ddl-on-blue")
             return bool(row and row["state"] == "canary")
@@ -254,11 +248,7 @@ def test_ddl_on_blue_during_the_release_rolls_back(keyless: Sandbox) -> None:
         approved = h.run_cli(sb, "promote", "--config", str(cfg))
         assert approved.code == 0, approved.out + approved.err[-2000:]
         assert proc.wait(timeout=120) == 1
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    row = h.release_row(sb, "ddl-on-blue")
-    assert row is not None and row["status"] == "rolled_back"
+    row = h.rolled_back_row(sb, "ddl-on-blue")
     error = row["error"] or ""
     assert "blue's schema changed during the release (changed public.notes)" in error, error
     assert "before canary stage" in error

@@ -10,10 +10,8 @@
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +22,13 @@ import yaml
 from orchestrator.routers.base import Weights
 from orchestrator.sandbox.loadgen import LoadGenerator
 from orchestrator.sandbox.ports import free_port
-from orchestrator.sandbox.process import ManagedProcess
 from orchestrator.sandbox.prometheus import PrometheusServer
 from orchestrator.sandbox.stack import Sandbox
 from tests.integration import helpers as h
-from tests.integration.test_canary_analysis import Receiver, log_messages, set_fault
+from tests.integration.test_canary_analysis import Receiver, log_messages
 
 pytestmark = pytest.mark.slow
 
-ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 TOKEN = "it-token-5b0f8d3c2a6e41f7"
 
 
@@ -51,15 +47,7 @@ class RulingPrometheus(PrometheusServer):
             "alertmanagers": [{"static_configs": [{"targets": [self.alertmanager]}]}]}}
 
 
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as resp:
-            return bool(resp.status == 200)
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(ALERTMANAGER is None, reason="Debian's prometheus-alertmanager is needed")
+@pytest.mark.skipif(h.ALERTMANAGER is None, reason="Debian's prometheus-alertmanager is needed")
 def test_an_alert_from_a_real_alertmanager_rolls_back_inside_the_window(
         sandbox_16_17: Sandbox, tmp_path: Path) -> None:
     sb = sandbox_16_17
@@ -73,18 +61,7 @@ def test_an_alert_from_a_real_alertmanager_rolls_back_inside_the_window(
         alerts={"token": {"file": str(token_file)}})
     receiver = Receiver(sb, cfg, tmp_path / "serve.log")
     am_port = free_port()
-    (tmp_path / "am.yml").write_text(yaml.safe_dump({
-        "route": {"receiver": "orchestrate", "group_by": ["alertname"], "group_wait": "0s",
-                  "group_interval": "1s", "repeat_interval": "1h"},
-        "receivers": [{"name": "orchestrate", "webhook_configs": [{
-            "url": f"{receiver.url}/alertmanager", "send_resolved": False,
-            "http_config": {"authorization": {"type": "Bearer",
-                                              "credentials_file": str(token_file)}}}]}]}))
-    assert ALERTMANAGER is not None
-    am = ManagedProcess("alertmanager", [
-        ALERTMANAGER, f"--config.file={tmp_path / 'am.yml'}",
-        f"--storage.path={tmp_path / 'am-data'}", f"--web.listen-address=127.0.0.1:{am_port}",
-        "--cluster.listen-address="], tmp_path / "am.log")
+    am = h.alertmanager(tmp_path, am_port, f"{receiver.url}/alertmanager", token_file)
     prom = RulingPrometheus(tmp_path / "prom", {"groups": [{"name": "canary", "rules": [{
         "alert": "GreenErrorRate",
         "expr": 'sum(rate(demo_http_requests_total{colour="green",code=~"5.."}[5s])) / '
@@ -97,7 +74,7 @@ def test_an_alert_from_a_real_alertmanager_rolls_back_inside_the_window(
     proc = None
     try:
         am.start()
-        assert h.wait_for(lambda: _ready(f"http://127.0.0.1:{am_port}"), timeout=30)
+        assert h.wait_for(lambda: h.alertmanager_ready(am_port), timeout=30)
         prom.start()
         load.start()
         proc = h.spawn_cli(sb, "release", "--config", str(cfg), "--wait-window", log=log)
@@ -109,7 +86,7 @@ def test_an_alert_from_a_real_alertmanager_rolls_back_inside_the_window(
         assert h.wait_for(in_window, timeout=180), log.read_text()[-3000:]
         assert h.wait_for(lambda: load.report().acked_by_colour.get("green", 0) > 20, timeout=30)
         # The regression shows after promotion, as they do.
-        set_fault(sb, "green", fail_rate=1.0)
+        h.set_fault(sb, "green", fail_rate=1.0)
         assert h.wait_for(lambda: any("rollback requested by Alertmanager" in m
                                       for m in log_messages(sb, name)), timeout=60), (
             (tmp_path / "am.log").read_text()[-2000:] + receiver.log.read_text()[-2000:])
@@ -120,7 +97,7 @@ def test_an_alert_from_a_real_alertmanager_rolls_back_inside_the_window(
         # The process waiting in the window did the rollback, and says so.
         assert proc.wait(timeout=90) == 1, log.read_text()[-3000:]
     finally:
-        set_fault(sb, "green")
+        h.set_fault(sb, "green")
         if proc is not None and proc.poll() is None:
             proc.kill()
         report = load.stop()
@@ -128,8 +105,7 @@ def test_an_alert_from_a_real_alertmanager_rolls_back_inside_the_window(
         prom.stop()
         am.stop()
     print(f"alert recorded -> 100 % on blue: {reacted:.2f}s")
-    row = h.release_row(sb, name)
-    assert row is not None and row["status"] == "rolled_back"
+    row = h.rolled_back_row(sb, name)
     assert row["facts"]["rollback_from"] == "window"
     assert "alert GreenErrorRate firing: green answers 5xx" in (row["error"] or "")
     h.assert_left_clean(sb, report)
@@ -176,8 +152,7 @@ def test_sustained_replication_lag_fails_the_stage(sandbox_16_17: Sandbox,
             proc.kill()
         report = load.stop()
     assert held.is_set()
-    row = h.release_row(sb, name)
-    assert row is not None and row["status"] == "rolled_back"
+    row = h.rolled_back_row(sb, name)
     error = row["error"] or ""
     assert "forward replication lag" in error and "in 2 checks in a row" in error, error
     assert "s > 5s" in error and "bytes" not in error, error
