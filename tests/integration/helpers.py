@@ -18,10 +18,11 @@ from typing import Any
 import psycopg
 import yaml
 
-from orchestrator.config import HAProxyRouterConfig
+from orchestrator.config import GreenConfig, HAProxyRouterConfig, SecretRef
 from orchestrator.routers.base import Weights
 from orchestrator.routers.haproxy import HAProxyRouter
 from orchestrator.sandbox.loadgen import LoadGenerator, LoadReport
+from orchestrator.sandbox.pgcluster import PgCluster
 from orchestrator.sandbox.process import ManagedProcess
 from orchestrator.sandbox.stack import APP_DATABASE, APP_ROLE, Sandbox
 
@@ -95,6 +96,16 @@ def release_under_load(sb: Sandbox, cfg: Path, *args: str, log: Path
 def write_config(sb: Sandbox, name: str, **overrides: Any) -> Path:
     merged = {"canary": FAST_CANARY, "rollback": {"window": "1h"}, **overrides}
     return sb.write_config(sb.base_dir / f"{name}.yaml", name=name, **merged)
+
+
+def superuser_db(cluster: PgCluster, dbname: str) -> GreenConfig:
+    """``dbname`` of a cluster of its own (no sandbox) as its superuser, the password
+    in an environment variable named after the cluster (children inherit it). A
+    GreenConfig: a DatabaseConfig that can also be provisioned into."""
+    env = f"ORCH_TEST_PW_{cluster.name.upper()}"
+    os.environ[env] = cluster.password
+    return GreenConfig(host=cluster.host, port=cluster.port, dbname=dbname,
+                       user=cluster.superuser, password=SecretRef(env=env), sslmode="disable")
 
 
 def blue_conn(sb: Sandbox, dbname: str = APP_DATABASE) -> psycopg.Connection[Any]:
