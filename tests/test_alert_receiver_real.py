@@ -8,7 +8,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import shutil
 import signal
 import time
 import urllib.request
@@ -20,18 +19,15 @@ from typing import Any
 
 import psycopg
 import pytest
-import yaml
 
 from orchestrator.config import ReleaseConfig, parse_config
 from orchestrator.sandbox.pgcluster import PgCluster
 from orchestrator.sandbox.ports import free_port
-from orchestrator.sandbox.process import ManagedProcess
 from orchestrator.server import ReceiverHTTP, build_receiver, connection_params
 from orchestrator.store import StateStore
+from tests.integration.helpers import ALERTMANAGER, alertmanager, alertmanager_ready, wait_for
 from tests.unit.test_alert_server import TOKEN, Harness, cfg, payload, running
 from tests.unit.test_alert_server_abuse import certificate  # noqa: F401 (a fixture)
-
-ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 
 
 @pytest.fixture(scope="module")
@@ -180,29 +176,10 @@ def test_alertmanager_delivers_over_https(tmp_path: Path,
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
     port = free_port()
-    (tmp_path / "am.yml").write_text(yaml.safe_dump({
-        "route": {"receiver": "orchestrate", "group_by": ["alertname"], "group_wait": "0s",
-                  "group_interval": "1s", "repeat_interval": "1h"},
-        "receivers": [{"name": "orchestrate", "webhook_configs": [{
-            "url": f"{server.url}/alertmanager", "send_resolved": False,
-            "http_config": {"authorization": {"type": "Bearer",
-                                              "credentials_file": str(token_file)},
-                            "tls_config": {"ca_file": str(cert)}}}]}],
-    }))
-    assert ALERTMANAGER is not None
-    am = ManagedProcess("alertmanager", [
-        ALERTMANAGER, f"--config.file={tmp_path / 'am.yml'}",
-        f"--storage.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
-        "--cluster.listen-address="], tmp_path / "am.log")
+    am = alertmanager(tmp_path, port, f"{server.url}/alertmanager", token_file, ca_file=cert)
     am.start()
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.2)
+        wait_for(lambda: alertmanager_ready(port), timeout=30)
         body = json.dumps([
             {"labels": {"alertname": "OtherRelease", "release": "shop-r0"}},
             {"labels": {"alertname": "GreenErrors", "release": "shop-r1", "service": "shop"},

@@ -20,7 +20,7 @@ from orchestrator.pg import backup, catalog
 from orchestrator.pg.tools import PgTools, find_tools
 from orchestrator.sandbox.pgcluster import PgCluster
 from tests.conftest import short_tmpdir
-from tests.integration.helpers import wait_for
+from tests.integration import helpers as h
 
 CONTROL = "orchestrate"
 
@@ -228,7 +228,7 @@ def test_dump_failing_midway_leaves_nothing_and_rerun_is_safe(
                     return bool(admin.execute(
                         "SELECT 1 FROM pg_stat_activity WHERE application_name = 'orchestrate' "
                         "AND wait_event_type = 'Lock'").fetchone())
-                assert wait_for(dump_waits, interval=0.05), (
+                assert h.wait_for(dump_waits, interval=0.05), (
                     f"pg_dump never queued behind the lock: {outcome}")
                 assert partial.exists()
                 assert _mode(folder) == 0o700

@@ -27,16 +27,7 @@ from orchestrator.routers.base import Weights
 from orchestrator.sandbox.loadgen import LoadGenerator
 from orchestrator.sandbox.ports import free_port
 from orchestrator.sandbox.stack import Sandbox
-from tests.integration.helpers import (
-    blue_conn,
-    release_row,
-    reset,
-    router,
-    run_cli,
-    spawn_cli,
-    wait_for,
-    write_config,
-)
+from tests.integration import helpers as h
 
 pytestmark = pytest.mark.slow
 
@@ -46,15 +37,6 @@ TOKEN = "it-token-5b0f8d3c2a6e41f7"
 
 
 # -- helpers -------------------------------------------------------------------------
-
-
-def set_fault(sb: Sandbox, colour: str, fail_rate: float = 0.0,
-              extra_latency: float = 0.0) -> None:
-    body = json.dumps({"fail_rate": fail_rate, "extra_latency": extra_latency}).encode()
-    req = urllib.request.Request(f"{sb.app_urls[colour]}/admin/fault", data=body,
-                                 headers={"Content-Type": "application/json"}, method="POST")
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        assert resp.status == 200
 
 
 def canary(stages: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
@@ -67,14 +49,14 @@ def canary(stages: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
 
 
 def log_messages(sb: Sandbox, name: str) -> list[str]:
-    with blue_conn(sb) as conn:
+    with h.blue_conn(sb) as conn:
         return [r[0] for r in conn.execute(
             "SELECT message FROM orchestrate.release_log WHERE release = %s ORDER BY id",
             (name,)).fetchall()]
 
 
 def measurements(sb: Sandbox, name: str) -> list[dict[str, Any]]:
-    with blue_conn(sb) as conn:
+    with h.blue_conn(sb) as conn:
         rows = conn.execute(
             "SELECT stage, weight, check_name, value, baseline, verdict, detail FROM "
             "orchestrate.stage_measurements WHERE release = %s "
@@ -118,71 +100,53 @@ def served_by(sb: Sandbox, requests: int = 20) -> set[str]:
     return seen
 
 
-class HookServer:
+class _HookHandler(BaseHTTPRequestHandler):
+    server: HookServer
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body["_path"] = self.path
+        self.server.bodies.append(body)
+        code = self.server.status.get(self.path, 200)
+        self.send_response(code)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok" if code < 300 else b"no")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class HookServer(ThreadingHTTPServer):
     """Stands in for a smoke test: answers ``status`` and keeps each body it got."""
 
+    daemon_threads = True
+
     def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _HookHandler)
         self.status: dict[str, int] = {}
         self.bodies: list[dict[str, Any]] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                body["_path"] = self.path
-                server.bodies.append(body)
-                code = server.status.get(self.path, 200)
-                self.send_response(code)
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"ok" if code < 300 else b"no")
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
 
 
 @pytest.fixture
 def hooks() -> Iterator[HookServer]:
-    server = HookServer()
-    yield server
-    server.close()
+    with HookServer() as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        yield server
+        server.shutdown()
 
 
 @pytest.fixture
 def load(sandbox_16_17: Sandbox) -> Iterator[LoadGenerator]:
     # Enough workers that 0.3 s of injected latency does not throttle the rate.
-    generator = LoadGenerator(sandbox_16_17.haproxy.url, rate=20.0, write_ratio=0.3,
-                              workers=16)
-    generator.start()
-    yield generator
-    generator.stop()
+    with h.under_load(sandbox_16_17, rate=20.0, write_ratio=0.3, workers=16) as generator:
+        yield generator
 
 
 @pytest.fixture
 def sb(sandbox_16_17: Sandbox) -> Iterator[Sandbox]:
-    reset(sandbox_16_17)
-    yield sandbox_16_17
-    set_fault(sandbox_16_17, "blue")
-    set_fault(sandbox_16_17, "green")
-    # A promoted release keeps green -> blue replication for its rollback window, which
-    # reset() does not undo: roll it back the way an operator would.
-    with blue_conn(sandbox_16_17) as conn:
-        has_state = conn.execute("SELECT to_regclass('orchestrate.releases')").fetchone()
-        promoted = [] if not has_state or has_state[0] is None else [r[0] for r in conn.execute(
-            "SELECT name FROM orchestrate.releases WHERE state = 'window'").fetchall()]
-    for name in promoted:
-        cfg = sandbox_16_17.base_dir / f"{name}.yaml"
-        done = run_cli(sandbox_16_17, "rollback", "--config", str(cfg), "--reason", "cleanup")
-        assert done.code == 0, done.err[-3000:]
+    yield from h.fresh(sandbox_16_17)
 
 
 # -- comparison with blue -------------------------------------------------------------------
@@ -198,20 +162,20 @@ COMPARE_STAGES = [{"weight": 0, "duration": "1s"}, {"weight": 20, "duration": "4
 
 def test_comparison_with_blue_fails_when_only_green_is_bad(
         sb: Sandbox, load: LoadGenerator) -> None:
-    set_fault(sb, "green", extra_latency=0.3)
-    cfg = write_config(sb, "green-slow", canary=canary(COMPARE_STAGES, builtin=COMPARE))
-    result = run_cli(sb, "release", "--config", str(cfg))
+    h.set_fault(sb, "green", extra_latency=0.3)
+    cfg = h.write_config(sb, "green-slow", canary=canary(COMPARE_STAGES, builtin=COMPARE))
+    result = h.run_cli(sb, "release", "--config", str(cfg))
     assert result.code == 1 and "ROLLED BACK" in result.out, result.err[-3000:]
     assert "p99-vs-blue" in result.out and "> blue" in result.out
-    assert router(sb).current() == Weights.green_at(0)
+    assert h.router(sb).current() == Weights.green_at(0)
 
 
 def test_comparison_with_blue_passes_when_both_are_bad_alike(
         sb: Sandbox, load: LoadGenerator) -> None:
-    set_fault(sb, "blue", extra_latency=0.3)
-    set_fault(sb, "green", extra_latency=0.3)
-    cfg = write_config(sb, "both-slow", canary=canary(COMPARE_STAGES, builtin=COMPARE))
-    result = run_cli(sb, "release", "--config", str(cfg))
+    h.set_fault(sb, "blue", extra_latency=0.3)
+    h.set_fault(sb, "green", extra_latency=0.3)
+    cfg = h.write_config(sb, "both-slow", canary=canary(COMPARE_STAGES, builtin=COMPARE))
+    result = h.run_cli(sb, "release", "--config", str(cfg))
     assert result.code == 0, result.err[-3000:]
     evaluated = [m for m in measurements(sb, "both-slow") if m["check"] == "p99-vs-blue"]
     passed = [m for m in evaluated if m["verdict"] == "pass"]
@@ -224,41 +188,37 @@ def test_comparison_with_blue_passes_when_both_are_bad_alike(
 
 
 def test_no_data_rolls_back_by_default(sb: Sandbox, load: LoadGenerator) -> None:
-    cfg = write_config(sb, "no-data", canary=canary(
+    cfg = h.write_config(sb, "no-data", canary=canary(
         [{"weight": 0, "duration": "1s"}, {"weight": 5, "duration": "5s"},
          {"weight": 100, "duration": "1s"}], checks=[NO_DATA]))
-    result = run_cli(sb, "release", "--config", str(cfg))
+    result = h.run_cli(sb, "release", "--config", str(cfg))
     assert result.code == 1 and "ROLLED BACK" in result.out, result.err[-3000:]
     assert "inconclusive 2 times" in result.out
     verdicts = [m["verdict"] for m in measurements(sb, "no-data")]
     assert verdicts == ["inconclusive", "inconclusive"]
-    assert router(sb).current() == Weights.green_at(0)
+    assert h.router(sb).current() == Weights.green_at(0)
 
 
 def test_no_data_pauses_when_configured_and_promote_resumes(
         sb: Sandbox, load: LoadGenerator, tmp_path: Path) -> None:
-    cfg = write_config(sb, "no-data-pause", canary=canary(
+    cfg = h.write_config(sb, "no-data-pause", canary=canary(
         [{"weight": 0, "duration": "1s"},
          {"weight": 5, "duration": "5s", "checks": ["nodata"]},
          {"weight": 100, "duration": "1s", "checks": []}],
         checks=[NO_DATA], on_inconclusive="pause"))
     log = tmp_path / "release.log"
-    proc = spawn_cli(sb, "release", "--config", str(cfg), log=log)
-    try:
-        assert wait_for(lambda: logged(sb, "no-data-pause", "inconclusive, waiting for a "
-                                       "person"), timeout=90), log.read_text()[-3000:]
+    with h.spawned(sb, "release", "--config", str(cfg), log=log) as proc:
+        assert h.wait_for(lambda: logged(sb, "no-data-pause", "inconclusive, waiting for a "
+                                         "person"), timeout=90), log.read_text()[-3000:]
         time.sleep(1.5)  # paused, not merely slow: nothing moves
         assert proc.poll() is None
-        assert router(sb).current() == Weights.green_at(5)
-        approved = run_cli(sb, "promote", "--config", str(cfg))
+        assert h.router(sb).current() == Weights.green_at(5)
+        approved = h.run_cli(sb, "promote", "--config", str(cfg))
         assert approved.code == 0, approved.err
         assert finish(proc, log) == 0, log.read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    row = release_row(sb, "no-data-pause")
+    row = h.release_row(sb, "no-data-pause")
     assert row is not None and row["status"] == "promoted"
-    assert router(sb).current() == Weights.green_at(100)
+    assert h.router(sb).current() == Weights.green_at(100)
 
 
 # -- manual gate and hooks ------------------------------------------------------------------
@@ -275,22 +235,18 @@ def test_manual_gate_waits_for_promote_and_hooks_are_recorded(
         {"weight": 100, "duration": "1s"},
     ]
     hooks.status["/notify"] = 500  # ignored: recorded, and the release goes on
-    cfg = write_config(sb, "gated", canary=canary(stages))
+    cfg = h.write_config(sb, "gated", canary=canary(stages))
     log = tmp_path / "release.log"
-    proc = spawn_cli(sb, "release", "--config", str(cfg), log=log)
-    try:
-        assert wait_for(lambda: logged(sb, "gated", "waiting for approval of stage 2"),
-                        timeout=90), log.read_text()[-3000:]
+    with h.spawned(sb, "release", "--config", str(cfg), log=log) as proc:
+        assert h.wait_for(lambda: logged(sb, "gated", "waiting for approval of stage 2"),
+                          timeout=90), log.read_text()[-3000:]
         time.sleep(1.5)
         assert proc.poll() is None
         # Held before the gated stage: green still gets nothing.
-        assert router(sb).current() == Weights.green_at(0)
-        approved = run_cli(sb, "promote", "--config", str(cfg))
+        assert h.router(sb).current() == Weights.green_at(0)
+        approved = h.run_cli(sb, "promote", "--config", str(cfg))
         assert approved.code == 0 and "stage 2" in approved.out, approved.err
         assert finish(proc, log) == 0, log.read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     smoke = next(b for b in hooks.bodies if b["_path"] == "/smoke")
     assert smoke["phase"] == "before" and smoke["weight"] == 0 and smoke["stage"] == 1
     assert smoke["release"] == "gated" and smoke["metadata"] == {"suite": "checkout"}
@@ -299,49 +255,44 @@ def test_manual_gate_waits_for_promote_and_hooks_are_recorded(
     assert notify["weights"] == {"blue": 95, "green": 5}
     recorded = {(m["check"], m["verdict"]) for m in measurements(sb, "gated")}
     assert ("hook:smoke", "pass") in recorded and ("hook:notify", "fail") in recorded
-    status = run_cli(sb, "status", "--config", str(cfg))
+    status = h.run_cli(sb, "status", "--config", str(cfg))
     assert "hook:smoke" in status.out and "hook:notify" in status.out
 
 
 def test_abort_at_a_manual_gate_rolls_back(sb: Sandbox, load: LoadGenerator,
                                            tmp_path: Path) -> None:
-    cfg = write_config(sb, "gate-abort", canary=canary(
+    cfg = h.write_config(sb, "gate-abort", canary=canary(
         [{"weight": 0, "duration": "1s"}, {"weight": 20, "duration": "2s"},
          {"weight": 100, "duration": "1s", "manual_gate": True}]))
     log = tmp_path / "release.log"
-    proc = spawn_cli(sb, "release", "--config", str(cfg), log=log)
-    try:
-        assert wait_for(lambda: logged(sb, "gate-abort", "waiting for approval of stage 3"),
-                        timeout=90), log.read_text()[-3000:]
-        assert router(sb).current() == Weights.green_at(20)
-        aborted = run_cli(sb, "abort", "--config", str(cfg))
+    with h.spawned(sb, "release", "--config", str(cfg), log=log) as proc:
+        assert h.wait_for(lambda: logged(sb, "gate-abort", "waiting for approval of stage 3"),
+                          timeout=90), log.read_text()[-3000:]
+        assert h.router(sb).current() == Weights.green_at(20)
+        aborted = h.run_cli(sb, "abort", "--config", str(cfg))
         assert aborted.code == 0, aborted.out + aborted.err
         assert finish(proc, log) == 1
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    row = release_row(sb, "gate-abort")
-    assert row is not None and row["status"] == "rolled_back"
+    row = h.rolled_back_row(sb, "gate-abort")
     assert "aborted" in (row["error"] or "")
-    assert router(sb).current() == Weights.green_at(0)
+    assert h.router(sb).current() == Weights.green_at(0)
 
 
 def test_failing_smoke_test_at_0_percent_rolls_back(sb: Sandbox, hooks: HookServer) -> None:
     hooks.status["/smoke"] = 500
-    cfg = write_config(sb, "smoke-fails", canary=canary([
+    cfg = h.write_config(sb, "smoke-fails", canary=canary([
         {"weight": 0, "duration": "1s",
          "before": [{"name": "smoke", "url": f"{hooks.url}/smoke", "retries": 1}]},
         {"weight": 100, "duration": "1s"}]))
-    result = run_cli(sb, "release", "--config", str(cfg))
+    result = h.run_cli(sb, "release", "--config", str(cfg))
     assert result.code == 1 and "ROLLED BACK" in result.out, result.err[-3000:]
     assert "before hook smoke FAILED: HTTP 500" in result.out
     # A failing answer is a verdict, not retried.
     assert len(hooks.bodies) == 1
     (m,) = measurements(sb, "smoke-fails")
     assert m["check"] == "hook:smoke" and m["verdict"] == "fail" and m["value"] == 500
-    assert router(sb).current() == Weights.green_at(0)
+    assert h.router(sb).current() == Weights.green_at(0)
     # Green never took a write: the rollback had nothing to carry back.
-    row = release_row(sb, "smoke-fails")
+    row = h.release_row(sb, "smoke-fails")
     assert row is not None and not row["facts"].get("green_writable")
 
 
@@ -355,9 +306,9 @@ class Receiver:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        self.proc = spawn_cli(sb, "serve", "--config", str(cfg), "--listen",
-                              f"127.0.0.1:{self.port}", log=log)
-        assert wait_for(self.healthy, timeout=30), log.read_text()[-3000:]
+        self.proc = h.spawn_cli(sb, "serve", "--config", str(cfg), "--listen",
+                                f"127.0.0.1:{self.port}", log=log)
+        assert h.wait_for(self.healthy, timeout=30), log.read_text()[-3000:]
 
     def healthy(self) -> bool:
         try:
@@ -405,7 +356,7 @@ def alerting_config(sb: Sandbox, name: str) -> Path:
     token_file = sb.base_dir / "webhook-token"
     token_file.write_text(TOKEN + "\n")
     # A long 20 % stage whose own checks would never fire: only the alert acts.
-    return write_config(sb, name, canary=canary(
+    return h.write_config(sb, name, canary=canary(
         [{"weight": 0, "duration": "1s"}, {"weight": 20, "duration": "90s"},
          {"weight": 100, "duration": "1s"}]),
         alerts={"matchers": {"service": "$service", "severity": "~critical|page"},
@@ -417,10 +368,10 @@ def test_alert_rolls_back_the_running_release(sb: Sandbox, load: LoadGenerator,
     cfg = alerting_config(sb, "alerted")
     receiver = Receiver(sb, cfg, tmp_path / "serve.log")
     log = tmp_path / "release.log"
-    proc = spawn_cli(sb, "release", "--config", str(cfg), log=log)
+    proc = h.spawn_cli(sb, "release", "--config", str(cfg), log=log)
     try:
-        assert wait_for(lambda: logged(sb, "alerted", "stage 2/3: 20% to green"),
-                        timeout=90), log.read_text()[-3000:]
+        assert h.wait_for(lambda: logged(sb, "alerted", "stage 2/3: 20% to green"),
+                          timeout=90), log.read_text()[-3000:]
         code, _ = receiver.alert(ALERT, token="wrong-token")
         assert code == 401
         code, body = receiver.alert({**ALERT, "service": "billing"})
@@ -429,7 +380,7 @@ def test_alert_rolls_back_the_running_release(sb: Sandbox, load: LoadGenerator,
         assert code == 200 and body["action"] == "ignored"
         code, body = receiver.alert(ALERT, status="resolved")
         assert code == 200 and body["action"] == "ignored"
-        assert proc.poll() is None and router(sb).current() == Weights.green_at(20)
+        assert proc.poll() is None and h.router(sb).current() == Weights.green_at(20)
 
         sent = time.monotonic()
         code, body = receiver.alert(ALERT)
@@ -438,8 +389,8 @@ def test_alert_rolls_back_the_running_release(sb: Sandbox, load: LoadGenerator,
         # Idempotent: the same alert again queues nothing new.
         code, again = receiver.alert(ALERT)
         assert code == 200 and again["action"] in {"none", "ignored"}, again
-        assert wait_for(lambda: router(sb).current() == Weights.green_at(0), timeout=15,
-                        interval=0.05)
+        assert h.wait_for(lambda: h.router(sb).current() == Weights.green_at(0), timeout=15,
+                          interval=0.05)
         reacted = time.monotonic() - sent
         assert finish(proc, log) == 1
     finally:
@@ -450,8 +401,7 @@ def test_alert_rolls_back_the_running_release(sb: Sandbox, load: LoadGenerator,
     # The orchestrator polls for requests every 0.5 s while it waits between evaluations.
     assert reacted < 3.0
     assert served_by(sb) == {"blue"}
-    row = release_row(sb, "alerted")
-    assert row is not None and row["status"] == "rolled_back"
+    row = h.rolled_back_row(sb, "alerted")
     assert "alert GreenErrorRate firing" in (row["error"] or "")
     assert logged(sb, "alerted", "rollback requested by Alertmanager")
     # A finished release is never rolled back again.
@@ -469,9 +419,9 @@ def test_alert_rolls_back_a_release_whose_orchestrator_died(
         sb: Sandbox, load: LoadGenerator, tmp_path: Path) -> None:
     cfg = alerting_config(sb, "orphaned")
     log = tmp_path / "release.log"
-    proc = spawn_cli(sb, "release", "--config", str(cfg), log=log)
-    assert wait_for(lambda: logged(sb, "orphaned", "stage 2/3: 20% to green"),
-                    timeout=90), log.read_text()[-3000:]
+    proc = h.spawn_cli(sb, "release", "--config", str(cfg), log=log)
+    assert h.wait_for(lambda: logged(sb, "orphaned", "stage 2/3: 20% to green"),
+                      timeout=90), log.read_text()[-3000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     receiver = Receiver(sb, cfg, tmp_path / "serve.log")
@@ -484,11 +434,12 @@ def test_alert_rolls_back_a_release_whose_orchestrator_died(
                 break
             time.sleep(0.5)
         assert code == 202 and body["executor"] == "receiver", body
-        assert wait_for(lambda: (release_row(sb, "orphaned") or {}).get("status")
-                        == "rolled_back", timeout=60), (tmp_path / "serve.log").read_text()[-3000:]
+        assert h.wait_for(lambda: (h.release_row(sb, "orphaned") or {}).get("status")
+                          == "rolled_back", timeout=60), \
+            (tmp_path / "serve.log").read_text()[-3000:]
     finally:
         receiver.stop()
-    assert router(sb).current() == Weights.green_at(0)
+    assert h.router(sb).current() == Weights.green_at(0)
     assert served_by(sb) == {"blue"}
 
 
@@ -513,7 +464,7 @@ def test_builtin_checks_evaluate_to_real_numbers(sb: Sandbox, load: LoadGenerato
     ]}
     cfg = parse_config(raw, base_dir=sb.base_dir)
     # Half the traffic to green, whose database does not exist yet: it answers 503.
-    router(sb).set_weights(Weights.green_at(50))
+    h.router(sb).set_weights(Weights.green_at(50))
     metrics = PrometheusMetrics(cfg.prometheus)
     labels = {"window": "10s", "service": "shop", "namespace": "default"}
 
@@ -522,7 +473,7 @@ def test_builtin_checks_evaluate_to_real_numbers(sb: Sandbox, load: LoadGenerato
         return metrics.query(render(check.query, labels, colour))
 
     # Blue 50 ms slower than green: the latency queries must tell the colours apart.
-    set_fault(sb, "blue", extra_latency=0.05)
+    h.set_fault(sb, "blue", extra_latency=0.05)
 
     def settled() -> bool:
         green_success = value("haproxy-success", "green")
@@ -532,7 +483,7 @@ def test_builtin_checks_evaluate_to_real_numbers(sb: Sandbox, load: LoadGenerato
                 and blue_p99 is not None and blue_p99 > 0.04
                 and blue_average is not None and blue_average > 0.04)
 
-    assert wait_for(settled, timeout=30, interval=0.5)
+    assert h.wait_for(settled, timeout=30, interval=0.5)
     values = {(n, c): value(n, c) for n in ("haproxy-success", "haproxy-latency",
                                             "demo-success", "demo-p99", "demo-average",
                                             "idle-route") for c in ("blue", "green")}

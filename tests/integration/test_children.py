@@ -22,11 +22,11 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from orchestrator.config import GreenConfig, SecretRef
+from orchestrator.config import GreenConfig
 from orchestrator.pg import children, initial_copy
 from orchestrator.pg.tools import find_tools
 from orchestrator.sandbox.pgcluster import PgCluster
-from tests.integration.helpers import wait_for
+from tests.integration import helpers as h
 from tests.pg_helpers import tmp_cluster
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,12 +44,6 @@ def cluster() -> Iterator[PgCluster]:
                    "FROM generate_series(1, 100000) g", dbname="blue")
         pg.execute("CREATE TABLE slow (id int, payload text)", dbname="green")
         yield pg
-
-
-def _db(pg: PgCluster, dbname: str) -> GreenConfig:
-    os.environ["ORCH_TEST_PW_CH16"] = pg.password
-    return GreenConfig(host=pg.host, port=pg.port, dbname=dbname, user=pg.superuser,
-                       password=SecretRef(env="ORCH_TEST_PW_CH16"), sslmode="disable")
 
 
 def _copy_parent() -> None:
@@ -103,8 +97,8 @@ def _sessions(pg: PgCluster) -> list[tuple[str, str]]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux")
 def test_copy_children_and_sessions_end_with_a_killed_parent(cluster: PgCluster) -> None:
-    args = {"blue": json.loads(_db(cluster, "blue").model_dump_json()),
-            "green": json.loads(_db(cluster, "green").model_dump_json())}
+    args = {"blue": json.loads(h.superuser_db(cluster, "blue").model_dump_json()),
+            "green": json.loads(h.superuser_db(cluster, "green").model_dump_json())}
     parent = subprocess.Popen(
         [sys.executable, "-c",
          "from tests.integration.test_children import _copy_parent; _copy_parent()"],
@@ -112,7 +106,7 @@ def test_copy_children_and_sessions_end_with_a_killed_parent(cluster: PgCluster)
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     pids: list[int] = []
     try:
-        copying = wait_for(
+        copying = h.wait_for(
             lambda: sorted(d for d, s in _sessions(cluster) if s == "active")
             == ["blue", "green"], timeout=60, interval=0.05)
         assert copying, parent.stderr.read().decode()[-2000:] if parent.poll() else "no copy"
@@ -121,9 +115,9 @@ def test_copy_children_and_sessions_end_with_a_killed_parent(cluster: PgCluster)
         assert len(pids) == 2, pids
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(10)
-        assert wait_for(lambda: not any(_alive(p) for p in pids), timeout=5, interval=0.05), (
+        assert h.wait_for(lambda: not any(_alive(p) for p in pids), timeout=5, interval=0.05), (
             "psql children outlived their parent")
-        assert wait_for(lambda: not _sessions(cluster), timeout=10, interval=0.05), (
+        assert h.wait_for(lambda: not _sessions(cluster), timeout=10, interval=0.05), (
             f"server sessions outlived the copy: {_sessions(cluster)}")
     finally:
         if parent.poll() is None:

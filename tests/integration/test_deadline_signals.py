@@ -14,18 +14,7 @@ from orchestrator.errors import STOPPED_EXIT
 from orchestrator.routers.base import Weights
 from orchestrator.sandbox.loadgen import LoadGenerator
 from orchestrator.sandbox.stack import Sandbox
-from tests.integration.helpers import (
-    assert_left_clean,
-    blue_conn,
-    green_weight,
-    release_row,
-    reset,
-    router,
-    run_cli,
-    spawn_cli,
-    wait_for,
-    write_config,
-)
+from tests.integration import helpers as h
 
 pytestmark = pytest.mark.slow
 
@@ -43,36 +32,29 @@ NEVER_NOW = {"windows": [{"cron": "0 0 1 1 *", "duration": "1m", "timezone": "UT
 def test_sigterm_mid_canary_routes_everything_back_to_blue_losing_nothing(
         sandbox_16_17: Sandbox) -> None:
     sb = sandbox_16_17
-    reset(sb)
-    cfg = write_config(sb, "sigterm-canary", canary=LONG_STAGE)
+    h.reset(sb)
+    cfg = h.write_config(sb, "sigterm-canary", canary=LONG_STAGE)
     log = sb.base_dir / "sigterm-canary.log"
-    load = LoadGenerator(sb.haproxy.url, rate=60.0, write_ratio=0.5)
-    load.start()
-    proc = spawn_cli(sb, "release", "--config", str(cfg), log=log)
-    try:
-        assert wait_for(lambda: green_weight(sb, "sigterm-canary") == 20, timeout=180), (
+    with h.release_under_load(sb, cfg, log=log) as (proc, load):
+        assert h.wait_for(lambda: h.green_weight(sb, "sigterm-canary") == 20, timeout=180), (
             log.read_text()[-3000:])
-        assert wait_for(lambda: load.report().acked_by_colour.get("green", 0) > 10,
-                        timeout=30)
+        assert h.wait_for(lambda: load.report().acked_by_colour.get("green", 0) > 10,
+                          timeout=30)
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        assert wait_for(lambda: router(sb).current() == Weights.green_at(0), timeout=30,
-                        interval=0.05)
+        assert h.wait_for(lambda: h.router(sb).current() == Weights.green_at(0), timeout=30,
+                          interval=0.05)
         on_blue = time.monotonic() - sent
         code = proc.wait(timeout=120)
         exited = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        report = load.stop()
+    report = load.report()
     output = log.read_text()
     assert code == STOPPED_EXIT, output[-3000:]
     assert "SIGTERM received (canary): rolling back" in output
-    row = release_row(sb, "sigterm-canary")
-    assert row is not None and row["status"] == "rolled_back"
+    row = h.rolled_back_row(sb, "sigterm-canary")
     assert "SIGTERM received" in (row["error"] or "")
     assert report.acked_by_colour.get("green", 0) > 0
-    assert_left_clean(sb, report)  # 100 % on blue, no leftovers, 0 acked writes lost
+    h.assert_left_clean(sb, report)  # 100 % on blue, no leftovers, 0 acked writes lost
     print(f"\nSIGTERM -> 100 % on blue: {on_blue:.2f}s; process exited after {exited:.2f}s")
     assert on_blue < 5.0
 
@@ -80,29 +62,29 @@ def test_sigterm_mid_canary_routes_everything_back_to_blue_losing_nothing(
 def test_a_run_outside_its_window_changes_nothing_and_force_runs(
         sandbox_16_17: Sandbox) -> None:
     sb = sandbox_16_17
-    reset(sb)
-    cfg = write_config(sb, "outside-window", canary=QUICK, schedule=NEVER_NOW)
-    with blue_conn(sb) as conn:
+    h.reset(sb)
+    cfg = h.write_config(sb, "outside-window", canary=QUICK, schedule=NEVER_NOW)
+    with h.blue_conn(sb) as conn:
         slots_before = conn.execute("SELECT count(*) FROM pg_replication_slots").fetchone()
 
-    closed = run_cli(sb, "release", "--config", str(cfg))
+    closed = h.run_cli(sb, "release", "--config", str(cfg))
 
     assert closed.code == 0, closed.err[-3000:]
     assert "outside every maintenance window (schedule.windows), nothing done" in closed.out
     assert "the next one opens at " in closed.out and "01-01 00:00 UTC" in closed.out
-    assert release_row(sb, "outside-window") is None
-    with blue_conn(sb) as conn:
+    assert h.release_row(sb, "outside-window") is None
+    with h.blue_conn(sb) as conn:
         assert conn.execute("SELECT count(*) FROM pg_replication_slots").fetchone() == (
             slots_before)
         assert conn.execute("SELECT count(*) FROM pg_publication").fetchone() == (0,)
-    assert router(sb).current() == Weights.green_at(0)
+    assert h.router(sb).current() == Weights.green_at(0)
 
-    forced = run_cli(sb, "release", "--config", str(cfg), "--force")
+    forced = h.run_cli(sb, "release", "--config", str(cfg), "--force")
     assert forced.code == 0, forced.out + forced.err[-3000:]
     assert "promoted" in forced.out
-    row = release_row(sb, "outside-window")
+    row = h.release_row(sb, "outside-window")
     assert row is not None and row["status"] == "promoted"
-    reset(sb)
+    h.reset(sb)
 
 
 def test_outside_its_window_a_release_a_killed_run_left_on_green_is_rolled_back(
@@ -110,26 +92,26 @@ def test_outside_its_window_a_release_a_killed_run_left_on_green_is_rolled_back(
     """The Job is killed at 20 % (OOM, node loss) and the next run comes after the
     window closed: it does not leave users split until next week, it rolls back."""
     sb = sandbox_16_17
-    reset(sb)
-    cfg = write_config(sb, "left-on-green", canary=LONG_STAGE, schedule=NEVER_NOW)
+    h.reset(sb)
+    cfg = h.write_config(sb, "left-on-green", canary=LONG_STAGE, schedule=NEVER_NOW)
     log = sb.base_dir / "left-on-green.log"
     load = LoadGenerator(sb.haproxy.url, rate=60.0, write_ratio=0.5)
     load.start()
-    proc = spawn_cli(sb, "release", "--config", str(cfg), "--force", log=log)
+    proc = h.spawn_cli(sb, "release", "--config", str(cfg), "--force", log=log)
     try:
-        assert wait_for(lambda: green_weight(sb, "left-on-green") == 20, timeout=180), (
+        assert h.wait_for(lambda: h.green_weight(sb, "left-on-green") == 20, timeout=180), (
             log.read_text()[-3000:])
         proc.kill()
         proc.wait(timeout=30)
-        assert router(sb).current() == Weights.green_at(20)
-        rerun = run_cli(sb, "release", "--config", str(cfg))
+        assert h.router(sb).current() == Weights.green_at(20)
+        rerun = h.run_cli(sb, "release", "--config", str(cfg))
     finally:
         if proc.poll() is None:
             proc.kill()
         report = load.stop()
     assert rerun.code == STOPPED_EXIT, rerun.out + rerun.err[-3000:]
     assert "nothing done" not in rerun.out
-    row = release_row(sb, "left-on-green")
+    row = h.release_row(sb, "left-on-green")
     assert row is not None and row["status"] == "rolled_back"
     assert "outside every maintenance window" in (row["error"] or "")
-    assert_left_clean(sb, report)
+    h.assert_left_clean(sb, report)

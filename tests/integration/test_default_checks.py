@@ -16,8 +16,8 @@ from orchestrator.routers.base import Weights
 from orchestrator.sandbox.demo import FAIL_GREEN_RATE
 from orchestrator.sandbox.loadgen import LoadGenerator
 from orchestrator.sandbox.stack import Sandbox
-from tests.integration.helpers import release_row, reset, router, run_cli
-from tests.integration.test_canary_analysis import measurements, set_fault
+from tests.integration import helpers as h
+from tests.integration.test_canary_analysis import measurements
 
 pytestmark = pytest.mark.slow
 
@@ -40,25 +40,15 @@ def unchecked_config(sb: Sandbox, name: str) -> Path:
 
 @pytest.fixture
 def load(sandbox_16_17: Sandbox) -> Iterator[LoadGenerator]:
-    generator = LoadGenerator(sandbox_16_17.haproxy.url, rate=30.0, write_ratio=0.3,
-                              workers=8)
-    generator.start()
-    yield generator
-    generator.stop()
+    with h.under_load(sandbox_16_17, rate=30.0, write_ratio=0.3) as generator:
+        yield generator
 
 
 @pytest.fixture
 def sb(sandbox_16_17: Sandbox) -> Iterator[Sandbox]:
-    reset(sandbox_16_17)
-    yield sandbox_16_17
-    set_fault(sandbox_16_17, "green")
-    row = release_row(sandbox_16_17, "defaults-healthy")
-    if row is not None and row["state"] == "window":
-        # Promoted: green -> blue replication runs for the window; end it the way an
-        # operator would, so that the next test starts from blue.
-        cfg = sandbox_16_17.base_dir / "defaults-healthy.yaml"
-        done = run_cli(sandbox_16_17, "rollback", "--config", str(cfg), "--reason", "cleanup")
-        assert done.code == 0, done.err[-3000:]
+    # The promoted "defaults-healthy" is rolled back after its test: the next starts
+    # from blue.
+    yield from h.fresh(sandbox_16_17)
 
 
 def default_measurements(sb: Sandbox, name: str) -> list[dict[str, Any]]:
@@ -67,7 +57,7 @@ def default_measurements(sb: Sandbox, name: str) -> list[dict[str, Any]]:
 
 def test_plan_shows_the_default_checks(sb: Sandbox) -> None:
     cfg = unchecked_config(sb, "defaults-plan")
-    result = run_cli(sb, "plan", "--config", str(cfg))
+    result = h.run_cli(sb, "plan", "--config", str(cfg))
     assert result.code == 0, result.err[-3000:]
     assert "request-success-rate: (sum(rate(haproxy_server_http_responses_total" in result.out
     assert ">= blue - 0.01 (blue idle: >= 0.99)" in result.out
@@ -76,9 +66,9 @@ def test_plan_shows_the_default_checks(sb: Sandbox) -> None:
 
 def test_a_healthy_green_passes_the_default_checks(sb: Sandbox, load: LoadGenerator) -> None:
     cfg = unchecked_config(sb, "defaults-healthy")
-    result = run_cli(sb, "release", "--config", str(cfg))
+    result = h.run_cli(sb, "release", "--config", str(cfg))
     assert result.code == 0, (result.out + result.err)[-4000:]
-    assert router(sb).current() == Weights.green_at(100)
+    assert h.router(sb).current() == Weights.green_at(100)
     seen = default_measurements(sb, "defaults-healthy")
     print("\n".join(f"{m['weight']:>3}% {m['check']:<21} {m['verdict']:<12} "
                     f"{m['value']} vs {m['baseline']}: {m['detail']}" for m in seen))
@@ -99,14 +89,13 @@ def test_a_healthy_green_passes_the_default_checks(sb: Sandbox, load: LoadGenera
 
 def test_the_demos_failing_green_rolls_back_on_the_default_checks(
         sb: Sandbox, load: LoadGenerator) -> None:
-    set_fault(sb, "green", fail_rate=FAIL_GREEN_RATE)
+    h.set_fault(sb, "green", fail_rate=FAIL_GREEN_RATE)
     cfg = unchecked_config(sb, "defaults-fail-green")
-    result = run_cli(sb, "release", "--config", str(cfg))
+    result = h.run_cli(sb, "release", "--config", str(cfg))
     assert result.code == 1 and "ROLLED BACK" in result.out, (result.out + result.err)[-4000:]
     assert "check request-success-rate failed" in result.out and "< blue" in result.out
-    assert router(sb).current() == Weights.green_at(0)
-    row = release_row(sb, "defaults-fail-green")
-    assert row is not None and row["status"] == "rolled_back"
+    assert h.router(sb).current() == Weights.green_at(0)
+    row = h.rolled_back_row(sb, "defaults-fail-green")
     assert "request-success-rate" in (row["error"] or "")
     failed = [m for m in default_measurements(sb, "defaults-fail-green")
               if m["verdict"] == "fail"]

@@ -24,11 +24,12 @@ from typing import Any
 import psycopg
 import pytest
 
-from orchestrator.config import DatabaseConfig, GreenConfig, SecretRef
+from orchestrator.config import DatabaseConfig, GreenConfig
 from orchestrator.pg import catalog, initial_copy, replication, schema
 from orchestrator.pg.tools import PgTools, find_tools
 from orchestrator.sandbox.pgcluster import PgCluster
 from tests.conftest import short_tmpdir
+from tests.integration import helpers as h
 
 REPO = Path(__file__).resolve().parents[2]
 CONTROL = "orchestrate"
@@ -158,22 +159,13 @@ def _make_blue(cluster: PgCluster) -> None:
         conn.execute((BLUE_DATA % {"rows": ROWS, "wide_values": values}).encode())
 
 
-def _db(cluster: PgCluster, dbname: str) -> GreenConfig:
-    env = f"ORCH_TEST_PW_{cluster.name.upper()}"
-    os.environ[env] = cluster.password
-    # GreenConfig is a DatabaseConfig that can also be provisioned into.
-    return GreenConfig(host=cluster.host, port=cluster.port, dbname=dbname,
-                       user=cluster.superuser, password=SecretRef(env=env),
-                       sslmode="disable")
-
-
 def _fresh_green(green: PgCluster, blue: DatabaseConfig, name: str, tools: PgTools
                  ) -> DatabaseConfig:
     """A new green database holding blue's schema, as the provision state leaves it."""
     with psycopg.connect(green.conninfo(), autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         conn.execute(f"CREATE DATABASE {name}")
-    db = _db(green, name)
+    db = h.superuser_db(green, name)
     schema.copy_schema(blue, db, tools, schema=CONTROL, release=name)
     return db
 
@@ -275,7 +267,7 @@ def _teardown(blue: DatabaseConfig, green: DatabaseConfig, names: replication.Na
 def _sync_and_compare(clusters: dict[str, PgCluster], blue_name: str, release: str,
                       config: initial_copy.InitialCopyConfig) -> initial_copy.SyncReport:
     blue_cluster, green_cluster = clusters[blue_name], clusters["g17"]
-    blue = _db(blue_cluster, "shop")
+    blue = h.superuser_db(blue_cluster, "shop")
     tools = find_tools(17)
     green = _fresh_green(green_cluster, blue, release, tools)
     expected = _post_data(green)
@@ -361,7 +353,7 @@ def test_rerun_after_crash(clusters: dict[str, PgCluster], kill_at: str) -> None
     slot and only finishes the rebuilds."""
     blue_cluster, green_cluster = clusters["b16"], clusters["g17"]
     release = f"crash_{kill_at.replace('-', '_')}"
-    blue = _db(blue_cluster, "shop")
+    blue = h.superuser_db(blue_cluster, "shop")
     tools = find_tools(17)
     green = _fresh_green(green_cluster, blue, release, tools)
     expected = _post_data(green)

@@ -16,14 +16,7 @@ from orchestrator.routers.base import Weights
 from orchestrator.sandbox.loadgen import LoadGenerator, LoadReport
 from orchestrator.sandbox.stack import APP_DATABASE, Sandbox
 from tests.conftest import short_tmpdir
-from tests.integration.helpers import (
-    FAST_CANARY,
-    REPO,
-    order_ids,
-    replication_leftovers,
-    router,
-    run_cli,
-)
+from tests.integration import helpers as h
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +32,7 @@ def sandbox_17_17() -> Iterator[Sandbox]:
 
 def cronjob_args(config: Path) -> list[str]:
     """The CronJob's command (k8s/cronjob.yaml), with the config at ``config``."""
-    doc = yaml.safe_load((REPO / "k8s" / "cronjob.yaml").read_text())
+    doc = yaml.safe_load((h.REPO / "k8s" / "cronjob.yaml").read_text())
     (container,) = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
     assert container["command"] == ["orchestrate"]
     args = list(container["args"])
@@ -48,7 +41,7 @@ def cronjob_args(config: Path) -> list[str]:
 
 
 def pair_config(sb: Sandbox) -> Path:
-    raw: dict[str, Any] = sb.release_config(canary=FAST_CANARY, rollback={"window": "2s"})
+    raw: dict[str, Any] = sb.release_config(canary=h.FAST_CANARY, rollback={"window": "2s"})
     raw["release"].pop("name")
     state = {**raw["blue"], "dbname": STATE_DB}
     state.pop("app_role")
@@ -70,7 +63,7 @@ def state_rows(sb: Sandbox) -> tuple[list[tuple[Any, ...]], tuple[Any, ...] | No
 
 def acked_on(dsn: str, load: LoadReport) -> set[int]:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        return set(load.acked_order_ids) - order_ids(conn)
+        return set(load.acked_order_ids) - h.order_ids(conn)
 
 
 def test_cronjob_command_twice_releases_a_to_b_then_b_to_a(sandbox_17_17: Sandbox) -> None:
@@ -82,17 +75,17 @@ def test_cronjob_command_twice_releases_a_to_b_then_b_to_a(sandbox_17_17: Sandbo
     load = LoadGenerator(sb.haproxy.url, rate=40.0, write_ratio=0.5)
     load.start()
     try:
-        first = run_cli(sb, *args, timeout=400)
+        first = h.run_cli(sb, *args, timeout=400)
         assert first.code == 0, first.err[-4000:]
         after_first = load.report()
         releases, live = state_rows(sb)
         assert releases == [("shop-v2", "done", "promoted")]
         assert live == ("b", "a", "shop-v2")
         # HAProxy's server "green" fronts b's application: all traffic is there.
-        assert router(sb).current() == Weights.green_at(100)
+        assert h.router(sb).current() == Weights.green_at(100)
         assert acked_on(sb.green.conninfo(APP_DATABASE), after_first) == set()
 
-        second = run_cli(sb, *args, timeout=400)
+        second = h.run_cli(sb, *args, timeout=400)
         assert second.code == 0, second.err[-4000:]
         after_second = load.report()
         releases, live = state_rows(sb)
@@ -101,14 +94,14 @@ def test_cronjob_command_twice_releases_a_to_b_then_b_to_a(sandbox_17_17: Sandbo
         assert name.startswith("shop-v2-") and name.endswith("z")
         assert live == ("a", "b", name)
         # Back on server "blue", in front of a, whose database was recreated.
-        assert router(sb).current() == Weights.green_at(0)
+        assert h.router(sb).current() == Weights.green_at(0)
         assert "pair green recreated" in second.err
     finally:
         report = load.stop()
     assert acked_on(sb.blue.conninfo(APP_DATABASE), report) == set()
     assert report.acked_order_ids and len(after_second.acked_order_ids) > len(
         after_first.acked_order_ids)
-    assert replication_leftovers(sb) == []
+    assert h.replication_leftovers(sb) == []
     assert report.max_write_gap_s < 5.0
     print(f"recurring: {len(report.acked_order_ids)} acknowledged writes, 0 lost; "
           f"errors {report.errors}; max write gap {report.max_write_gap_s:.2f}s")
@@ -120,9 +113,9 @@ def test_green_taking_traffic_is_refused_and_nothing_changes(sandbox_17_17: Sand
     config = pair_config(sb)
     before, live = state_rows(sb)
     assert live is not None and live[0] == "a"
-    router(sb).set_weights(Weights.green_at(10))
+    h.router(sb).set_weights(Weights.green_at(10))
     try:
-        result = run_cli(sb, *cronjob_args(config), timeout=120)
+        result = h.run_cli(sb, *cronjob_args(config), timeout=120)
         assert result.code == 2, result.err[-3000:]
         assert "takes 10% of the traffic" in result.err
         assert "nothing was changed" in result.err
@@ -130,4 +123,4 @@ def test_green_taking_traffic_is_refused_and_nothing_changes(sandbox_17_17: Sand
         with psycopg.connect(sb.green.conninfo(APP_DATABASE), autocommit=True) as conn:
             assert conn.execute("SELECT count(*) FROM orders").fetchone()[0] > 0
     finally:
-        router(sb).set_weights(Weights.green_at(0))
+        h.router(sb).set_weights(Weights.green_at(0))

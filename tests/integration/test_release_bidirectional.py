@@ -13,40 +13,25 @@ from orchestrator.record import Facts
 from orchestrator.routers.base import Weights
 from orchestrator.sandbox.loadgen import LoadGenerator
 from orchestrator.sandbox.stack import Sandbox
-from tests.integration.helpers import (
-    assert_acked_writes_on_blue,
-    blue_conn,
-    green_conn,
-    green_weight,
-    order_ids,
-    release_row,
-    replication_leftovers,
-    reset,
-    router,
-    run_cli,
-    set_green_fault,
-    spawn_cli,
-    wait_for,
-    write_config,
-)
+from tests.integration import helpers as h
 
 pytestmark = [pytest.mark.slow, pytest.mark.pg(">=16")]
 
 
 def test_release_promotes_then_rolls_back_inside_the_window(sandbox_16_17: Sandbox) -> None:
     sb = sandbox_16_17
-    reset(sb)
-    cfg = write_config(sb, "promote-then-back")
+    h.reset(sb)
+    cfg = h.write_config(sb, "promote-then-back")
     load = LoadGenerator(sb.haproxy.url, rate=60.0, write_ratio=0.4)
     load.start()
     try:
-        result = run_cli(sb, "release", "--config", str(cfg))
+        result = h.run_cli(sb, "release", "--config", str(cfg))
         after_promotion = load.report()
         assert result.code == 0, result.err[-3000:]
         assert "promoted" in result.out
-        row = release_row(sb, "promote-then-back")
+        row = h.release_row(sb, "promote-then-back")
         assert row is not None and row["status"] == "promoted" and row["state"] == "window"
-        assert router(sb).current() == Weights.green_at(100)
+        assert h.router(sb).current() == Weights.green_at(100)
         facts = row["facts"]
         assert facts["mode"] == "bidirectional"
         assert facts["switchover_pause_s"] < 2.0
@@ -56,7 +41,7 @@ def test_release_promotes_then_rolls_back_inside_the_window(sandbox_16_17: Sandb
         assert json.dumps(Facts.from_storage(facts).for_storage()) == json.dumps(facts)
 
         # Migrations ran on green, tracked with checksum, timing and down script.
-        with green_conn(sb) as g:
+        with h.green_conn(sb) as g:
             rows = g.execute("SELECT migration_name, status::text, length(checksum), "
                              "execution_time IS NOT NULL, rollback_sql IS NOT NULL "
                              "FROM orchestrate.migrations ORDER BY version").fetchall()
@@ -69,60 +54,59 @@ def test_release_promotes_then_rolls_back_inside_the_window(sandbox_16_17: Sandb
 
         # On demand, validation compares the promoted green with blue (now the
         # subscriber) under live writes, and green's sequences must lead.
-        checked = run_cli(sb, "validate", "--config", str(cfg))
+        checked = h.run_cli(sb, "validate", "--config", str(cfg))
         assert checked.code == 0, checked.out + checked.err[-2000:]
         assert "public.orders" in checked.out
 
         # Every write acknowledged so far is on green, and (reverse replication) on blue.
         acked = set(after_promotion.acked_order_ids)
         assert acked and after_promotion.acked_by_colour.get("green", 0) > 0
-        with green_conn(sb) as g:
-            assert acked - order_ids(g) == set()
+        with h.green_conn(sb) as g:
+            assert acked - h.order_ids(g) == set()
 
         # Green serves alone for a moment, then the operator rolls back in the window.
-        wait_for(lambda: load.report().acked_by_colour.get("green", 0)
-                 > after_promotion.acked_by_colour.get("green", 0) + 20, timeout=20)
-        back = run_cli(sb, "rollback", "--config", str(cfg), "--reason", "test")
+        h.wait_for(lambda: load.report().acked_by_colour.get("green", 0)
+                   > after_promotion.acked_by_colour.get("green", 0) + 20, timeout=20)
+        back = h.run_cli(sb, "rollback", "--config", str(cfg), "--reason", "test")
         assert back.code == 0, back.err[-3000:]
-        assert router(sb).current() == Weights.green_at(0)
-        wait_for(lambda: load.report().acked_by_colour.get("blue", 0)
-                 > after_promotion.acked_by_colour.get("blue", 0) + 20, timeout=20)
+        assert h.router(sb).current() == Weights.green_at(0)
+        h.wait_for(lambda: load.report().acked_by_colour.get("blue", 0)
+                   > after_promotion.acked_by_colour.get("blue", 0) + 20, timeout=20)
     finally:
         report = load.stop()
-    assert_acked_writes_on_blue(sb, report)
-    row = release_row(sb, "promote-then-back")
-    assert row is not None and row["status"] == "rolled_back"
+    h.assert_acked_writes_on_blue(sb, report)
+    row = h.rolled_back_row(sb, "promote-then-back")
     assert row["facts"]["rollback_from"] == "window" and row["facts"]["rolled_back_at"]
     assert json.dumps(Facts.from_storage(row["facts"]).for_storage()) == json.dumps(row["facts"])
-    assert replication_leftovers(sb) == []
+    assert h.replication_leftovers(sb) == []
     # Blue took writes again after the rollback: it was unfenced.
     assert report.errors.get("503", 0) < report.requests * 0.05
 
 
 def test_threshold_breach_rolls_back_automatically(sandbox_16_17: Sandbox) -> None:
     sb = sandbox_16_17
-    reset(sb)
-    set_green_fault(sb, fail_rate=0.6)
-    cfg = write_config(sb, "breach")
+    h.reset(sb)
+    h.set_fault(sb, "green", fail_rate=0.6)
+    cfg = h.write_config(sb, "breach")
     load = LoadGenerator(sb.haproxy.url, rate=60.0, write_ratio=0.4)
     load.start()
     try:
-        result = run_cli(sb, "release", "--config", str(cfg))
+        result = h.run_cli(sb, "release", "--config", str(cfg))
     finally:
         report = load.stop()
-        set_green_fault(sb)
+        h.set_fault(sb, "green")
     assert result.code == 1
     assert "ROLLED BACK" in result.out and "error-rate" in result.out
-    row = release_row(sb, "breach")
+    row = h.release_row(sb, "breach")
     assert row is not None and row["status"] == "rolled_back" and row["state"] == "rolled_back"
-    assert router(sb).current() == Weights.green_at(0)
-    assert replication_leftovers(sb) == []
-    with blue_conn(sb) as b:
-        assert set(report.acked_order_ids) - order_ids(b) == set()
+    assert h.router(sb).current() == Weights.green_at(0)
+    assert h.replication_leftovers(sb) == []
+    with h.blue_conn(sb) as b:
+        assert set(report.acked_order_ids) - h.order_ids(b) == set()
         measured = b.execute("SELECT count(*) FILTER (WHERE verdict = 'fail') FROM "
                              "orchestrate.stage_measurements WHERE release = 'breach'").fetchone()
         assert measured is not None and measured[0] >= 1
-    status = run_cli(sb, "status", "--config", str(cfg), "--output", "json")
+    status = h.run_cli(sb, "status", "--config", str(cfg), "--output", "json")
     assert status.code == 0
     doc = json.loads(status.out)
     assert doc["release"]["status"] == "rolled_back"
@@ -133,65 +117,53 @@ def test_abort_while_both_sides_take_writes_keeps_every_write(sandbox_16_17: San
     """Held at 20 % by a manual gate, both apps write; an abort from another process
     rolls back and blue ends up with every write either side acknowledged."""
     sb = sandbox_16_17
-    reset(sb)
+    h.reset(sb)
     # No metric checks: this test is about data, and the previous test's injected
     # 5xx still sit in the rate window.
     stages = {"interval": "1s", "window": "10s", "checks": [], "allow_unanalysed": True, "stages": [
         {"weight": 0, "duration": "1s"}, {"weight": 20, "duration": "2s"},
         {"weight": 100, "duration": "2s", "manual_gate": True}]}
-    cfg = write_config(sb, "abort-mid-canary", canary=stages)
-    load = LoadGenerator(sb.haproxy.url, rate=60.0, write_ratio=0.5)
-    load.start()
-    proc = spawn_cli(sb, "release", "--config", str(cfg), log=sb.base_dir / "abort.log")
-    try:
+    cfg = h.write_config(sb, "abort-mid-canary", canary=stages)
+    with h.release_under_load(sb, cfg, log=sb.base_dir / "abort.log") as (proc, load):
         def waiting_at_gate() -> bool:
-            row = release_row(sb, "abort-mid-canary")
+            row = h.release_row(sb, "abort-mid-canary")
             return bool(row and row["facts"].get("stage") == 2)
 
-        assert wait_for(waiting_at_gate, timeout=120), (sb.base_dir / "abort.log").read_text()
+        assert h.wait_for(waiting_at_gate, timeout=120), (sb.base_dir / "abort.log").read_text()
         before = load.report().acked_by_colour
-        assert wait_for(lambda: load.report().acked_by_colour.get("green", 0)
-                        > before.get("green", 0) + 15, timeout=30)
-        assert router(sb).current() == Weights.green_at(20)
-        aborted = run_cli(sb, "abort", "--config", str(cfg), "--reason", "test abort")
+        assert h.wait_for(lambda: load.report().acked_by_colour.get("green", 0)
+                          > before.get("green", 0) + 15, timeout=30)
+        assert h.router(sb).current() == Weights.green_at(20)
+        aborted = h.run_cli(sb, "abort", "--config", str(cfg), "--reason", "test abort")
         assert aborted.code == 0, aborted.out + aborted.err[-2000:]
         assert proc.wait(timeout=120) == 1
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        report = load.stop()
+    report = load.report()
     assert report.acked_by_colour.get("green", 0) > 0 and report.acked_by_colour.get("blue", 0) > 0
-    assert_acked_writes_on_blue(sb, report)
-    row = release_row(sb, "abort-mid-canary")
-    assert row is not None and row["status"] == "rolled_back"
+    h.assert_acked_writes_on_blue(sb, report)
+    row = h.rolled_back_row(sb, "abort-mid-canary")
     assert "test abort" in (row["error"] or "")
-    assert router(sb).current() == Weights.green_at(0)
-    assert replication_leftovers(sb) == []
+    assert h.router(sb).current() == Weights.green_at(0)
+    assert h.replication_leftovers(sb) == []
 
 
 def test_broken_replication_during_a_stage_rolls_back(sandbox_16_17: Sandbox) -> None:
     """The HTTP metrics are fine, but the data path is not: green stopped applying
     blue's changes. The stage guard sees it and rolls back."""
     sb = sandbox_16_17
-    reset(sb)
+    h.reset(sb)
     stages = {"interval": "1s", "window": "10s", "checks": [], "allow_unanalysed": True, "stages": [
         {"weight": 0, "duration": "1s"}, {"weight": 20, "duration": "60s"},
         {"weight": 100, "duration": "1s"}]}
-    cfg = write_config(sb, "broken-sync", canary=stages)
-    proc = spawn_cli(sb, "release", "--config", str(cfg), log=sb.base_dir / "broken.log")
-    try:
+    cfg = h.write_config(sb, "broken-sync", canary=stages)
+    with h.spawned(sb, "release", "--config", str(cfg), log=sb.base_dir / "broken.log") as proc:
         def at_20() -> bool:
-            return green_weight(sb, "broken-sync") == 20
+            return h.green_weight(sb, "broken-sync") == 20
 
-        assert wait_for(at_20, timeout=120), (sb.base_dir / "broken.log").read_text()[-3000:]
-        with green_conn(sb) as g:
+        assert h.wait_for(at_20, timeout=120), (sb.base_dir / "broken.log").read_text()[-3000:]
+        with h.green_conn(sb) as g:
             g.execute("ALTER SUBSCRIPTION orch_broken_sync_fwd DISABLE")
         assert proc.wait(timeout=60) == 1
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    row = release_row(sb, "broken-sync")
-    assert row is not None and row["status"] == "rolled_back"
+    row = h.rolled_back_row(sb, "broken-sync")
     assert "forward replication stopped" in (row["error"] or "")
-    assert router(sb).current() == Weights.green_at(0)
-    assert replication_leftovers(sb) == []
+    assert h.router(sb).current() == Weights.green_at(0)
+    assert h.replication_leftovers(sb) == []

@@ -15,14 +15,7 @@ from psycopg import sql
 
 from orchestrator.pg import replication
 from orchestrator.sandbox.stack import APP_DATABASE, Sandbox
-from tests.integration.helpers import (
-    blue_conn,
-    green_conn,
-    release_row,
-    reset,
-    run_cli,
-    write_config,
-)
+from tests.integration import helpers as h
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +39,7 @@ def _setup(sb: Sandbox) -> None:
         # Roles are cluster-wide and not carried by a release: they exist on both.
         cluster.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(i(ROLE)))
         cluster.execute(sql.SQL("CREATE ROLE {}").format(i(ROLE)))
-    with blue_conn(sb) as b:
+    with h.blue_conn(sb) as b:
         b.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(i(SCHEMA)))
         b.execute(sql.SQL("CREATE SCHEMA {}").format(i(SCHEMA)))
         b.execute(sql.SQL(
@@ -74,9 +67,9 @@ def _sequence_values(conn: psycopg.Connection[Any]) -> dict[str, int]:
 
 def test_release_of_names_that_need_quotes(sandbox_15_17: Sandbox) -> None:
     sb = sandbox_15_17
-    reset(sb)
+    h.reset(sb)
     _setup(sb)
-    cfg = write_config(
+    cfg = h.write_config(
         sb, RELEASE, canary=ZERO_THEN_ALL,
         blue={"app_role": ROLE}, green={"app_role": ROLE},
         # Backup verification reads names from pg_restore's listing: defect 1, fixed
@@ -84,15 +77,15 @@ def test_release_of_names_that_need_quotes(sandbox_15_17: Sandbox) -> None:
         backup={"enabled": False},
         # Quote-aware: the schema's dot is inside the quotes.
         sync={"exclude_tables": [f'"{SCHEMA}"."{SKIPPED}"']})
-    result = run_cli(sb, "release", "--config", str(cfg))
+    result = h.run_cli(sb, "release", "--config", str(cfg))
     assert result.code == 0, result.err[-4000:]
-    row = release_row(sb, RELEASE)
+    row = h.release_row(sb, RELEASE)
     assert row is not None and row["status"] == "promoted", row
     assert row["facts"]["mode"] == "switchover"
 
     table = sql.Identifier(SCHEMA, TABLE)
     content = sql.SQL('SELECT id, "Name", "Row No" FROM {} ORDER BY id').format(table)
-    with blue_conn(sb) as b, green_conn(sb) as g:
+    with h.blue_conn(sb) as b, h.green_conn(sb) as g:
         blue_rows = b.execute(content).fetchall()
         assert len(blue_rows) == 500
         assert g.execute(content).fetchall() == blue_rows

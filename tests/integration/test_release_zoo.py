@@ -18,16 +18,7 @@ from orchestrator.routers.base import Weights
 from orchestrator.sandbox.loadgen import LoadGenerator
 from orchestrator.sandbox.stack import Sandbox
 from tests.conftest import short_tmpdir
-from tests.integration.helpers import (
-    FAST_CANARY,
-    green_conn,
-    release_row,
-    reset,
-    router,
-    run_cli,
-    wait_for,
-    write_config,
-)
+from tests.integration import helpers as h
 from tests.integration.zoo import build as zb
 from tests.integration.zoo import compare
 from tests.integration.zoo.ledger import TARGETS, ZooLedger
@@ -49,7 +40,7 @@ class Pair:
 
     @property
     def canary(self) -> dict[str, Any]:
-        return ZERO_THEN_ALL if self.mode == "switchover" else FAST_CANARY
+        return ZERO_THEN_ALL if self.mode == "switchover" else h.FAST_CANARY
 
 
 PAIRS = [Pair(15, 17, "switchover"), Pair(16, 17, "bidirectional"),
@@ -83,7 +74,7 @@ def _matviews_unpopulated(conn: psycopg.Connection[Any]) -> list[str]:
 def test_the_zoo_releases_with_every_write_and_row_intact(
         zoo_sandbox: tuple[Sandbox, Pair, zb.Zoo]) -> None:
     sb, pair, zoo = zoo_sandbox
-    reset(sb)
+    h.reset(sb)
     assert sorted([*zoo.extensions, *zoo.skipped]) == sorted(zb.WANTED_EXTENSIONS)
     with psycopg.connect(sb.blue.conninfo("shop"), autocommit=True) as b:
         held = zb.describe(b)
@@ -91,15 +82,15 @@ def test_the_zoo_releases_with_every_write_and_row_intact(
     assert held["policies"] == 2
 
     name = f"zoo-{pair.blue}-{pair.green}"
-    cfg = write_config(sb, name, canary=pair.canary)
-    traffic = router(sb)
+    cfg = h.write_config(sb, name, canary=pair.canary)
+    traffic = h.router(sb)
     load = LoadGenerator(sb.haproxy.url, rate=30.0, write_ratio=0.3)
     ledger = ZooLedger(sb, traffic)
     load.start()
     ledger.start()
     try:
-        result = run_cli(sb, "release", "--config", str(cfg))
-        row = release_row(sb, name)
+        result = h.run_cli(sb, "release", "--config", str(cfg))
+        row = h.release_row(sb, name)
         assert result.code == 0, (row or {}).get("error") or result.err[-3000:]
         assert row is not None and row["status"] == "promoted", row
         assert row["facts"]["mode"] == pair.mode
@@ -108,7 +99,7 @@ def test_the_zoo_releases_with_every_write_and_row_intact(
         assert traffic.current() == Weights.green_at(100)
         # Green serves alone for a moment; its writes flow back to blue.
         at_promotion = ledger.acked_on("green")
-        assert wait_for(lambda: ledger.acked_on("green") > at_promotion + 40, timeout=30)
+        assert h.wait_for(lambda: ledger.acked_on("green") > at_promotion + 40, timeout=30)
     finally:
         report = ledger.stop()
         load.stop()
@@ -123,7 +114,7 @@ def test_the_zoo_releases_with_every_write_and_row_intact(
     # Every acknowledged write is on green (serving) and, through reverse
     # replication, on blue.
     compare.wait_replicated(sb.green)
-    with green_conn(sb) as g:
+    with h.green_conn(sb) as g:
         assert _matviews_unpopulated(g) == []
         lost_on_green = ledger.lost(g)
     assert lost_on_green == [], f"{len(lost_on_green)} acknowledged writes lost on green"
@@ -149,7 +140,7 @@ def test_the_zoo_releases_with_every_write_and_row_intact(
     print(f"compared {len(diffs)} relations, {sum(d.blue_rows for d in diffs)} rows on blue")
 
     # orchestrate's own validation agrees: ok, nothing differing, every table seen.
-    checked = run_cli(sb, "validate", "--config", str(cfg), "--output", "json")
+    checked = h.run_cli(sb, "validate", "--config", str(cfg), "--output", "json")
     assert checked.code == 0, checked.out[-3000:] + checked.err[-2000:]
     doc = json.loads(checked.out)
     assert doc["ok"] is True and doc["problems"] == [], doc["problems"]

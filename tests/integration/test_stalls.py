@@ -18,28 +18,13 @@ import pytest
 
 from orchestrator.pg.initial_copy import COPY_APP_PREFIX
 from orchestrator.routers.base import Weights
-from orchestrator.sandbox.loadgen import LoadGenerator
 from orchestrator.sandbox.pgcluster import PgCluster
 from orchestrator.sandbox.ports import free_port
 from orchestrator.sandbox.stack import Sandbox
 from tests.faults.freeze import frozen
 from tests.faults.netns import IsolatedAddress
 from tests.faults.proxy import Proxy
-from tests.integration.helpers import (
-    assert_left_clean,
-    blue_conn,
-    blue_fenced,
-    green_conn,
-    green_weight,
-    order_ids,
-    release_row,
-    reset,
-    router,
-    run_cli,
-    spawn_cli,
-    wait_for,
-    write_config,
-)
+from tests.integration import helpers as h
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +46,7 @@ def _set_timeouts(cluster: PgCluster, seconds: int | None) -> None:
 @pytest.fixture
 def short_timeouts(sandbox_16_17: Sandbox) -> Iterator[Sandbox]:
     sb = sandbox_16_17
-    reset(sb)
+    h.reset(sb)
     for cluster in (sb.blue, sb.green):
         _set_timeouts(cluster, RECEIVER_TIMEOUT_S)
     try:
@@ -89,12 +74,12 @@ def test_green_frozen_during_a_stage_fails_it_and_the_rollback_finishes_after(
     with contextlib.ExitStack() as stack:
         if fault == "blackhole":
             path = stack.enter_context(IsolatedAddress((sb.green.host, sb.green.port)))
-            cfg = write_config(sb, name, canary=stages,
-                               green={"host": path.host, "port": path.port})
+            cfg = h.write_config(sb, name, canary=stages,
+                                 green={"host": path.host, "port": path.port})
             stop_answering: Callable[[], contextlib.AbstractContextManager[Any]] = \
                 path.blackholed
         else:
-            cfg = write_config(sb, name, canary=stages)
+            cfg = h.write_config(sb, name, canary=stages)
             stop_answering = partial(frozen, sb.green)
         _green_stops_answering_in_a_stage(sb, name, cfg, stop_answering, requested)
 
@@ -105,21 +90,21 @@ def _green_stops_answering_in_a_stage(
         requested: bool) -> None:
     log = sb.base_dir / f"{name}.log"
     asked_log = sb.base_dir / f"{name}-rollback.log"
-    load = LoadGenerator(sb.haproxy.url, rate=60.0, write_ratio=0.5)
-    load.start()
-    proc = spawn_cli(sb, "release", "--config", str(cfg), log=log)
-    asker = None
-    try:
+    with h.release_under_load(sb, cfg, log=log) as (proc, load), \
+            contextlib.ExitStack() as stack:
+        asker = None
+
         def green_takes_writes() -> bool:
-            return (green_weight(sb, name) == 20
+            return (h.green_weight(sb, name) == 20
                     and load.report().acked_by_colour.get("green", 0) > 10)
 
-        assert wait_for(green_takes_writes, timeout=180), log.read_text()[-3000:]
+        assert h.wait_for(green_takes_writes, timeout=180), log.read_text()[-3000:]
         with stop_answering():
             started = time.monotonic()
             if requested:
-                asker = spawn_cli(sb, "rollback", "--config", str(cfg), "--reason",
-                                  "operator during the freeze", log=asked_log)
+                asker = stack.enter_context(h.spawned(
+                    sb, "rollback", "--config", str(cfg), "--reason",
+                    "operator during the freeze", log=asked_log))
             # The release does not wait for the freeze to end: the probe (or the
             # request) ends the stage, traffic goes back to blue, and the rollback
             # stops, saying why (green holds writes blue has not got yet).
@@ -134,8 +119,8 @@ def _green_stops_answering_in_a_stage(
                 assert "green is unreachable" in said, said[-3000:]
                 print(f"release reacted in {reacted:.1f}s; the CLI reported {told:.1f}s later")
                 assert told < 5.0, f"the waiting CLI reported {told:.1f}s after the release"
-            assert router(sb).current() == Weights.green_at(0)
-            row = release_row(sb, name)
+            assert h.router(sb).current() == Weights.green_at(0)
+            row = h.release_row(sb, name)
             assert row is not None and row["state"] == "rollback"
             if requested:
                 # Seen at the next poll, before the probe's verdict (~6 s), though a
@@ -146,18 +131,13 @@ def _green_stops_answering_in_a_stage(
             assert "green is unreachable" in (row["error"] or "")
             time.sleep(max(0.0, FREEZE_S - reacted))
         # Green answers again: the rerun completes the rollback with green's writes.
-        back = run_cli(sb, "rollback", "--config", str(cfg))
+        back = h.run_cli(sb, "rollback", "--config", str(cfg))
         assert back.code == 0, back.out + back.err[-3000:]
-    finally:
-        for p in (proc, asker):
-            if p is not None and p.poll() is None:
-                p.kill()
-        report = load.stop()
+    report = load.report()
     assert reacted < 20.0
-    row = release_row(sb, name)
-    assert row is not None and row["status"] == "rolled_back"
+    row = h.rolled_back_row(sb, name)
     assert report.acked_by_colour.get("green", 0) > 0
-    assert_left_clean(sb, report)
+    h.assert_left_clean(sb, report)
 
 
 def test_blue_frozen_longer_than_the_receiver_timeout_loses_no_write(
@@ -170,30 +150,23 @@ def test_blue_frozen_longer_than_the_receiver_timeout_loses_no_write(
               "probe": {"timeout": "2s", "failure_limit": 100}, "stages": [
                   {"weight": 0, "duration": "1s"}, {"weight": 20, "duration": "240s"},
                   {"weight": 100, "duration": "1s"}]}
-    cfg = write_config(sb, "blue-frozen", canary=stages)
+    cfg = h.write_config(sb, "blue-frozen", canary=stages)
     log = sb.base_dir / "blue-frozen.log"
-    load = LoadGenerator(sb.haproxy.url, rate=60.0, write_ratio=0.5)
-    load.start()
-    proc = spawn_cli(sb, "release", "--config", str(cfg), log=log)
-    try:
+    with h.release_under_load(sb, cfg, log=log) as (proc, load):
         def green_takes_writes() -> bool:
-            return (green_weight(sb, "blue-frozen") == 20
+            return (h.green_weight(sb, "blue-frozen") == 20
                     and load.report().acked_by_colour.get("green", 0) > 10)
 
-        assert wait_for(green_takes_writes, timeout=180), log.read_text()[-3000:]
+        assert h.wait_for(green_takes_writes, timeout=180), log.read_text()[-3000:]
         with frozen(sb.blue):
             time.sleep(FREEZE_S)
-        assert wait_for(lambda: load.report().acked_by_colour.get("blue", 0) > 0, timeout=30)
-        aborted = run_cli(sb, "abort", "--config", str(cfg), "--reason", "after the stall")
+        assert h.wait_for(lambda: load.report().acked_by_colour.get("blue", 0) > 0, timeout=30)
+        aborted = h.run_cli(sb, "abort", "--config", str(cfg), "--reason", "after the stall")
         assert aborted.code == 0, aborted.out + aborted.err[-3000:] + log.read_text()[-3000:]
         proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        report = load.stop()
-    row = release_row(sb, "blue-frozen")
-    assert row is not None and row["status"] == "rolled_back", row
-    assert_left_clean(sb, report)
+    report = load.report()
+    h.rolled_back_row(sb, "blue-frozen")
+    h.assert_left_clean(sb, report)
 
 
 def test_green_frozen_in_the_window_rolls_back_once_it_answers(
@@ -205,37 +178,30 @@ def test_green_frozen_in_the_window_rolls_back_once_it_answers(
     stages = {"interval": "1s", "window": "10s", "checks": [], "allow_unanalysed": True,
         "probe": PROBE, "stages": [
         {"weight": 0, "duration": "1s"}, {"weight": 100, "duration": "1s"}]}
-    cfg = write_config(sb, "window-frozen", canary=stages)
+    cfg = h.write_config(sb, "window-frozen", canary=stages)
     log = sb.base_dir / "window-frozen.log"
-    load = LoadGenerator(sb.haproxy.url, rate=60.0, write_ratio=0.5)
-    load.start()
-    proc = spawn_cli(sb, "release", "--config", str(cfg), "--wait-window", log=log)
-    try:
+    with h.release_under_load(sb, cfg, "--wait-window", log=log) as (proc, load):
         def promoted_with_green_writes() -> bool:
-            row = release_row(sb, "window-frozen")
+            row = h.release_row(sb, "window-frozen")
             return bool(row and row["state"] == "window"
                         and load.report().acked_by_colour.get("green", 0) > 10)
 
-        assert wait_for(promoted_with_green_writes, timeout=180), log.read_text()[-3000:]
+        assert h.wait_for(promoted_with_green_writes, timeout=180), log.read_text()[-3000:]
         with frozen(sb.green):
             started = time.monotonic()
             code = proc.wait(timeout=FREEZE_S + 30)
             reacted = time.monotonic() - started
             assert code == 1, log.read_text()[-3000:]
-            row = release_row(sb, "window-frozen")
+            row = h.release_row(sb, "window-frozen")
             assert row is not None and row["state"] == "rollback", row
             assert "green does not answer" in (row["error"] or "") + log.read_text()
             time.sleep(max(0.0, FREEZE_S - reacted))
-        back = run_cli(sb, "rollback", "--config", str(cfg))
+        back = h.run_cli(sb, "rollback", "--config", str(cfg))
         assert back.code == 0, back.out + back.err[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        report = load.stop()
+    report = load.report()
     assert reacted < 20.0
-    row = release_row(sb, "window-frozen")
-    assert row is not None and row["status"] == "rolled_back"
-    assert_left_clean(sb, report)
+    row = h.rolled_back_row(sb, "window-frozen")
+    h.assert_left_clean(sb, report)
 
 
 def test_green_frozen_during_the_initial_copy_fails_the_copy_naming_the_table(
@@ -243,42 +209,37 @@ def test_green_frozen_during_the_initial_copy_fails_the_copy_naming_the_table(
     """No log line and no error for minutes used to be the answer: the copy pipes
     waited on the frozen server. The watchdog sees no byte move and fails the copy."""
     sb = short_timeouts
-    with blue_conn(sb) as conn:
+    with h.blue_conn(sb) as conn:
         conn.execute("CREATE TABLE public.big_copy (id bigint PRIMARY KEY, pad text)")
         conn.execute("INSERT INTO public.big_copy SELECT g, repeat(md5(g::text), 6) "
                      "FROM generate_series(1, 1500000) g")
     try:
-        cfg = write_config(sb, "copy-frozen", backup={"enabled": False},
-                           sync={"initial_copy": {"stall_timeout": "3s"}})
+        cfg = h.write_config(sb, "copy-frozen", backup={"enabled": False},
+                             sync={"initial_copy": {"stall_timeout": "3s"}})
         log = sb.base_dir / "copy-frozen.log"
-        proc = spawn_cli(sb, "release", "--config", str(cfg), log=log)
-        try:
+        with h.spawned(sb, "release", "--config", str(cfg), log=log) as proc:
             def copying() -> bool:
-                with blue_conn(sb) as conn:
+                with h.blue_conn(sb) as conn:
                     row = conn.execute(
                         "SELECT count(*) FROM pg_stat_activity WHERE application_name "
                         "LIKE %s AND query ILIKE 'COPY%%big_copy%%'",
                         (f"{COPY_APP_PREFIX}%",)).fetchone()
                 return bool(row and row[0])
 
-            assert wait_for(copying, timeout=180, interval=0.05), log.read_text()[-3000:]
+            assert h.wait_for(copying, timeout=180, interval=0.05), log.read_text()[-3000:]
             with frozen(sb.green):
                 started = time.monotonic()
                 code = proc.wait(timeout=60)
                 reacted = time.monotonic() - started
                 assert code == 1, log.read_text()[-3000:]
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        row = release_row(sb, "copy-frozen")
-        assert row is not None and row["status"] == "rolled_back", row
+        row = h.rolled_back_row(sb, "copy-frozen")
         # Every pipe stalls at once; the first to hit the limit names its table.
         assert re.search(r"copying public\.\w+: no byte moved for 3s", row["error"] or "")
         assert reacted < 3 + 20
-        assert router(sb).current() == Weights.green_at(0)
-        assert not blue_fenced(sb)
+        assert h.router(sb).current() == Weights.green_at(0)
+        assert not h.blue_fenced(sb)
     finally:
-        with blue_conn(sb) as conn:
+        with h.blue_conn(sb) as conn:
             conn.execute("DROP TABLE public.big_copy")
 
 
@@ -292,17 +253,14 @@ def test_blue_frozen_with_the_state_stops_the_release_and_the_rerun_resumes(
         "probe": PROBE, "stages": [
         {"weight": 0, "duration": "1s"}, {"weight": 20, "duration": "20s"},
         {"weight": 100, "duration": "1s"}]}
-    cfg = write_config(sb, "state-frozen", canary=stages, blue={"statement_deadline": "4s",
-                                                                "connect_timeout": "2s"})
+    cfg = h.write_config(sb, "state-frozen", canary=stages, blue={"statement_deadline": "4s",
+                                                                  "connect_timeout": "2s"})
     log = sb.base_dir / "state-frozen.log"
-    load = LoadGenerator(sb.haproxy.url, rate=60.0, write_ratio=0.5)
-    load.start()
-    proc = spawn_cli(sb, "release", "--config", str(cfg), log=log)
-    try:
+    with h.release_under_load(sb, cfg, log=log) as (proc, load):
         def at_20() -> bool:
-            return green_weight(sb, "state-frozen") == 20
+            return h.green_weight(sb, "state-frozen") == 20
 
-        assert wait_for(at_20, timeout=180), log.read_text()[-3000:]
+        assert h.wait_for(at_20, timeout=180), log.read_text()[-3000:]
         with frozen(sb.blue):
             started = time.monotonic()
             code = proc.wait(timeout=120)
@@ -310,18 +268,15 @@ def test_blue_frozen_with_the_state_stops_the_release_and_the_rerun_resumes(
             assert code == 1, log.read_text()[-3000:]
             assert "does not answer" in log.read_text()
             time.sleep(max(0.0, FREEZE_S - reacted))
-        row = release_row(sb, "state-frozen")
+        row = h.release_row(sb, "state-frozen")
         assert row is not None and row["status"] == "running" and row["state"] == "canary"
-        again = run_cli(sb, "release", "--config", str(cfg))
+        again = h.run_cli(sb, "release", "--config", str(cfg))
         assert again.code == 0, again.out + again.err[-3000:]
-        back = run_cli(sb, "rollback", "--config", str(cfg))
+        back = h.run_cli(sb, "rollback", "--config", str(cfg))
         assert back.code == 0, back.out + back.err[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        report = load.stop()
+    report = load.report()
     assert reacted < 60.0
-    assert_left_clean(sb, report)
+    h.assert_left_clean(sb, report)
 
 
 def test_connections_to_green_cut_during_a_stage_are_retried_and_the_release_promotes(
@@ -337,29 +292,23 @@ def test_connections_to_green_cut_during_a_stage_are_retried_and_the_release_pro
         {"weight": 100, "duration": "2s"}]}
     name = "green-cut"
     with Proxy((sb.green.host, sb.green.port), free_port()) as proxy:
-        cfg = write_config(sb, name, canary=stages,
-                           green={"host": proxy.host, "port": proxy.port})
+        cfg = h.write_config(sb, name, canary=stages,
+                             green={"host": proxy.host, "port": proxy.port})
         log = sb.base_dir / f"{name}.log"
-        load = LoadGenerator(sb.haproxy.url, rate=60.0, write_ratio=0.5)
-        load.start()
-        proc = spawn_cli(sb, "release", "--config", str(cfg), log=log)
         cuts = 0
-        try:
-            assert wait_for(lambda: green_weight(sb, name) == 20, timeout=180), \
+        with h.release_under_load(sb, cfg, log=log) as (proc, load):
+            assert h.wait_for(lambda: h.green_weight(sb, name) == 20, timeout=180), \
                 log.read_text()[-3000:]
-            while proc.poll() is None and green_weight(sb, name) == 20:
+            while proc.poll() is None and h.green_weight(sb, name) == 20:
                 cuts += proxy.cut()
                 time.sleep(2.0)
             code = proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            report = load.stop()
+        report = load.report()
     assert cuts >= 3, f"only {cuts} connections cut"
     assert code == 0, log.read_text()[-3000:]
-    row = release_row(sb, name)
+    row = h.release_row(sb, name)
     assert row is not None and row["status"] == "promoted", row
-    assert router(sb).current() == Weights.green_at(100)
-    with green_conn(sb) as g:
-        missing = set(report.acked_order_ids) - order_ids(g)
+    assert h.router(sb).current() == Weights.green_at(100)
+    with h.green_conn(sb) as g:
+        missing = set(report.acked_order_ids) - h.order_ids(g)
     assert missing == set(), f"{len(missing)} acknowledged writes missing on green"

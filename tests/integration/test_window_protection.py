@@ -10,10 +10,8 @@
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -24,25 +22,13 @@ import yaml
 from orchestrator.routers.base import Weights
 from orchestrator.sandbox.loadgen import LoadGenerator
 from orchestrator.sandbox.ports import free_port
-from orchestrator.sandbox.process import ManagedProcess
 from orchestrator.sandbox.prometheus import PrometheusServer
 from orchestrator.sandbox.stack import Sandbox
-from tests.integration.helpers import (
-    assert_left_clean,
-    blue_conn,
-    green_conn,
-    release_row,
-    reset,
-    router,
-    spawn_cli,
-    wait_for,
-    write_config,
-)
-from tests.integration.test_canary_analysis import Receiver, log_messages, set_fault
+from tests.integration import helpers as h
+from tests.integration.test_canary_analysis import Receiver, log_messages
 
 pytestmark = pytest.mark.slow
 
-ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 TOKEN = "it-token-5b0f8d3c2a6e41f7"
 
 
@@ -61,40 +47,21 @@ class RulingPrometheus(PrometheusServer):
             "alertmanagers": [{"static_configs": [{"targets": [self.alertmanager]}]}]}}
 
 
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as resp:
-            return bool(resp.status == 200)
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(ALERTMANAGER is None, reason="Debian's prometheus-alertmanager is needed")
+@pytest.mark.skipif(h.ALERTMANAGER is None, reason="Debian's prometheus-alertmanager is needed")
 def test_an_alert_from_a_real_alertmanager_rolls_back_inside_the_window(
         sandbox_16_17: Sandbox, tmp_path: Path) -> None:
     sb = sandbox_16_17
-    reset(sb)
+    h.reset(sb)
     name = "window-alert"
     token_file = sb.base_dir / "webhook-token"
     token_file.write_text(TOKEN + "\n")
-    cfg = write_config(sb, name, rollback={"window": "5m"}, canary={
+    cfg = h.write_config(sb, name, rollback={"window": "5m"}, canary={
         "interval": "1s", "window": "10s", "checks": [], "allow_unanalysed": True,
         "stages": [{"weight": 0, "duration": "1s"}, {"weight": 100, "duration": "2s"}]},
         alerts={"token": {"file": str(token_file)}})
     receiver = Receiver(sb, cfg, tmp_path / "serve.log")
     am_port = free_port()
-    (tmp_path / "am.yml").write_text(yaml.safe_dump({
-        "route": {"receiver": "orchestrate", "group_by": ["alertname"], "group_wait": "0s",
-                  "group_interval": "1s", "repeat_interval": "1h"},
-        "receivers": [{"name": "orchestrate", "webhook_configs": [{
-            "url": f"{receiver.url}/alertmanager", "send_resolved": False,
-            "http_config": {"authorization": {"type": "Bearer",
-                                              "credentials_file": str(token_file)}}}]}]}))
-    assert ALERTMANAGER is not None
-    am = ManagedProcess("alertmanager", [
-        ALERTMANAGER, f"--config.file={tmp_path / 'am.yml'}",
-        f"--storage.path={tmp_path / 'am-data'}", f"--web.listen-address=127.0.0.1:{am_port}",
-        "--cluster.listen-address="], tmp_path / "am.log")
+    am = h.alertmanager(tmp_path, am_port, f"{receiver.url}/alertmanager", token_file)
     prom = RulingPrometheus(tmp_path / "prom", {"groups": [{"name": "canary", "rules": [{
         "alert": "GreenErrorRate",
         "expr": 'sum(rate(demo_http_requests_total{colour="green",code=~"5.."}[5s])) / '
@@ -107,30 +74,30 @@ def test_an_alert_from_a_real_alertmanager_rolls_back_inside_the_window(
     proc = None
     try:
         am.start()
-        assert wait_for(lambda: _ready(f"http://127.0.0.1:{am_port}"), timeout=30)
+        assert h.wait_for(lambda: h.alertmanager_ready(am_port), timeout=30)
         prom.start()
         load.start()
-        proc = spawn_cli(sb, "release", "--config", str(cfg), "--wait-window", log=log)
+        proc = h.spawn_cli(sb, "release", "--config", str(cfg), "--wait-window", log=log)
 
         def in_window() -> bool:
-            row = release_row(sb, name)
+            row = h.release_row(sb, name)
             return bool(row and row["state"] == "window")
 
-        assert wait_for(in_window, timeout=180), log.read_text()[-3000:]
-        assert wait_for(lambda: load.report().acked_by_colour.get("green", 0) > 20, timeout=30)
+        assert h.wait_for(in_window, timeout=180), log.read_text()[-3000:]
+        assert h.wait_for(lambda: load.report().acked_by_colour.get("green", 0) > 20, timeout=30)
         # The regression shows after promotion, as they do.
-        set_fault(sb, "green", fail_rate=1.0)
-        assert wait_for(lambda: any("rollback requested by Alertmanager" in m
-                                    for m in log_messages(sb, name)), timeout=60), (
+        h.set_fault(sb, "green", fail_rate=1.0)
+        assert h.wait_for(lambda: any("rollback requested by Alertmanager" in m
+                                      for m in log_messages(sb, name)), timeout=60), (
             (tmp_path / "am.log").read_text()[-2000:] + receiver.log.read_text()[-2000:])
         requested = time.monotonic()
-        assert wait_for(lambda: router(sb).current() == Weights.green_at(0), timeout=30,
-                        interval=0.05)
+        assert h.wait_for(lambda: h.router(sb).current() == Weights.green_at(0), timeout=30,
+                          interval=0.05)
         reacted = time.monotonic() - requested
         # The process waiting in the window did the rollback, and says so.
         assert proc.wait(timeout=90) == 1, log.read_text()[-3000:]
     finally:
-        set_fault(sb, "green")
+        h.set_fault(sb, "green")
         if proc is not None and proc.poll() is None:
             proc.kill()
         report = load.stop()
@@ -138,24 +105,23 @@ def test_an_alert_from_a_real_alertmanager_rolls_back_inside_the_window(
         prom.stop()
         am.stop()
     print(f"alert recorded -> 100 % on blue: {reacted:.2f}s")
-    row = release_row(sb, name)
-    assert row is not None and row["status"] == "rolled_back"
+    row = h.rolled_back_row(sb, name)
     assert row["facts"]["rollback_from"] == "window"
     assert "alert GreenErrorRate firing: green answers 5xx" in (row["error"] or "")
-    assert_left_clean(sb, report)
+    h.assert_left_clean(sb, report)
 
 
 def test_sustained_replication_lag_fails_the_stage(sandbox_16_17: Sandbox,
                                                    tmp_path: Path) -> None:
     sb = sandbox_16_17
-    reset(sb)
+    h.reset(sb)
     name = "lagging"
     # Bytes generous, seconds tight: replay_lag goes stale while the worker is stuck,
     # so only the slot's position standing still can say how long it has been.
-    cfg = write_config(sb, name, sync={"max_lag_bytes": 100_000_000, "max_lag_seconds": "5s",
-                                       "lag_failure_limit": 2},
-                       canary={"interval": "1s", "window": "10s", "checks": [],
-                               "allow_unanalysed": True, "stages": [
+    cfg = h.write_config(sb, name, sync={"max_lag_bytes": 100_000_000, "max_lag_seconds": "5s",
+                                         "lag_failure_limit": 2},
+                         canary={"interval": "1s", "window": "10s", "checks": [],
+                                 "allow_unanalysed": True, "stages": [
                                    {"weight": 0, "duration": "60s"},
                                    {"weight": 100, "duration": "1s"}]})
     load = LoadGenerator(sb.haproxy.url, rate=60.0, write_ratio=0.5)
@@ -165,18 +131,18 @@ def test_sustained_replication_lag_fails_the_stage(sandbox_16_17: Sandbox,
     proc = None
     try:
         load.start()
-        proc = spawn_cli(sb, "release", "--config", str(cfg), log=log)
-        assert wait_for(lambda: any(m.startswith("stage 1/2")
-                                    for m in _messages(sb, name)), timeout=180), (
+        proc = h.spawn_cli(sb, "release", "--config", str(cfg), log=log)
+        assert h.wait_for(lambda: any(m.startswith("stage 1/2")
+                                      for m in _messages(sb, name)), timeout=180), (
             log.read_text()[-3000:])
         # A DBA's long transaction on green: the apply worker waits on its lock while
         # blue goes on taking orders.
-        locker = green_conn(sb)
+        locker = h.green_conn(sb)
         locker.autocommit = False
         locker.execute("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
         held.set()
-        assert wait_for(lambda: any(m.startswith("rolling back") for m in _messages(sb, name)),
-                        timeout=60), log.read_text()[-3000:]
+        assert h.wait_for(lambda: any(m.startswith("rolling back") for m in _messages(sb, name)),
+                          timeout=60), log.read_text()[-3000:]
         locker.rollback()
         assert proc.wait(timeout=120) == 1, log.read_text()[-3000:]
     finally:
@@ -186,17 +152,16 @@ def test_sustained_replication_lag_fails_the_stage(sandbox_16_17: Sandbox,
             proc.kill()
         report = load.stop()
     assert held.is_set()
-    row = release_row(sb, name)
-    assert row is not None and row["status"] == "rolled_back"
+    row = h.rolled_back_row(sb, name)
     error = row["error"] or ""
     assert "forward replication lag" in error and "in 2 checks in a row" in error, error
     assert "s > 5s" in error and "bytes" not in error, error
-    assert_left_clean(sb, report)
+    h.assert_left_clean(sb, report)
 
 
 def _messages(sb: Sandbox, name: str) -> list[str]:
     try:
-        with blue_conn(sb) as conn:
+        with h.blue_conn(sb) as conn:
             return [r[0] for r in conn.execute(
                 "SELECT message FROM orchestrate.release_log WHERE release = %s ORDER BY id",
                 (name,)).fetchall()]
