@@ -103,6 +103,15 @@ def _since_release(alerts: list[Alert], row: ReleaseRow) -> list[Alert]:
     return [a for a in alerts if a.started is None or a.started >= begun]
 
 
+@dataclass(frozen=True)
+class _Binding:
+    """The release a receiver guards, as one value (swapped whole when it follows)."""
+
+    cfg: ReleaseConfig
+    matchers: Matchers
+    selector: AlertSelector
+
+
 class AlertReceiver:
     def __init__(
         self,
@@ -116,6 +125,7 @@ class AlertReceiver:
         max_stores: int = 4,
         follow: Callable[[ReceiverStore], ReleaseConfig] | None = None,
     ) -> None:
+        self._pinned = threading.local()
         self._bind(cfg)
         self.state_timeout = cfg.alerts.state_timeout
         # A config without release.name (a CronJob's recurring releases): which
@@ -169,12 +179,37 @@ class AlertReceiver:
     # -- the release followed --------------------------------------------------------
 
     def _bind(self, cfg: ReleaseConfig) -> None:
-        # One assignment each: a decision under way reads a consistent release.
-        self.cfg = cfg
-        self.name = cfg.release.name
-        self.matchers = Matchers(cfg.alerts.matchers, cfg.template_variables())
-        self.selector = AlertSelector(self.name, cfg.alerts.release_label, self.matchers)
-        self.window = cfg.rollback.window
+        matchers = Matchers(cfg.alerts.matchers, cfg.template_variables())
+        self._binding = _Binding(cfg, matchers, AlertSelector(
+            cfg.release.name, cfg.alerts.release_label, matchers))
+
+    # A decision, and the rollback it starts, read the release bound when it began
+    # (pinned on its thread): an alert that races the start of the next release is
+    # judged, recorded and executed against one release, never two.
+    @property
+    def _current(self) -> _Binding:
+        pinned: _Binding | None = getattr(self._pinned, "binding", None)
+        return pinned or self._binding
+
+    @property
+    def cfg(self) -> ReleaseConfig:
+        return self._current.cfg
+
+    @property
+    def name(self) -> str:
+        return self._current.cfg.release.name
+
+    @property
+    def selector(self) -> AlertSelector:
+        return self._current.selector
+
+    @property
+    def matchers(self) -> Matchers:
+        return self._current.matchers
+
+    @property
+    def window(self) -> float:
+        return self._current.cfg.rollback.window
 
     def _refresh(self, ticket: Ticket) -> Decision | None:
         """Follow the release of the day (``follow``); a 503 when the store cannot say."""
@@ -201,6 +236,13 @@ class AlertReceiver:
             unavailable = self._refresh(ticket)
             if unavailable is not None:
                 return unavailable
+        self._pinned.binding = self._binding
+        try:
+            return self._handle(alerts, ticket)
+        finally:
+            self._pinned.binding = None
+
+    def _handle(self, alerts: list[Alert], ticket: Ticket) -> Decision:
         firing = [a for a in alerts if a.status == "firing"]
         concerned, refused = [], []
         for a in firing:
@@ -390,12 +432,14 @@ class AlertReceiver:
             log.warning("no orchestrator holds the release: rolling back from here",
                         release=self.name, reason=reason)
             # Not a daemon: a process asked to stop waits for the rollback to finish.
-            self._worker = threading.Thread(target=self._rollback, args=(reason,),
+            self._worker = threading.Thread(target=self._rollback,
+                                            args=(reason, self._current),
                                             name="orchestrate-rollback", daemon=False)
             self._worker.start()
             return True
 
-    def _rollback(self, reason: str) -> None:
+    def _rollback(self, reason: str, binding: _Binding) -> None:
+        self._pinned.binding = binding  # this thread's release: the one decided on
         try:
             if rollback_request.perform(self._run_rollback, reason) is None:
                 log.info("an orchestrator took the release over; it performs the rollback",

@@ -162,6 +162,7 @@ class Harness:
         self.store = FakeStore(row)
         self.lock_free = lock_free
         self.rollbacks: list[str] = []
+        self.rolled: list[str] = []
         self.release = threading.Event()
         if not rollback_blocks:
             self.release.set()
@@ -173,6 +174,8 @@ class Harness:
     def _rollback(self, reason: str) -> None:
         self.rollbacks.append(reason)
         self.release.wait(5)
+        # The release this rollback works on, read as the real runner reads it.
+        self.rolled.append(self.receiver.cfg.release.name)
 
     def send(self, *alerts: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         decision = self.receiver.handle(parse_payload(payload(*alerts)))
@@ -273,6 +276,25 @@ def test_a_receiver_without_a_release_name_follows_the_release_of_the_day() -> N
     h2.store.down = 2
     code, body = h2.send(alert())
     assert code == 503 and "unreachable" in body["error"]
+
+
+def test_a_rollback_works_on_the_release_it_was_decided_for() -> None:
+    # The receiver's own rollback of shop-r1 is under way when the next release
+    # starts and an alert makes the receiver follow it: the rollback stays on shop-r1.
+    first = cfg()
+    second = first.model_copy(update={"release": first.release.model_copy(
+        update={"name": "shop-r2"})})
+    current = [first]
+    h = Harness(running(), lock_free=True, rollback_blocks=True,
+                follow=lambda store: current[0])
+    code, _ = h.send(alert())
+    assert code == 202
+    current[0] = second
+    code, body = h.send(alert(release="shop-r2"))
+    assert body["release"] == "shop-r2" and h.receiver.name == "shop-r2"
+    h.release.set()
+    h.receiver.wait(5)
+    assert h.rolled == ["shop-r1"]
 
 
 def test_without_an_orchestrator_the_receiver_rolls_back_itself_once() -> None:
