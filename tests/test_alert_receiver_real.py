@@ -104,7 +104,7 @@ def serve_backends(pg: PgCluster) -> list[int]:
 
 def test_state_connection_has_timeouts_and_keepalives(release_cfg: ReleaseConfig) -> None:
     receiver = build_receiver(release_cfg, TOKEN)
-    store = receiver._idle.get_nowait()
+    store = receiver._pool._idle.get_nowait()
     try:
         conn = store.conn  # type: ignore[attr-defined]
         assert conn.execute("SHOW statement_timeout").fetchone()[0] == "4s"

@@ -36,14 +36,8 @@ from orchestrator.config import AlertsConfig
 from orchestrator.matchers import AlertSelector, Matchers
 from orchestrator.server.app import ALERT_PATH, create_app
 from orchestrator.server.payload import MAX_BODY_BYTES, Alert, PayloadError, parse_payload
-from orchestrator.server.receiver import (
-    REFUSED,
-    AlertReceiver,
-    Decision,
-    ReceiverStore,
-    StoreUnavailable,
-    Ticket,
-)
+from orchestrator.server.pool import ReceiverStore, StoreUnavailable, Ticket
+from orchestrator.server.receiver import REFUSED, AlertReceiver, Decision
 from orchestrator.server.run import (
     MIN_TOKEN_CHARS,
     ReceiverHTTP,

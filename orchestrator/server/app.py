@@ -28,7 +28,8 @@ from uvicorn.server import ServerState
 
 from orchestrator.logging import get_logger
 from orchestrator.server.payload import MAX_BODY_BYTES, PayloadError, parse_payload
-from orchestrator.server.receiver import REFUSED, AlertReceiver, Decision, Ticket
+from orchestrator.server.pool import Ticket
+from orchestrator.server.receiver import REFUSED, AlertReceiver, Decision
 from orchestrator.telemetry import process_telemetry
 
 log = get_logger("orchestrate.serve")

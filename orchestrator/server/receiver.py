@@ -9,24 +9,22 @@ timeout, and the HTTP side aborts a call that overruns ``alerts.state_timeout``.
 from __future__ import annotations
 
 import hmac
-import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
-
-import psycopg
+from typing import Any
 
 from orchestrator import rollback_request
 from orchestrator.config import ReleaseConfig
-from orchestrator.errors import OrchestrateError, StateUnavailable
+from orchestrator.errors import OrchestrateError
 from orchestrator.logging import get_logger, register_secret, scrub
 from orchestrator.matchers import AlertSelector, Matchers
 from orchestrator.record import State, Status
 from orchestrator.rollback_request import NotRollbackable
 from orchestrator.server.payload import Alert
+from orchestrator.server.pool import ReceiverStore, StorePool, StoreUnavailable, Ticket
 from orchestrator.store import ReleaseRow
 
 log = get_logger("orchestrate.serve")
@@ -39,39 +37,6 @@ REFUSED = "alert refused: missing or wrong bearer token"
 class Decision:
     code: int
     body: dict[str, Any]
-
-
-class ReceiverStore(Protocol):
-    """What the receiver needs of ``StateStore``."""
-
-    def get(self, name: str) -> ReleaseRow | None: ...
-
-    def request_rollback(self, name: str, reason: str) -> bool: ...
-
-    def log(self, name: str, level: str, message: str, *, state: str | None = None,
-            details: dict[str, Any] | None = None, duration_s: float | None = None) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class StoreUnavailable(Exception):
-    """The control schema could not be read or written in time."""
-
-
-class Ticket:
-    """One call of ``handle``: lets the HTTP side abort it when it overruns."""
-
-    def __init__(self) -> None:
-        self.store: ReceiverStore | None = None
-        self.aborted = False
-
-    def abort(self) -> None:
-        self.aborted = True
-        # A store stuck in a read (a stopped backend answers nothing, and the kernel
-        # still acknowledges keepalives) is freed by shutting its socket down.
-        abort = getattr(self.store, "abort", None)
-        if callable(abort):
-            abort()
 
 
 class _Bounded:
@@ -137,12 +102,7 @@ class AlertReceiver:
         self._token = token.encode() if token is not None else None
         # A pool, not one connection behind one lock: an alert stuck on a stalled
         # connection must not hold every later alert behind it.
-        self._idle: queue.LifoQueue[ReceiverStore] = queue.LifoQueue()
-        self._idle.put(store)
-        self._stores = [store]
-        self._factory = store_factory
-        self._max_stores = max_stores
-        self._pool_lock = threading.Lock()
+        self._pool = StorePool(store, store_factory, max_stores, timeout=self.state_timeout)
         self._lock_is_free = lock_is_free
         self._run_rollback = run_rollback
         self._worker: threading.Thread | None = None
@@ -203,24 +163,17 @@ class AlertReceiver:
     def selector(self) -> AlertSelector:
         return self._current.selector
 
-    @property
-    def matchers(self) -> Matchers:
-        return self._current.matchers
-
-    @property
-    def window(self) -> float:
-        return self._current.cfg.rollback.window
 
     def _refresh(self, ticket: Ticket) -> Decision | None:
         """Follow the release of the day (``follow``); a 503 when the store cannot say."""
         assert self._follow is not None
         follow = self._follow
         try:
-            store = self._checkout(ticket)
+            store = self._pool.checkout(ticket)
             try:
-                cfg: ReleaseConfig = self._with_store(store, ticket, lambda: follow(store))
+                cfg: ReleaseConfig = self._pool.call(store, ticket, lambda: follow(store))
             finally:
-                self._checkin(store, ticket)
+                self._pool.checkin(store, ticket)
         except StoreUnavailable as exc:
             return self.unavailable(str(exc))
         if cfg.release.name != self.name:
@@ -258,11 +211,11 @@ class AlertReceiver:
                                           if len(refused) > 3 else ""))
             return self._ignored(reason)
         try:
-            store = self._checkout(ticket)
+            store = self._pool.checkout(ticket)
             try:
                 return self._decide(store, concerned, ticket)
             finally:
-                self._checkin(store, ticket)
+                self._pool.checkin(store, ticket)
         except StoreUnavailable as exc:
             if ticket.aborted:
                 # The HTTP side already answered 503 and counted it.
@@ -270,7 +223,7 @@ class AlertReceiver:
             return self.unavailable(str(exc))
 
     def _decide(self, store: ReceiverStore, concerned: list[Alert], ticket: Ticket) -> Decision:
-        row: ReleaseRow | None = self._with_store(store, ticket, lambda: store.get(self.name))
+        row: ReleaseRow | None = self._pool.call(store, ticket, lambda: store.get(self.name))
         if row is None:
             return self._ignored(f"release {self.name} has not started")
         unprotected = self._unprotected(row)
@@ -293,7 +246,7 @@ class AlertReceiver:
         if row.status == Status.RUNNING:
             return None
         if row.status == Status.PROMOTED and row.state == State.WINDOW:
-            closes = (row.facts.promoted_at or time.time()) + self.window
+            closes = (row.facts.promoted_at or time.time()) + self.cfg.rollback.window
             if time.time() < closes:
                 return None
             return (f"release {self.name} is promoted and its rollback window closed at "
@@ -313,10 +266,10 @@ class AlertReceiver:
         """Record the request (``rollback_request.record``), each store call bounded."""
         alert = concerned[0]
         reason = alert.describe()
-        bounded = _Bounded(store, lambda call: self._with_store(store, ticket, call))
+        bounded = _Bounded(store, lambda call: self._pool.call(store, ticket, call))
         recorded = rollback_request.record(bounded, self.name, reason, row=row)
         if recorded.new:
-            self._with_store(store, ticket, lambda: store.log(
+            self._pool.call(store, ticket, lambda: store.log(
                 self.name, "warning", f"rollback requested by Alertmanager: {reason}",
                 state=row.state, details={
                     "alertname": alert.name, "labels": alert.labels,
@@ -352,64 +305,8 @@ class AlertReceiver:
         log.info("alert ignored", release=self.name, reason=reason)
         return Decision(200, {"action": "ignored", "release": self.name, "reason": reason})
 
-    # -- the state connections ------------------------------------------------------
-
-    def _checkout(self, ticket: Ticket) -> ReceiverStore:
-        try:
-            store = self._idle.get_nowait()
-        except queue.Empty:
-            store = self._new_store() or self._wait_for_store()
-        ticket.store = store
-        return store
-
-    def _new_store(self) -> ReceiverStore | None:
-        with self._pool_lock:
-            if self._factory is None or len(self._stores) >= self._max_stores:
-                return None
-            store = self._factory()
-            self._stores.append(store)
-            return store
-
-    def _wait_for_store(self) -> ReceiverStore:
-        try:
-            return self._idle.get(timeout=self.state_timeout)
-        except queue.Empty:
-            raise StoreUnavailable(
-                f"every state database connection has been busy for {self.state_timeout:g}s "
-                "with earlier alerts (is the database stalled?)") from None
-
-    def _checkin(self, store: ReceiverStore, ticket: Ticket) -> None:
-        if ticket.aborted:
-            store.close()  # its socket was shut down: reconnect on next use
-        self._idle.put(store)
-
-    def _with_store(self, store: ReceiverStore, ticket: Ticket, call: Callable[[], Any]) -> Any:
-        """One call to the store; one reconnect when the connection broke (a database
-        restart must not turn every later alert into a 503)."""
-        for attempt in range(2):
-            try:
-                return call()
-            except (psycopg.OperationalError, OrchestrateError) as exc:
-                store.close()
-                # A statement timeout is the database answering "stalled": retrying
-                # would only double the wait Alertmanager sees.
-                # The store wraps a lost server in StateUnavailable: look at its cause.
-                answer = exc.__cause__ if isinstance(exc, StateUnavailable) else exc
-                final = (attempt == 1 or ticket.aborted
-                         or isinstance(answer, psycopg.errors.QueryCanceled
-                                       | psycopg.errors.LockNotAvailable))
-                if final:
-                    message = exc.message if isinstance(exc, OrchestrateError) else str(exc)
-                    # The first line: PostgreSQL's LINE/caret context is noise here.
-                    first = (scrub(message).strip().splitlines() or [""])[0]
-                    raise StoreUnavailable(
-                        f"the release state database is unreachable: {first}") from exc
-        raise AssertionError("unreachable")  # pragma: no cover
-
     def close(self) -> None:
-        with self._pool_lock:
-            for store in self._stores:
-                store.close()
+        self._pool.close()
 
     # -- rollback by the receiver -------------------------------------------------
 
