@@ -17,6 +17,7 @@ from psycopg import sql
 from orchestrator.config import DatabaseConfig
 from orchestrator.pg import control_schema, schema_sections
 from orchestrator.sandbox.pgcluster import PgCluster
+from tests.pg_helpers import module_cluster
 
 S = "orchestrate"
 
@@ -75,10 +76,7 @@ TABLES = ["releases", "release_log", "stage_measurements", "migrations", "migrat
           "initial_copy_settings"]
 
 
-@pytest.fixture(scope="module")
-def pg(module_sandbox_dir: Path) -> Iterator[PgCluster]:
-    with PgCluster("control", 15, module_sandbox_dir) as cluster:
-        yield cluster
+pg = module_cluster("control", 15, "orch-ctl-")
 
 
 _made = iter(range(1_000_000))

@@ -6,8 +6,6 @@ still running and the deadline ends the run, each leaving no session behind."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -20,16 +18,13 @@ from orchestrator.pg.post_data import STEP_ATTACH, STEP_BUILD, STEP_FOREIGN_KEYS
 from orchestrator.pg.post_data_restore import Unit, graph, restore_post_data
 from orchestrator.pg.scheduler import Node, Scheduler, Sessions
 from orchestrator.sandbox.pgcluster import PgCluster
-from tests.pg_helpers import superuser_config
+from tests.pg_helpers import module_cluster, superuser_config
 
 CONTROL = "orchestrate"
 SLEEP = "SELECT pg_sleep(60)"
 
 
-@pytest.fixture(scope="module")
-def pg(module_sandbox_dir: Path) -> Iterator[PgCluster]:
-    with PgCluster("postdata", 15, module_sandbox_dir) as cluster:
-        yield cluster
+pg = module_cluster("postdata", 15, "orch-pd-")
 
 
 _made = iter(range(1_000_000))

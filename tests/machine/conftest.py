@@ -42,11 +42,6 @@ def _admin(pg: PgCluster) -> psycopg.Connection[Any]:
     return psycopg.connect(pg.conninfo(), autocommit=True)
 
 
-def create_database(pg: PgCluster, name: str) -> None:
-    with _admin(pg) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-
-
 def drop_database(pg: PgCluster, name: str) -> None:
     with _admin(pg) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
@@ -173,8 +168,8 @@ def pair(cluster: PgCluster, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pair]:
     monkeypatch.setenv(PASSWORD_ENV, cluster.password)
     n = next(_numbers)
     blue, green = f"blue_{n}", f"green_{n}"
-    create_database(cluster, blue)
-    create_database(cluster, green)
+    cluster.create_database(blue)
+    cluster.create_database(green)
     with short_tmpdir("orch-mc-") as base:
         (base / "migrations").mkdir()
         made = Pair(cluster, blue, green, base, name=f"rel-{n}")

@@ -24,7 +24,7 @@ from orchestrator.routers.fake import FakeRouter
 from orchestrator.sandbox.pgcluster import PgCluster
 from orchestrator.store import StateStore
 from tests.conftest import short_tmpdir
-from tests.machine.conftest import PASSWORD_ENV, create_database, drop_database
+from tests.machine.conftest import PASSWORD_ENV, drop_database
 
 _numbers = itertools.count()
 
@@ -58,7 +58,7 @@ def dbs(cluster: PgCluster, monkeypatch: pytest.MonkeyPatch) -> Iterator[Dbs]:
     n = next(_numbers)
     made = Dbs(cluster, f"pa_{n}", f"pb_{n}", f"pstate_{n}", Path())
     for name in (made.a, made.b, made.state):
-        create_database(cluster, name)
+        cluster.create_database(name)
     with short_tmpdir("orch-pair-") as base:
         made.base = base
         try:

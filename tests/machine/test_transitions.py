@@ -13,7 +13,7 @@ from orchestrator.errors import OrchestrateError, PreflightError, ReleaseFailed
 from orchestrator.events import Kind
 from orchestrator.record import State, Status
 from orchestrator.routers.base import Weights
-from tests.machine.conftest import SWITCHED_OVER, FakeSleep, Pair, Stop, create_database
+from tests.machine.conftest import SWITCHED_OVER, FakeSleep, Pair, Stop
 
 PROMOTED = {**SWITCHED_OVER, "stage": 2}
 
@@ -37,7 +37,7 @@ def test_cleanup_failure_stays_promoted_and_the_rerun_retries_it(pair: Pair) -> 
     assert row.facts.rollback_reason is None
     assert pair.router.history == []
 
-    create_database(pair.cluster, pair.green)
+    pair.cluster.create_database(pair.green)
     outcome = pair.release(cfg, sleep=FakeSleep()).run()
     assert (outcome.state, outcome.status, outcome.exit_code) == (
         State.DONE, Status.PROMOTED, 0)
