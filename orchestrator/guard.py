@@ -44,11 +44,12 @@ class LagStreaks:
     clock: Callable[[], float] = time.monotonic
     counts: dict[str, int] = field(default_factory=dict)
     still: dict[str, tuple[str, float]] = field(default_factory=dict)
+    judged: dict[str, float | None] = field(default_factory=dict)
 
     def judge(self, lag: Lag, *, max_bytes: int, max_seconds: float) -> tuple[str, int]:
         """What is over the limit ("" when within limits, which ends the streak) and
         how many checks in a row it has been so."""
-        seconds = self._seconds(lag)
+        seconds = self.judged[lag.direction] = self._seconds(lag)
         over = []
         if lag.bytes is not None and lag.bytes > max_bytes:
             over.append(f"{lag.bytes} bytes > {max_bytes}")
@@ -59,21 +60,20 @@ class LagStreaks:
         return (f"{lag.direction} replication lag {', '.join(over)}" if over else ""), count
 
     def seconds(self, lag: Lag) -> float | None:
-        """The lag in seconds as judged: ``replay_lag``, or how long the confirmed
-        position has not moved while WAL waits, whichever is longer."""
-        return self._seconds(lag, record=False)
+        """The lag in seconds as the last ``judge`` of its direction saw it:
+        ``replay_lag``, or how long the confirmed position has not moved while WAL
+        waits, whichever is longer."""
+        return self.judged.get(lag.direction)
 
-    def _seconds(self, lag: Lag, *, record: bool = True) -> float | None:
+    def _seconds(self, lag: Lag) -> float | None:
         now = self.clock()
         if lag.confirmed is None or not lag.bytes:
-            if record:
-                self.still.pop(lag.direction, None)
+            self.still.pop(lag.direction, None)
             return lag.seconds
         position, since = self.still.get(lag.direction, (lag.confirmed, now))
         if position != lag.confirmed:
             since = now
-        if record:
-            self.still[lag.direction] = (lag.confirmed, since)
+        self.still[lag.direction] = (lag.confirmed, since)
         return max(lag.seconds or 0.0, now - since)
 
 
@@ -166,7 +166,8 @@ class Guard:
             self.ctx.note(f"replication check postponed: {check.postponed}", "warning")
             return None
         sync = self.ctx.cfg.sync
-        reasons = [check.problem] if check.problem else []
+        # (what it is about, the reason): in the window each is reported once a streak.
+        reasons = [(check.problem, check.problem)] if check.problem else []
         for lag in check.lags:
             over, count = self.streaks.judge(lag, max_bytes=sync.max_lag_bytes,
                                              max_seconds=sync.max_lag_seconds)
@@ -176,15 +177,14 @@ class Guard:
                 self.ctx.note(f"{over} (1 of {sync.lag_failure_limit} checks before the "
                               "stage fails)", "warning", direction=lag.direction)
             if failed:
-                reasons.append(f"{over} in {count} checks in a row")
+                # Keyed by direction: the values in the text change every check.
+                reasons.append((f"lag:{lag.direction}", f"{over} in {count} checks in a row"))
         if not reasons:
             self._reported.clear()
             return None
         if not self.in_window:
-            return reasons[0]
-        for reason in reasons:
-            # Once per streak: the count in the text changes every check.
-            key = reason.split(" in ")[0]
+            return reasons[0][1]
+        for key, reason in reasons:
             if key not in self._reported:
                 self._reported.add(key)
                 self.ctx.note(f"in the rollback window: {reason}; not rolling back on it "

@@ -98,8 +98,10 @@ def test_a_lagging_reverse_path_in_the_window_is_reported_not_acted_on(
     pair.seed(cfg, State.WINDOW, status=Status.PROMOTED, promoted_at=time.time(), **PROMOTED)
     pair.router.weights = Weights.green_at(100)
     pair.metrics.values["app_errors"] = 0.0
-    monkeypatch.setattr(ReplicationPair, "health",
-                        lambda self, index: lagging("reverse", 50_000_000, 120.0))
+    # Growing, as lag does: the report is once per streak, not once per value.
+    grows = iter(range(1_000_000))
+    monkeypatch.setattr(ReplicationPair, "health", lambda self, index: lagging(
+        "reverse", 50_000_000 + (n := next(grows)), 120.0 + n))
     sleep = FakeSleep(limit=3_000)
 
     with pytest.raises(Stop):
