@@ -258,9 +258,9 @@ def _print_measurements(cfg: ReleaseConfig, measurements: list[dict[str, Any]]) 
 
 def _window(cfg: ReleaseConfig, row: ReleaseRow) -> dict[str, Any] | None:
     """The open rollback window of a promoted release: when it closes, time left."""
-    if row.state != State.WINDOW or row.facts.promoted_at is None:
+    closes = row.facts.window_closes(cfg.rollback.window)
+    if row.state != State.WINDOW or closes is None:
         return None
-    closes = row.facts.promoted_at + cfg.rollback.window
     remaining = closes - time.time()
     if remaining <= 0:
         return None

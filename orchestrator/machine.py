@@ -385,7 +385,7 @@ class Release:
     def window(self) -> State | Pause:
         """Keep reverse replication until the window closes; a person can roll back
         until then (`orchestrate rollback`)."""
-        closes = (self.facts.promoted_at or 0.0) + self.cfg.rollback.window
+        closes = self.facts.window_closes(self.cfg.rollback.window) or 0.0
         remaining = closes - time.time()
         if remaining > 0 and self.wait_window:
             self.ctx.note(f"rollback window open for {remaining:.0f}s more; waiting")

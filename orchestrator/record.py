@@ -183,6 +183,11 @@ class Facts(_Stored):
         """Stored facts this version does not define, written back as they were."""
         return dict(self._extra)
 
+    def window_closes(self, window: float) -> float | None:
+        """When the rollback window closes (``rollback.window`` after the promotion);
+        None before the release was promoted."""
+        return None if self.promoted_at is None else self.promoted_at + window
+
     @classmethod
     def from_storage(cls, stored: Mapping[str, Any], *, release: str = "") -> Facts:
         known = {k: v for k, v in stored.items() if k in cls.model_fields}

@@ -246,8 +246,8 @@ class AlertReceiver:
         if row.status == Status.RUNNING:
             return None
         if row.status == Status.PROMOTED and row.state == State.WINDOW:
-            closes = (row.facts.promoted_at or time.time()) + self.cfg.rollback.window
-            if time.time() < closes:
+            closes = row.facts.window_closes(self.cfg.rollback.window)
+            if closes is None or time.time() < closes:
                 return None
             return (f"release {self.name} is promoted and its rollback window closed at "
                     f"{_utc(datetime.fromtimestamp(closes, UTC))}: roll forward instead")
